@@ -1,0 +1,25 @@
+"""WronAI: fine-tune Polish large language models (QLoRA) from one YAML file.
+
+Importing ``wronai`` is cheap and has no side effects; the heavy stages are imported on first use::
+
+    from wronai import WronAITrainer, load_config
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["WronAITrainer", "__version__", "load_config", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("WronAITrainer", "run"):
+        from wronai import pipeline
+
+        return getattr(pipeline, name)
+    if name == "load_config":
+        from wronai.config import load_config
+
+        return load_config
+    raise AttributeError(f"module 'wronai' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from wronai.cli import main
+
+sys.exit(main())

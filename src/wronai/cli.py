@@ -1,0 +1,249 @@
+"""The `wronai` command line. Parses arguments, configures logging once, calls into the library.
+
+User errors (bad config, missing files, a finished run in the output dir) print one line per problem and
+exit with status 2 — never a traceback. Set WRONAI_DEBUG=1 to see tracebacks anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from wronai import __version__
+from wronai.errors import WronAIError
+
+logger = logging.getLogger("wronai.cli")
+
+EPILOG = """examples:
+  wronai train configs/offline_demo.yaml                       # the offline demo (builds a tiny local model)
+  wronai train configs/default.yaml --set training.max_steps=10
+  wronai train configs/default.yaml --resume                   # continue from the last complete checkpoint
+  wronai validate configs/default.yaml                         # check a config, show the device plan
+  wronai data preview configs/offline_demo.yaml -n 3           # see what the model will be trained on
+"""
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Configure console logging for the CLI (library code only ever calls logging.getLogger)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets", "bitsandbytes", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_warning()
+        import datasets
+
+        datasets.utils.logging.set_verbosity_warning()
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (see configs/ and docs/configuration.md)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by dotted key, e.g. --set training.max_steps=10 (repeatable; values are YAML)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wronai",
+        description="WronAI: fine-tune Polish LLMs (QLoRA) from one YAML file.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"wronai {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="run the training pipeline", description="Run the whole pipeline: config -> model -> data -> train -> save.")
+    _add_config_args(p)
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the last complete checkpoint in training.output_dir, or from CHECKPOINT",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in training.output_dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "validate",
+        help="check a config and show the device plan",
+        description="Load and check a config without loading a model; print the resolved config and the device plan. "
+        "Exits 2 and lists the problems if there are any.",
+    )
+    _add_config_args(p)
+    p.add_argument("--quiet", action="store_true", help="print only the device plan and problems, not the resolved config")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "init-model",
+        help="build a small local Llama model + Polish tokenizer (offline)",
+        description="Train a byte-level BPE tokenizer on local text and save a small randomly initialised Llama model, "
+        "usable as model.name. Needs no network.",
+    )
+    p.add_argument("out_dir", help="directory to create")
+    p.add_argument("--data", nargs="+", required=True, help="text/JSONL files to train the tokenizer (and pre-training) on")
+    p.add_argument("--vocab-size", type=int, default=2000)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--pretrain-steps", type=int, default=0, help="quick full-weight pre-training steps on --data")
+    p.set_defaults(func=cmd_init_model)
+
+    p = sub.add_parser("data", help="inspect the training data", description="Inspect what the model will see.")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    pp = data_sub.add_parser(
+        "preview",
+        help="show formatted examples with trained tokens marked",
+        description="Print examples as the model sees them: masked (prompt) text in [brackets] or dim, trained text plain; "
+        "token counts and the length distribution.",
+    )
+    _add_config_args(pp)
+    pp.add_argument("-n", type=int, default=3, help="examples to show")
+    pp.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    pp.set_defaults(func=cmd_data_preview)
+    pp = data_sub.add_parser("prepare", help="prepare and cache the data now", description="Run data preparation once and cache it.")
+    _add_config_args(pp)
+    pp.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser(
+        "config-docs", help="write docs/configuration.md from the schema", description="Generate the configuration reference."
+    )
+    p.add_argument("--out", default=None, help="file to write (default: print)")
+    p.set_defaults(func=cmd_config_docs)
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from wronai.config import load_config_with_notes
+
+    loaded = load_config_with_notes(args.config, args.overrides)
+    return loaded
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from wronai.pipeline import run
+
+    loaded = _load(args)
+    setup_logging(loaded.config.logging.log_level)
+    for note in loaded.notes:
+        logger.info("config: %s", note)
+    result = run(loaded.config, resume=args.resume, overwrite=args.overwrite)
+    for key in ("train_loss", "eval_loss", "train_runtime"):
+        if key in result.metrics:
+            logger.info("%s: %.4f", key, result.metrics[key])
+    logger.info("done — adapter, tokenizer and config are in %s", result.output_dir.resolve())
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from wronai.config import dump_config
+    from wronai.hardware import plan_device
+    from wronai.pipeline import preflight
+
+    loaded = _load(args)
+    cfg = loaded.config
+    out = sys.stdout
+    if not args.quiet:
+        out.write("# resolved config\n" + dump_config(cfg) + "\n")
+    plan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+    out.write("# device plan\n" + "".join(f"  {line}\n" for line in plan.describe()))
+    for note in [*loaded.notes, *plan.notes]:
+        out.write(f"  note: {note}\n")
+    problems = preflight(cfg)
+    if problems:
+        from wronai.errors import ConfigError
+
+        raise ConfigError(problems, args.config)
+    out.write(f"OK: {args.config} is valid\n")
+    return 0
+
+
+def cmd_init_model(args: argparse.Namespace) -> int:
+    from wronai.config.schema import TinyModelSpec
+    from wronai.tiny import build_tiny_model
+
+    spec = TinyModelSpec(
+        tokenizer_data=args.data,
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.hidden_size * 11 // 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=max(1, args.heads // 2),
+        pretrain_steps=args.pretrain_steps,
+    )
+    out = build_tiny_model(spec, args.out_dir)
+    logger.info("model ready: set model.name: %s", Path(out).resolve())
+    return 0
+
+
+def cmd_data_preview(args: argparse.Namespace) -> int:
+    from wronai.preview import preview
+
+    loaded = _load(args)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    sys.stdout.write(preview(loaded.config, n=args.n, color=color))
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from wronai.pipeline import WronAITrainer
+
+    loaded = _load(args)
+    trainer = WronAITrainer(loaded.config)
+    prepared = trainer.load_dataset()
+    logger.info("prepared data cached (key %s)", prepared.stats.cache_key)
+    return 0
+
+
+def cmd_config_docs(args: argparse.Namespace) -> int:
+    from wronai.config.docs import render_reference
+
+    text = render_reference()
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    setup_logging("INFO")
+    try:
+        return int(args.func(args) or 0)
+    except WronAIError as err:
+        if os.environ.get("WRONAI_DEBUG"):
+            raise
+        sys.stderr.write(f"error: {err}\n")
+        return err.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

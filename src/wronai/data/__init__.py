@@ -1,0 +1,6 @@
+"""Data processing: sources -> formats -> tokenization and masking -> packing/collation."""
+
+from wronai.data.collate import PackedCollator, PaddingCollator, pack_examples
+from wronai.data.prepare import DataStats, PreparedData, build_datasets
+
+__all__ = ["DataStats", "PackedCollator", "PaddingCollator", "PreparedData", "build_datasets", "pack_examples"]

@@ -1,0 +1,114 @@
+"""Batching: dynamic padding, and packing several examples per row without attention cross-talk.
+
+Packed rows carry ``position_ids`` that restart at 0 for every example and no ``attention_mask``; with the
+KV cache off, transformers then builds a block-diagonal causal mask from the position ids (sdpa and eager),
+so no example attends to another. The first token of each packed example gets label -100: its prediction
+would come from the previous example's last token, a prediction the unpacked example never makes. With
+that, the summed token loss of a packed batch equals that of the same examples run one by one.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from wronai.data.tokenize import IGNORE_INDEX
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int, length: int) -> torch.Tensor:
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+def _target_length(lengths: list[int], multiple: int | None) -> int:
+    n = max(lengths)
+    if multiple:
+        n = ((n + multiple - 1) // multiple) * multiple
+    return n
+
+
+@dataclass
+class PaddingCollator:
+    """Pads ``input_ids`` with the pad id and ``labels`` with -100 by position (never by token id)."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [f["input_ids"] for f in features]
+        length = _target_length([len(x) for x in ids], self.pad_to_multiple_of)
+        batch = {
+            "input_ids": _pad(ids, self.pad_token_id, length),
+            "labels": _pad([f["labels"] for f in features], IGNORE_INDEX, length),
+            "attention_mask": _pad([[1] * len(x) for x in ids], 0, length),
+        }
+        return batch
+
+
+@dataclass
+class PackedCollator:
+    """Batches packed rows: ``position_ids`` restart per example; padding becomes its own masked block."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [f["input_ids"] for f in features]
+        length = _target_length([len(x) for x in ids], self.pad_to_multiple_of)
+        positions = []
+        for f in features:
+            pos = list(f["position_ids"])
+            positions.append(pos + list(range(length - len(pos))))
+        return {
+            "input_ids": _pad(ids, self.pad_token_id, length),
+            "labels": _pad([f["labels"] for f in features], IGNORE_INDEX, length),
+            "position_ids": torch.as_tensor(positions, dtype=torch.long),
+        }
+
+
+def pack_examples(examples: list[dict[str, list[int]]], max_len: int) -> list[dict[str, list[int]]]:
+    """Best-fit-decreasing bin packing of whole examples into rows of at most ``max_len`` tokens.
+
+    Examples are never split; each keeps its own position ids and its first label is masked.
+    """
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]), reverse=True)
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free space, bin index), kept sorted: best fit = smallest space that fits
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, b = free.pop(k)
+            bins[b].append(i)
+            bisect.insort(free, (space - n, b))
+        else:
+            bins.append([i])
+            bisect.insort(free, (max_len - n, len(bins) - 1))
+    rows = []
+    for members in sorted(bins, key=lambda m: min(m)):
+        ids: list[int] = []
+        labels: list[int] = []
+        pos: list[int] = []
+        for i in sorted(members):
+            ex = examples[i]
+            ids.extend(ex["input_ids"])
+            labels.extend([IGNORE_INDEX, *ex["labels"][1:]])
+            pos.extend(range(len(ex["input_ids"])))
+        rows.append({"input_ids": ids, "labels": labels, "position_ids": pos})
+    return rows
+
+
+def padding_fraction(lengths: list[int], batch_size: int) -> float:
+    """Share of pad tokens when rows of these lengths are batched in order with dynamic padding."""
+    total = padded = 0
+    for i in range(0, len(lengths), batch_size):
+        chunk = lengths[i : i + batch_size]
+        total += sum(chunk)
+        padded += max(chunk) * len(chunk)
+    return 1 - total / padded if padded else 0.0

@@ -1,0 +1,193 @@
+"""The WronAI recipe: config -> tokenizer -> model -> data -> trainer -> save, on one screen.
+
+``run(config)`` is what ``wronai train`` calls. ``WronAITrainer`` exposes the same stages one by one for
+people who extend the pipeline from Python::
+
+    t = WronAITrainer("configs/offline_demo.yaml")
+    t.load_tokenizer(); t.load_model(); t.load_dataset()
+    t.train(); t.save()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wronai import data as data_stage
+from wronai import modeling, monitoring, saving, training
+from wronai.config import WronAIConfig, load_config
+from wronai.errors import ConfigError, WronAIError
+from wronai.extensions import build_callbacks, load_object
+from wronai.hardware import DevicePlan, apply_thread_settings, plan_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class WronAITrainer:
+    """The pipeline's stages as methods; each may be called on its own, in order."""
+
+    def __init__(self, config: WronAIConfig | str | Path, overrides: list[str] | None = None) -> None:
+        self.config = config if isinstance(config, WronAIConfig) else self.load_config(config, overrides)
+        self.plan: DevicePlan = plan_device(self.config.hardware, self.config.training, self.config.quantization, self.config.model)
+        self.tokenizer: Any = None
+        self.new_token_ids: list[int] = []
+        self.model: Any = None
+        self.data: data_stage.PreparedData | None = None
+        self.trainer: Any = None
+        self.metrics: dict[str, Any] = {}
+        self.extra_callbacks: list[Any] = []
+
+    @staticmethod
+    def load_config(path: str | Path, overrides: list[str] | None = None) -> WronAIConfig:
+        return load_config(path, overrides)
+
+    def load_tokenizer(self):
+        tokenizer, self.new_token_ids = modeling.load_tokenizer(self.config.model, self.config.polish)
+        hook = self.config.extensions.tokenizer_hook
+        if hook:
+            tokenizer = load_object(hook, "extensions.tokenizer_hook")(tokenizer, self.config)
+            if tokenizer is None:
+                raise WronAIError("extensions.tokenizer_hook returned None — it must return the tokenizer")
+            modeling.set_pad_token(tokenizer)
+        self.tokenizer = tokenizer
+        return tokenizer
+
+    def load_model(self):
+        if self.tokenizer is None:
+            self.load_tokenizer()
+        base = modeling.load_base_model(self.config.model, self.config.quantization, self.config.hardware, self.plan)
+        new_ids = modeling.resize_embeddings(base, len(self.tokenizer)) or self.new_token_ids
+        self.model = modeling.apply_lora(base, self.config.lora, new_ids, self.config.training.gradient_checkpointing)
+        return self.model
+
+    def load_dataset(self, data_hook: Any = None):
+        if self.tokenizer is None:
+            self.load_tokenizer()
+        hook_spec = self.config.extensions.data_hook
+        hook = data_hook or (load_object(hook_spec, "extensions.data_hook") if hook_spec else None)
+        self.data = data_stage.build_datasets(self.config.data, self.tokenizer, self.config.training.seed, hook)
+        for line in self.data.stats.summary_lines():
+            logger.info("data: %s", line)
+        return self.data
+
+    def build_trainer(self):
+        cfg = self.config
+        if self.model is None:
+            self.load_model()
+        if self.data is None:
+            self.load_dataset()
+        assert self.data is not None
+        report_to = monitoring.resolve_report_to(cfg.logging, cfg.training.output_dir)
+        training.set_tensorboard_dir(cfg.logging.logging_dir, cfg.training.output_dir)
+        args = training.build_training_arguments(
+            cfg.training, cfg.hardware, self.plan,
+            report_to=report_to, run_name=monitoring.run_name(cfg.logging), has_eval=self.data.eval is not None,
+        )  # fmt: skip
+        callbacks = [monitoring.make_console_callback(), *build_callbacks(cfg.extensions.callbacks), *self.extra_callbacks]
+        self.trainer = training.build_trainer(self.model, self.tokenizer, args, self.data, callbacks)
+        return self.trainer
+
+    def train(self, resume: str | bool | None = None) -> dict[str, Any]:
+        if self.trainer is None:
+            self.build_trainer()
+        checkpoint = resolve_resume(resume, self.config.training.output_dir)
+        result = self.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        self.metrics = dict(result.metrics)
+        if self.data is not None and self.data.eval is not None and self.config.training.eval_strategy != "no":
+            self.metrics.update(final_eval_metrics(self.trainer))
+        return self.metrics
+
+    def save(self) -> Path:
+        assert self.data is not None
+        out = Path(self.config.training.output_dir)
+        (out / "data_stats.json").write_text(json.dumps(self.data.stats.__dict__, indent=2), encoding="utf-8")
+        return saving.save_run(self.trainer, self.tokenizer, self.config, self.metrics, {"device_plan": self.plan.describe()})
+
+
+def final_eval_metrics(trainer: Any) -> dict[str, float]:
+    """Eval metrics at the last step: reused from the log when the loop just evaluated, else computed."""
+    state = trainer.state
+    for entry in reversed(state.log_history):
+        if "eval_loss" in entry:
+            if entry.get("step") == state.global_step:
+                return {k: v for k, v in entry.items() if k.startswith("eval_")}
+            break
+    return {k: v for k, v in trainer.evaluate().items() if k.startswith("eval_")}
+
+
+def resolve_resume(resume: str | bool | None, output_dir: str) -> Path | None:
+    """`--resume` alone: the last complete checkpoint in output_dir; `--resume PATH`: that checkpoint."""
+    if not resume:
+        return None
+    if resume is True or resume == "latest":
+        found = training.last_complete_checkpoint(output_dir)
+        if found is None:
+            raise WronAIError(f"--resume: no complete checkpoint in {output_dir} — train without --resume, or pass a checkpoint path")
+        logger.info("resuming from %s", found)
+        return found
+    path = Path(str(resume))
+    if not path.is_dir():
+        raise WronAIError(f"--resume: {path} is not a checkpoint directory — pass a checkpoint-N folder or --resume alone")
+    if not training.is_complete_checkpoint(path):
+        raise WronAIError(f"--resume: {path} is incomplete (no trainer_state.json or weights) — choose an earlier checkpoint")
+    return path
+
+
+def preflight(config: WronAIConfig) -> list[str]:
+    """Problems that can be found without loading a model: paths, hooks, trackers. One line each."""
+    from wronai.data.sources import LOCAL_SUFFIXES, is_local, local_files
+
+    problems: list[str] = []
+    name = config.model.name
+    if not Path(name).exists() and config.model.create_if_missing is None and modeling._looks_like_path(name):
+        problems.append(f"model.name: local directory {name} does not exist — fix the path, or use a Hub id like org/name")
+    names = config.data.dataset_name if isinstance(config.data.dataset_name, list) else [config.data.dataset_name]
+    for item in names:
+        if is_local(item):
+            try:
+                local_files(item)
+            except WronAIError as err:
+                problems.append(str(err))
+        elif item.endswith(LOCAL_SUFFIXES) or item.startswith((".", "/", "~")):
+            problems.append(f"data.dataset_name: file {item} not found — fix the path (relative paths resolve against the config file's directory, then the working directory)")
+    hooks = [("extensions.tokenizer_hook", config.extensions.tokenizer_hook), ("extensions.data_hook", config.extensions.data_hook)]
+    hooks += [(f"extensions.callbacks[{i}]", spec) for i, spec in enumerate(config.extensions.callbacks)]
+    for key, spec in hooks:
+        if spec:
+            try:
+                load_object(spec, key)
+            except WronAIError as err:
+                problems.append(str(err))
+    try:
+        monitoring.check_trackers(config.logging)
+    except WronAIError as err:
+        problems.append(str(err))
+    return problems
+
+
+def run(config: WronAIConfig, *, resume: str | bool | None = None, overwrite: bool = False) -> RunResult:
+    """The whole pipeline, one builder per stage."""
+    problems = preflight(config)
+    if problems:
+        raise ConfigError(problems)
+    saving.check_output_dir(config.training.output_dir, overwrite=overwrite, resume=bool(resume))
+    pipeline = WronAITrainer(config)
+    for note in pipeline.plan.notes:
+        logger.info("hardware: %s", note)
+    apply_thread_settings(config.hardware)
+    pipeline.load_tokenizer()
+    pipeline.load_model()
+    pipeline.load_dataset()
+    pipeline.build_trainer()
+    metrics = pipeline.train(resume=resume)
+    out = pipeline.save()
+    return RunResult(output_dir=out, metrics=metrics)

@@ -1,0 +1,101 @@
+"""Saving a run: adapter, tokenizer, resolved config, provenance, trainer state and metrics.
+
+Everything lands at the top level of ``training.output_dir`` in formats stock code reads:
+``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), output_dir)`` loads the adapter.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import platform
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from wronai.config.loader import dump_config
+from wronai.config.schema import WronAIConfig
+from wronai.errors import OutputExistsError, WronAIError
+
+logger = logging.getLogger(__name__)
+
+FINISHED_MARKER = "train_results.json"
+CONFIG_FILE = "wronai_config.yaml"
+PROVENANCE_FILE = "provenance.json"
+LIBRARIES = ("wronai", "torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate", "tokenizers", "trl")
+
+
+def check_output_dir(output_dir: str | Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to overwrite a finished run unless asked to; make sure the directory is writable."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise WronAIError(f"training.output_dir: {out} is a file — choose a directory path")
+    if (out / FINISHED_MARKER).exists() and not (overwrite or resume):
+        raise OutputExistsError(
+            f"training.output_dir: {out} already holds a finished run — pass --overwrite to replace it, "
+            "--resume to continue it, or set another training.output_dir"
+        )
+    if overwrite and out.exists():
+        logger.warning("--overwrite: removing the previous run in %s", out)
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".wronai_write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise WronAIError(f"training.output_dir: cannot write to {out} ({err.strerror}) — fix permissions or choose another directory") from None
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_revision(path: Path) -> dict[str, Any] | None:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=path, capture_output=True, text=True, timeout=5)
+        return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": sys.argv,
+        "versions": library_versions(),
+        "git": {"wronai": git_revision(Path(__file__).resolve().parent), "cwd": git_revision(Path.cwd())},
+        "platform": platform.platform(),
+        **(extra or {}),
+    }
+
+
+def write_config_and_provenance(out: Path, config: WronAIConfig, extra: dict[str, Any] | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(dump_config(config), encoding="utf-8")
+    (out / PROVENANCE_FILE).write_text(json.dumps(provenance(extra), indent=2, default=str), encoding="utf-8")
+
+
+def save_run(trainer: Any, tokenizer: Any, config: WronAIConfig, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Write the final adapter, tokenizer, config, provenance, state and metrics to the output dir."""
+    out = Path(config.training.output_dir)
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+    write_config_and_provenance(out, config, extra)
+    trainer.save_state()  # trainer_state.json with the full log history
+    trainer.save_metrics("train", metrics)  # train_results.json (+ all_results.json); written last = finished
+    logger.info("saved adapter, tokenizer, config and metrics to %s", out)
+    return out

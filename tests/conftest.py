@@ -1,0 +1,126 @@
+"""Shared fixtures: a tiny Polish tokenizer and Llama model built in-process (no network, seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+
+POLISH_TEXT = [
+    "Warszawa jest stolicą Polski i największym miastem w kraju.",
+    "Kraków leży nad Wisłą, a na Wawelu stoi zamek królewski.",
+    "Zażółć gęślą jaźń — to zdanie zawiera wszystkie polskie znaki diakrytyczne.",
+    "Gdańsk jest portem nad Morzem Bałtyckim; słynie z Długiego Targu.",
+    "Pierogi, bigos i żurek to tradycyjne potrawy kuchni polskiej.",
+    "Mikołaj Kopernik urodził się w Toruniu w 1473 roku.",
+    "Maria Skłodowska-Curie dwukrotnie otrzymała Nagrodę Nobla.",
+    "W języku polskim jest siedem przypadków: mianownik, dopełniacz, celownik, biernik, narzędnik, miejscownik i wołacz.",
+    "Odpowiedź brzmi: tak, ale tylko wtedy, gdy pogoda będzie ładna.",
+    "Uczenie maszynowe pozwala komputerom uczyć się na podstawie danych.",
+]
+
+CITIES = ["Warszawa", "Kraków", "Gdańsk", "Wrocław", "Poznań", "Łódź", "Szczecin", "Lublin", "Toruń", "Rzeszów"]
+
+
+def alpaca_rows(n: int = 40) -> list[dict]:
+    rows = []
+    for i in range(n):
+        city = CITIES[i % len(CITIES)]
+        rows.append(
+            {
+                "instruction": f"Napisz jedno zdanie o mieście {city}.",
+                "input": "" if i % 3 else f"Kontekst numer {i}.",
+                "output": f"{city} to piękne polskie miasto z bogatą historią." + " Warto je odwiedzić." * (i % 4),
+            }
+        )
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    rows = alpaca_rows(40)
+    paragraphs = POLISH_TEXT * 4 + [r["instruction"] + " " + r["output"] for r in rows]
+    paragraphs += ["### Instrukcja:\n### Odpowiedź:\n### Dane wejściowe:\n<|im_start|>user <|im_end|> assistant"] * 5
+    path.write_text("\n\n".join(paragraphs), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, corpus_file) -> Path:
+    """A 2-layer Llama (hidden 64) with a 500-token byte-level BPE tokenizer, saved like a Hub model."""
+    from wronai.config.schema import TinyModelSpec
+    from wronai.tiny import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    spec = TinyModelSpec(
+        tokenizer_data=[str(corpus_file)], vocab_size=500, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    )  # fmt: skip
+    return build_tiny_model(spec, out)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from wronai.modeling import set_pad_token
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    set_pad_token(tok)
+    return tok
+
+
+@pytest.fixture()
+def alpaca_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "data" / "alpaca.jsonl", alpaca_rows(40))
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own prepared-data cache (never ~/.cache)."""
+    path = tmp_path / "wronai-cache"
+    monkeypatch.setenv("WRONAI_CACHE_DIR", str(path))
+    return path
+
+
+def make_config_dict(model_dir: Path, data_path: Path, out_dir: Path, **sections) -> dict:
+    """A small, fast run config: 4-bit QLoRA on the tiny model."""
+    cfg = {
+        "model": {"name": str(model_dir)},
+        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "quantization": {"load_in_4bit": True},
+        "training": {
+            "output_dir": str(out_dir),
+            "max_steps": 6,
+            "per_device_train_batch_size": 4,
+            "per_device_eval_batch_size": 8,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 5e-3,
+            "logging_steps": 1,
+            "eval_steps": 3,
+            "save_steps": 3,
+            "gradient_checkpointing": False,
+            "lr_scheduler_type": "constant",
+        },
+        "data": {"dataset_name": str(data_path), "max_seq_length": 128, "eval_fraction": 0.1},
+        "logging": {"report_to": ["none"]},
+    }
+    for group, values in sections.items():
+        cfg.setdefault(group, {}).update(values)
+    return cfg
