@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from pydantic import BaseModel
@@ -26,7 +27,7 @@ def _default(field: Any) -> str:
 
 
 def _section(name: str, model: type[BaseModel], lines: list[str]) -> None:
-    lines += [f"## `{name}`", "", (model.__doc__ or "").strip(), "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    lines += [f"## `{name}`", "", inspect.cleandoc(model.__doc__ or ""), "", "| key | type | default | meaning |", "|---|---|---|---|"]
     nested = []
     for key, field in model.model_fields.items():
         annotation = field.annotation
