@@ -1,0 +1,76 @@
+"""Device plan: what each device gets, and what is replaced (with a note) where it cannot work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wronai import hardware
+from wronai.config import load_config
+
+
+def plan_for(monkeypatch, device: str, bf16_ok: bool, **training):
+    # load (and import transformers/bitsandbytes) before pretending to have a GPU
+    cfg = load_config(data={"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"}, "training": training})
+    monkeypatch.setattr(hardware, "detect_device", lambda requested="auto": device)
+    monkeypatch.setattr(hardware, "_bf16_ok", lambda d: bf16_ok)
+    monkeypatch.setattr(hardware, "_device_name", lambda d: "test")
+    if device == "cuda":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    if device == "mps":
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    return hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+
+
+CASES = [
+    # device, native bf16, training settings, expected (precision, optimizer, quantization, compute dtype), note fragment
+    ("cuda", True, {"bf16": True, "optim": "paged_adamw_8bit"}, ("bf16", "paged_adamw_8bit", "4bit-nf4", torch.bfloat16), None),
+    ("cuda", False, {"fp16": True, "optim": "paged_adamw_32bit"}, ("fp16", "paged_adamw_32bit", "4bit-nf4", torch.float32), None),
+    ("cpu", False, {"bf16": True, "optim": "paged_adamw_8bit"}, ("fp32", "adamw_torch", "4bit-nf4", torch.float32), "needs CUDA"),
+    ("cpu", True, {"bf16": True}, ("bf16", "adamw_torch", "4bit-nf4", torch.bfloat16), None),
+    ("cpu", True, {"fp16": True}, ("bf16", "adamw_torch", "4bit-nf4", torch.bfloat16), "training.fp16 needs a GPU"),
+    ("cpu", False, {"fp16": True}, ("fp32", "adamw_torch", "4bit-nf4", torch.float32), "training.fp16 needs a GPU"),
+    ("mps", False, {"bf16": True, "optim": "adamw_bnb_8bit"}, ("fp32", "adamw_torch", "none", torch.float32), "does not run on mps"),
+]
+
+
+@pytest.mark.parametrize(("device", "bf16_ok", "training", "expected", "note"), CASES)
+def test_plan(monkeypatch, device, bf16_ok, training, expected, note):
+    plan = plan_for(monkeypatch, device, bf16_ok, **training)
+    assert (plan.precision, plan.optimizer, plan.quantization, plan.compute_dtype) == expected
+    if note:
+        assert any(note in n for n in plan.notes), plan.notes
+    if device == "cuda" and bf16_ok:
+        assert plan.notes == []  # on CUDA the config is used as written
+
+
+def test_8bit_on_cpu_falls_back_with_note(monkeypatch):
+    monkeypatch.setattr(hardware, "detect_device", lambda requested="auto": "cpu")
+    cfg = load_config(
+        data={"model": {"name": "m/m"}, "data": {"dataset_name": "d/d"}, "quantization": {"load_in_4bit": False, "load_in_8bit": True}}
+    )
+    plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+    assert plan.quantization == "none"
+    assert any("8-bit" in n for n in plan.notes)
+
+
+def test_flash_attention_needs_cuda(monkeypatch):
+    monkeypatch.setattr(hardware, "detect_device", lambda requested="auto": "cpu")
+    cfg = load_config(data={"model": {"name": "m/m", "attn_implementation": "flash_attention_2"}, "data": {"dataset_name": "d/d"}})
+    plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+    assert plan.attn_implementation == "sdpa"
+    assert any("flash_attention_2" in n for n in plan.notes)
+
+
+def test_describe_names_everything_validate_prints(monkeypatch):
+    plan = plan_for(monkeypatch, "cpu", False)
+    text = "\n".join(plan.describe())
+    for word in ("device:", "mixed precision:", "quantization:", "optimizer:", "attention:"):
+        assert word in text
+
+
+def test_real_machine_plan_is_consistent():
+    cfg = load_config(data={"model": {"name": "m/m"}, "data": {"dataset_name": "d/d"}, "training": {"bf16": True}})
+    plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+    if plan.device == "cpu":
+        assert plan.bf16 == hardware.cpu_supports_bf16()
