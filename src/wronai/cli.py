@@ -129,7 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="file to write (default: print)")
     p.set_defaults(func=cmd_config_docs)
+    register_command_modules(sub)
     return parser
+
+
+def register_command_modules(sub: argparse._SubParsersAction) -> None:
+    """Add the subcommands defined in wronai/commands/*.py (each module has a ``register(sub)``)."""
+    import importlib
+    import pkgutil
+
+    from wronai import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"wronai.commands.{info.name}")
+        module.register(sub)
 
 
 def _load(args: argparse.Namespace):

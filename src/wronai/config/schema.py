@@ -290,6 +290,13 @@ DEFAULT_POLISH_TOKENS = [
 ]  # fmt: skip
 
 
+class ExtendVocabSpec(Section):
+    """Extend the base tokenizer with frequent Polish pieces learned from your text (see `wronai tokenizer extend`)."""
+
+    data: list[str] = Field(description="Polish text files (.txt/.jsonl) the new tokens are chosen from.")
+    add: int = Field(ge=1, le=100000, description="How many new tokens to add.")
+
+
 class PolishSection(Section):
     """Polish-language options."""
 
@@ -301,6 +308,10 @@ class PolishSection(Section):
         default_factory=lambda: list(DEFAULT_POLISH_TOKENS), description="Tokens added when add_polish_tokens is true."
     )
     tokenizer_vocab_size: int = Field(32000, ge=256, description="Vocabulary size for Polish tokenizers trained by WronAI.")
+    extend_vocab: ExtendVocabSpec | None = Field(
+        None,
+        description="Add `add` Polish tokens chosen on `data` to the tokenizer before training; their embeddings start as the mean of the base pieces and are trained and saved with the adapter.",
+    )
 
 
 class LoggingSection(Section):
