@@ -53,8 +53,14 @@ def build_callbacks(specs: list[str]) -> list[Any]:
 
     callbacks = []
     for i, spec in enumerate(specs):
-        obj = load_object(spec, f"extensions.callbacks[{i}]")
-        callback = obj() if isinstance(obj, type) else obj()
+        key = f"extensions.callbacks[{i}]"
+        obj = load_object(spec, key)
+        try:
+            callback = obj()  # a TrainerCallback subclass, or a factory returning an instance
+        except Exception as err:
+            raise WronAIError(
+                f"{key}: creating {spec} failed ({type(err).__name__}: {err}) — it must be constructible without arguments"
+            ) from None
         if not isinstance(callback, TrainerCallback):
             raise WronAIError(
                 f"extensions.callbacks[{i}]: {spec} gave a {type(callback).__name__}, not a transformers.TrainerCallback — subclass TrainerCallback"

@@ -54,10 +54,12 @@ class WronAITrainer:
         tokenizer, self.new_token_ids = modeling.load_tokenizer(self.config.model, self.config.polish)
         hook = self.config.extensions.tokenizer_hook
         if hook:
+            before = len(tokenizer)
             tokenizer = load_object(hook, "extensions.tokenizer_hook")(tokenizer, self.config)
             if tokenizer is None:
                 raise WronAIError("extensions.tokenizer_hook returned None — it must return the tokenizer")
             modeling.set_pad_token(tokenizer)
+            self.new_token_ids = sorted({*self.new_token_ids, *range(before, len(tokenizer))})
         self.tokenizer = tokenizer
         return tokenizer
 
@@ -65,7 +67,8 @@ class WronAITrainer:
         if self.tokenizer is None:
             self.load_tokenizer()
         base = modeling.load_base_model(self.config.model, self.config.quantization, self.config.hardware, self.plan)
-        new_ids = modeling.resize_embeddings(base, len(self.tokenizer)) or self.new_token_ids
+        # rows past the old embedding matrix, plus added tokens that fit into spare rows (e.g. Qwen's padding rows)
+        new_ids = sorted({*self.new_token_ids, *modeling.resize_embeddings(base, len(self.tokenizer))})
         self.model = modeling.apply_lora(base, self.config.lora, new_ids, self.config.training.gradient_checkpointing)
         return self.model
 
@@ -142,6 +145,12 @@ def resolve_resume(resume: str | bool | None, output_dir: str) -> Path | None:
     return path
 
 
+def _is_trainer_callback(cls: type) -> bool:
+    from transformers import TrainerCallback
+
+    return issubclass(cls, TrainerCallback)
+
+
 def preflight(config: WronAIConfig) -> list[str]:
     """Problems that can be found without loading a model: paths, hooks, trackers. One line each."""
     from wronai.data.sources import LOCAL_SUFFIXES, is_local, local_files
@@ -164,9 +173,12 @@ def preflight(config: WronAIConfig) -> list[str]:
     for key, spec in hooks:
         if spec:
             try:
-                load_object(spec, key)
+                obj = load_object(spec, key)
             except WronAIError as err:
                 problems.append(str(err))
+                continue
+            if key.startswith("extensions.callbacks") and isinstance(obj, type) and not _is_trainer_callback(obj):
+                problems.append(f"{key}: {spec} is not a transformers.TrainerCallback — subclass TrainerCallback")
     try:
         monitoring.check_trackers(config.logging)
     except WronAIError as err:

@@ -12,6 +12,11 @@ from typing import Any
 
 from wronai.data.formats import BadRow, Segment
 
+_MISMATCH = (
+    "the tokenizer's chat template does not render conversations prefix by prefix — "
+    "set data.chat_template to chatml, llama3 or mistral"
+)
+
 
 class TokenizerChatRenderer:
     def __init__(self, tokenizer: Any) -> None:
@@ -29,15 +34,13 @@ class TokenizerChatRenderer:
             before = self.render(messages[:i], add_generation_prompt=True)
             after = self.render(messages[: i + 1])
             if not before.startswith(done) or not after.startswith(before):
-                raise BadRow(
-                    "messages",
-                    "the tokenizer's chat template does not render conversations prefix by prefix — set data.chat_template to chatml, llama3 or mistral",
-                    "template_mismatch",
-                )
+                raise BadRow("messages", _MISMATCH, "template_mismatch")
             segments.append((before[len(done) :], False))
             segments.append((after[len(before) :], True))
             done = after
         full = self.render(messages)
-        if full.startswith(done) and len(full) > len(done):
+        if not full.startswith(done):
+            raise BadRow("messages", _MISMATCH, "template_mismatch")
+        if len(full) > len(done):
             segments.append((full[len(done) :], False))
         return segments

@@ -34,7 +34,8 @@ CHAT_TEMPLATES: dict[str, dict[str, str]] = {
         "assistant": "<|start_header_id|>assistant<|end_header_id|>\n\n",
         "end": "<|eot_id|>",
     },
-    "mistral": {"system": "", "user": "[INST] ", "assistant": "", "end": ""},
+    # Mistral closes every answer with the EOS token "</s>" (the tokenizer adds no second EOS after the last).
+    "mistral": {"system": "", "user": "[INST] ", "assistant": "", "end": "</s>"},
 }
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system", "bot": "assistant", "model": "assistant"}
@@ -143,7 +144,7 @@ def normalize_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
         content = turn.get("content", turn.get("value"))
         role = SHAREGPT_ROLES.get(str(role).lower()) if role is not None else None
         if role is None:
-            raise BadRow(f"{field}[{i}].role", f"unknown role {turn.get('role', turn.get('from'))!r}", "wrong_type")
+            raise BadRow(f"{field}[{i}].role", f"unknown role {turn.get('role', turn.get('from'))!r}", "unknown_role")
         if not isinstance(content, str):
             raise BadRow(f"{field}[{i}].content", "missing or not text", "wrong_type")
         if role == "assistant" and not content.strip():
@@ -180,7 +181,7 @@ def _format_mistral(messages: list[dict[str, str]]) -> list[Segment]:
             segments.append((f"[INST] {system}{message['content'].strip()} [/INST]", False))
             system = ""
         else:
-            segments.append((" " + message["content"].strip(), True))
+            segments.append((" " + message["content"].strip() + CHAT_TEMPLATES["mistral"]["end"], True))
     return segments
 
 

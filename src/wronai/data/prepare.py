@@ -7,6 +7,7 @@ the source of a custom data hook, so changing any of them prepares the data agai
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -120,11 +121,31 @@ def cache_key(data_cfg: DataSection, tokenizer: Any, seed: int, data_hook: Calla
     for source in sorted(code_dir.glob("*.py")):
         h.update(source.read_bytes())
     if data_hook is not None:
-        try:
-            h.update(inspect.getsource(data_hook).encode())
-        except (OSError, TypeError):
-            h.update(repr(data_hook).encode())
+        h.update(hook_fingerprint(data_hook).encode())
     return h.hexdigest()[:20]
+
+
+def hook_fingerprint(hook: Callable) -> str:
+    """What a data hook's behaviour depends on: its whole source file, defaults, closure and partial args."""
+    h = hashlib.sha256()
+    func = hook
+    while isinstance(func, functools.partial):
+        h.update(repr((func.args, sorted(func.keywords.items()))).encode())
+        func = func.func
+    try:
+        source_file = inspect.getsourcefile(func)
+        h.update(Path(source_file).read_bytes() if source_file else inspect.getsource(func).encode())
+    except (OSError, TypeError):
+        h.update(getattr(func, "__qualname__", type(func).__name__).encode())
+    h.update(getattr(func, "__qualname__", "").encode())
+    h.update(repr(getattr(func, "__defaults__", None)).encode())
+    h.update(repr(getattr(func, "__kwdefaults__", None)).encode())
+    for cell in getattr(func, "__closure__", None) or ():
+        try:
+            h.update(repr(cell.cell_contents).encode())
+        except ValueError:  # an empty cell
+            continue
+    return h.hexdigest()
 
 
 def build_datasets(
@@ -270,9 +291,9 @@ def _process(
         except BadRow as bad:
             policy.handle(_where(row), bad.field, bad.reason, bad.code)
     examples: list[dict[str, list[int]]] = []
-    for start in range(0, len(kept), _ENCODE_BATCH):
-        part = kept[start : start + _ENCODE_BATCH]
-        for (row, _), example in zip(part, encoder.encode([segs for _, segs in part])):
+    batches = [kept[i : i + _ENCODE_BATCH] for i in range(0, len(kept), _ENCODE_BATCH)]
+    for part, encoded in zip(batches, _encode_all(encoder, batches, data_cfg.preprocessing_num_workers), strict=True):
+        for (row, _), example in zip(part, encoded, strict=True):
             if fmt == "text" and len(example["input_ids"]) > data_cfg.max_seq_length:
                 stats.chunked_documents += 1
                 examples.extend(c for c in chunk(example, data_cfg.max_seq_length) if len(c["input_ids"]) > 1)
@@ -284,6 +305,17 @@ def _process(
                 continue
             examples.append(example)
     return examples
+
+
+def _encode_all(encoder: ExampleTokenizer, batches: list[list[tuple[dict, list[Segment]]]], workers: int | None):
+    """Tokenize batches in order; with data.preprocessing_num_workers > 1, in that many processes."""
+    segment_batches = [[segs for _, segs in part] for part in batches]
+    if not workers or workers < 2 or len(batches) < 2:
+        return [encoder.encode(b) for b in segment_batches]
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(batches))) as pool:
+        return pool.map(encoder.encode, segment_batches)
 
 
 def _length_stats(examples: list[dict[str, list[int]]], stats: DataStats) -> None:

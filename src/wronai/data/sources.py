@@ -76,7 +76,7 @@ def read_local(names: list[str], policy: BadRowPolicy) -> RawData:
     splits: dict[str, list[dict[str, Any]]] = {}
     for name in names:
         files = local_files(name)
-        by_dir = Path(name).is_dir()
+        by_dir = Path(name).expanduser().is_dir()
         for path in files:
             split = split_of(path) if by_dir else "train"
             splits.setdefault(split, []).extend(read_file(path, policy))
@@ -95,19 +95,24 @@ def read_file(path: Path, policy: BadRowPolicy) -> list[dict[str, Any]]:
 
 
 def _lines(path: Path, policy: BadRowPolicy) -> list[tuple[int, str]]:
+    """Decoded lines with their 1-based numbers; a UTF-8 byte-order mark on line 1 is dropped."""
     out = []
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                out.append((number, raw.decode("utf-8")))
+                out.append((number, raw.decode("utf-8-sig" if number == 1 else "utf-8")))
             except UnicodeDecodeError as err:
                 policy.handle(f"{path}:{number}", "(line)", f"invalid UTF-8 at byte {err.start}", "invalid_utf8")
     return out
 
 
 def _read_jsonl(path: Path, policy: BadRowPolicy) -> list[dict[str, Any]]:
+    return _parse_json_lines(path, _lines(path, policy), policy)
+
+
+def _parse_json_lines(path: Path, lines: list[tuple[int, str]], policy: BadRowPolicy) -> list[dict[str, Any]]:
     rows = []
-    for number, line in _lines(path, policy):
+    for number, line in lines:
         if not line.strip():
             continue
         try:
@@ -125,7 +130,7 @@ def _read_jsonl(path: Path, policy: BadRowPolicy) -> list[dict[str, Any]]:
 
 def _read_json(path: Path, policy: BadRowPolicy) -> list[dict[str, Any]]:
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: invalid UTF-8 at byte {err.start} — re-save the file as UTF-8") from None
     try:
@@ -133,7 +138,7 @@ def _read_json(path: Path, policy: BadRowPolicy) -> list[dict[str, Any]]:
     except json.JSONDecodeError as err:
         if "\n{" in text or text.lstrip().startswith("{"):
             # JSON Lines saved with a .json extension
-            return _read_jsonl_text(path, text, policy)
+            return _parse_json_lines(path, list(enumerate(text.splitlines(), start=1)), policy)
         raise DataError(f"{path}:{err.lineno}: broken JSON ({err.msg}) — fix the file") from None
     if isinstance(data, dict):
         for key in ("data", "rows", "train", "examples"):
@@ -153,22 +158,6 @@ def _read_json(path: Path, policy: BadRowPolicy) -> list[dict[str, Any]]:
     return rows
 
 
-def _read_jsonl_text(path: Path, text: str, policy: BadRowPolicy) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            policy.handle(f"{path}:{number}", "(line)", f"broken JSON ({err.msg})", "broken_json")
-            continue
-        if isinstance(row, dict):
-            row["_file"], row["_row"] = str(path), number
-            rows.append(row)
-    return rows
-
-
 def _read_text(path: Path, policy: BadRowPolicy) -> list[dict[str, Any]]:
     """Documents are separated by blank lines; ``_row`` is the document's first line number."""
     rows, current, start = [], [], 0
@@ -176,7 +165,7 @@ def _read_text(path: Path, policy: BadRowPolicy) -> list[dict[str, Any]]:
         if line.strip():
             if not current:
                 start = number
-            current.append(line.rstrip("\n"))
+            current.append(line.rstrip("\r\n"))
         elif current:
             rows.append({"text": "\n".join(current), "_file": str(path), "_row": start})
             current = []
@@ -184,18 +173,22 @@ def _read_text(path: Path, policy: BadRowPolicy) -> list[dict[str, Any]]:
 
 
 def _read_table(path: Path) -> list[dict[str, Any]]:
-    import datasets
-
     try:
         if path.suffix == ".csv":
-            ds = datasets.Dataset.from_csv(str(path), keep_in_memory=True)
+            import pandas as pd
+
+            # every cell as text: an answer "42" stays "42" (not int), "NA"/"null" stay words, empty cells are ""
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+            rows = frame.to_dict(orient="records")
             first = 2  # row 1 is the header
         else:
-            ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+            import datasets
+
+            rows = datasets.Dataset.from_parquet(str(path), keep_in_memory=True).to_list()
             first = 1
-    except Exception as err:  # pyarrow raises many types for corrupt files
-        raise DataError(f"{path}: cannot read {path.suffix} file ({str(err).splitlines()[0][:200]}) — check the file") from None
-    rows = ds.to_list()
+    except Exception as err:  # pandas/pyarrow raise many types for corrupt files
+        text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise DataError(f"{path}: cannot read {path.suffix} file ({text}) — check the file") from None
     for number, row in enumerate(rows, start=first):
         row["_file"], row["_row"] = str(path), number
     return rows

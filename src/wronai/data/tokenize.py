@@ -52,18 +52,19 @@ class ExampleTokenizer:
         self.add_eos = add_eos and tokenizer.eos_token_id is not None
 
     def encode(self, batch: list[list[Segment]]) -> list[dict[str, list[int]]]:
-        texts, spans = zip(*(trainable_spans(s) for s in batch)) if batch else ((), ())
+        texts, spans = zip(*(trainable_spans(s) for s in batch), strict=True) if batch else ((), ())
         enc = self.tokenizer(
             list(texts), add_special_tokens=self.add_special_tokens, return_offsets_mapping=True, return_attention_mask=False
         )
         out = []
-        for ids, offsets, sp, segs in zip(enc["input_ids"], enc["offset_mapping"], spans, batch):
+        for ids, offsets, text, sp, segs in zip(enc["input_ids"], enc["offset_mapping"], texts, spans, batch, strict=True):
             marks = label_tokens([tuple(o) for o in offsets], sp)
             if self.train_on == "all":
                 marks = [True] * len(ids)
-            labels = [tid if m else IGNORE_INDEX for tid, m in zip(ids, marks)]
+            labels = [tid if m else IGNORE_INDEX for tid, m in zip(ids, marks, strict=True)]
             ids = list(ids)
-            if self.add_eos and segs and segs[-1][1]:
+            ends_with_eos = text.rstrip().endswith(self.tokenizer.eos_token or "\0")  # the template closed it
+            if self.add_eos and segs and segs[-1][1] and not ends_with_eos:
                 ids.append(self.tokenizer.eos_token_id)
                 labels.append(self.tokenizer.eos_token_id)
             out.append({"input_ids": ids, "labels": labels})

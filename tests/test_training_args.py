@@ -1,0 +1,73 @@
+"""TrainingArguments are named for the installed transformers version (old and new names)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from wronai.config import load_config
+from wronai.hardware import plan_device
+from wronai.training import is_complete_checkpoint, last_complete_checkpoint, training_arguments_kwargs
+
+RAW = {
+    "model": {"name": "org/m"},
+    "data": {"dataset_name": "org/d"},
+    "training": {"warmup_ratio": 0.1, "group_by_length": True, "eval_strategy": "steps", "optim": "paged_adamw_8bit"},
+}
+
+# transformers 4.x names vs 5.x names
+OLD = {"eval_strategy", "evaluation_strategy", "warmup_ratio", "warmup_steps", "group_by_length", "output_dir", "optim"}
+NEW = {"eval_strategy", "warmup_steps", "train_sampling_strategy", "use_cache", "output_dir", "optim"}
+
+
+def kwargs_for(accepted: set[str], has_eval: bool = True) -> dict:
+    cfg = load_config(data=RAW)
+    plan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+    return training_arguments_kwargs(
+        cfg.training, cfg.hardware, plan, report_to=["none"], run_name="r", has_eval=has_eval, accepted=accepted
+    )
+
+
+def test_transformers_5_names():
+    kw = kwargs_for(NEW)
+    assert kw["warmup_steps"] == pytest.approx(0.1) and isinstance(kw["warmup_steps"], float)  # a ratio in v5
+    assert kw["train_sampling_strategy"] == "group_by_length"
+    assert kw["eval_strategy"] == "steps"
+    assert kw["use_cache"] is False
+    assert "warmup_ratio" not in kw and "group_by_length" not in kw and "evaluation_strategy" not in kw
+
+
+def test_transformers_4_names():
+    kw = kwargs_for(OLD)
+    assert kw["warmup_ratio"] == pytest.approx(0.1)
+    assert kw["group_by_length"] is True
+    assert "train_sampling_strategy" not in kw
+
+
+def test_installed_version_accepts_every_argument_we_pass():
+    from transformers import TrainingArguments
+
+    accepted = set(inspect.signature(TrainingArguments.__init__).parameters)
+    kw = kwargs_for(accepted)
+    assert set(kw) <= accepted
+    assert kw["optim"] == "adamw_torch"  # paged optimizer replaced on this CPU machine
+    TrainingArguments(**{**kw, "output_dir": "/tmp/wronai-args-test"})  # constructs without error
+
+
+def test_no_eval_data_turns_evaluation_off():
+    kw = kwargs_for(NEW, has_eval=False)
+    assert kw["eval_strategy"] == "no"
+
+
+def test_complete_checkpoint_detection(tmp_path):
+    for step, files in [(2, ["trainer_state.json", "adapter_model.safetensors"]), (4, ["adapter_model.safetensors"]), (6, [])]:
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        for name in files:
+            (d / name).write_text("x")
+    (tmp_path / "checkpoint-9.tmp").mkdir()
+    assert is_complete_checkpoint(tmp_path / "checkpoint-2")
+    assert not is_complete_checkpoint(tmp_path / "checkpoint-4")
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert last_complete_checkpoint(tmp_path / "missing") is None
