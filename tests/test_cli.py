@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, make_config_dict, write_jsonl
 
+from conftest import REPO, make_config_dict, write_jsonl
 from wronai.cli import main
 
 RUN_FILES = {

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_config_dict
 
+from conftest import make_config_dict
 from wronai import modeling
 from wronai.config import load_config
 from wronai.errors import WronAIError

@@ -110,11 +110,9 @@ def build_training_arguments(
 def build_trainer(model: Any, tokenizer: Any, args: Any, prepared: Any, callbacks: list[Any]):
     """A Hugging Face Trainer over the prepared data with WronAI's collator."""
     from transformers import Trainer
-
-    from wronai.data.collate import PackedCollator, PaddingCollator
-
     from transformers.trainer_callback import ProgressCallback
 
+    from wronai.data.collate import PackedCollator, PaddingCollator
     from wronai.monitoring import make_progress_callback
 
     collator_cls = PackedCollator if prepared.packed else PaddingCollator
