@@ -8,7 +8,7 @@ import pytest
 
 from wronai.config import load_config
 from wronai.hardware import plan_device
-from wronai.training import is_complete_checkpoint, last_complete_checkpoint, training_arguments_kwargs
+from wronai.training import training_arguments_kwargs
 
 RAW = {
     "model": {"name": "org/m"},
@@ -58,16 +58,3 @@ def test_installed_version_accepts_every_argument_we_pass():
 def test_no_eval_data_turns_evaluation_off():
     kw = kwargs_for(NEW, has_eval=False)
     assert kw["eval_strategy"] == "no"
-
-
-def test_complete_checkpoint_detection(tmp_path):
-    for step, files in [(2, ["trainer_state.json", "adapter_model.safetensors"]), (4, ["adapter_model.safetensors"]), (6, [])]:
-        d = tmp_path / f"checkpoint-{step}"
-        d.mkdir()
-        for name in files:
-            (d / name).write_text("x")
-    (tmp_path / "checkpoint-9.tmp").mkdir()
-    assert is_complete_checkpoint(tmp_path / "checkpoint-2")
-    assert not is_complete_checkpoint(tmp_path / "checkpoint-4")
-    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
-    assert last_complete_checkpoint(tmp_path / "missing") is None

@@ -1,7 +1,8 @@
 """The `wronai` command line. Parses arguments, configures logging once, calls into the library.
 
 User errors (bad config, missing files, a finished run in the output dir) print one line per problem and
-exit with status 2 — never a traceback. Set WRONAI_DEBUG=1 to see tracebacks anyway.
+exit with status 2 — never a traceback. Training stopped by SIGTERM/SIGINT (checkpoint written) exits 3,
+training stopped on a non-finite loss exits 4, a second Ctrl-C exits 130. Set WRONAI_DEBUG=1 for tracebacks.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the last complete checkpoint in training.output_dir, or from CHECKPOINT",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in training.output_dir")
+    p.add_argument(
+        "--force-resume", action="store_true", help="resume even though result-affecting config values changed since the checkpoint"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -159,7 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     setup_logging(loaded.config.logging.log_level)
     for note in loaded.notes:
         logger.info("config: %s", note)
-    result = run(loaded.config, resume=args.resume, overwrite=args.overwrite)
+    result = run(loaded.config, resume=args.resume, overwrite=args.overwrite, force_resume=args.force_resume)
     for key in ("train_loss", "eval_loss", "train_runtime"):
         if key in result.metrics:
             logger.info("%s: %.4f", key, result.metrics[key])

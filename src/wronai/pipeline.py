@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from wronai import data as data_stage
-from wronai import modeling, monitoring, saving, training
-from wronai.config import WronAIConfig, load_config
+import yaml
+
+from wronai import checkpointing, modeling, monitoring, reliability, saving, training
+from wronai.config import WronAIConfig, dump_config, load_config
 from wronai.errors import ConfigError, WronAIError
 from wronai.extensions import build_callbacks, load_object
 from wronai.hardware import DevicePlan, apply_thread_settings, plan_device
@@ -45,6 +47,7 @@ class WronAITrainer:
         self.trainer: Any = None
         self.metrics: dict[str, Any] = {}
         self.extra_callbacks: list[Any] = []
+        self.signals = reliability.SignalState()
 
     @staticmethod
     def load_config(path: str | Path, overrides: list[str] | None = None) -> WronAIConfig:
@@ -66,7 +69,15 @@ class WronAITrainer:
     def load_model(self):
         if self.tokenizer is None:
             self.load_tokenizer()
-        base = modeling.load_base_model(self.config.model, self.config.quantization, self.config.hardware, self.plan)
+        from transformers import set_seed
+
+        set_seed(self.config.training.seed)  # LoRA's random init happens before the Trainer seeds anything
+        try:
+            base = modeling.load_base_model(self.config.model, self.config.quantization, self.config.hardware, self.plan)
+        except Exception as err:
+            if reliability.is_out_of_memory(err):
+                raise WronAIError(reliability.oom_message("loading the model", self.config)) from None
+            raise
         # rows past the old embedding matrix, plus added tokens that fit into spare rows (e.g. Qwen's padding rows)
         new_ids = sorted({*self.new_token_ids, *modeling.resize_embeddings(base, len(self.tokenizer))})
         self.model = modeling.apply_lora(base, self.config.lora, new_ids, self.config.training.gradient_checkpointing)
@@ -95,16 +106,44 @@ class WronAITrainer:
             cfg.training, cfg.hardware, self.plan,
             report_to=report_to, run_name=monitoring.run_name(cfg.logging), has_eval=self.data.eval is not None,
         )  # fmt: skip
-        callbacks = [monitoring.make_console_callback(), *build_callbacks(cfg.extensions.callbacks), *self.extra_callbacks]
-        self.trainer = training.build_trainer(self.model, self.tokenizer, args, self.data, callbacks)
+        callbacks = [
+            monitoring.make_console_callback(),
+            reliability.make_stop_callback(self.signals),
+            *build_callbacks(cfg.extensions.callbacks),
+            *self.extra_callbacks,
+        ]
+        self.trainer = training.build_trainer(self.model, self.tokenizer, args, self.data, callbacks, cfg.training)
+        self.trainer.checkpoint_extras = {saving.CONFIG_FILE: dump_config(cfg)}
         return self.trainer
 
-    def train(self, resume: str | bool | None = None) -> dict[str, Any]:
+    def train(self, resume: str | bool | None = None, force_resume: bool = False) -> dict[str, Any]:
         if self.trainer is None:
             self.build_trainer()
-        checkpoint = resolve_resume(resume, self.config.training.output_dir)
-        result = self.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        output_dir = self.config.training.output_dir
+        if self.trainer.args.should_save:
+            checkpointing.remove_stale_staging(output_dir)
+        checkpoint = resolve_resume(resume, output_dir)
+        if checkpoint is not None and not force_resume:
+            check_resume_config(checkpoint, self.config)
+        self.signals.install()
+        try:
+            result = self.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except Exception as err:
+            if reliability.is_out_of_memory(err):
+                raise WronAIError(reliability.oom_message("training", self.config, _count_params(self.model))) from None
+            raise
+        finally:
+            self.signals.uninstall()
+        if self.signals.received:
+            last = checkpointing.last_complete(output_dir)
+            raise reliability.TrainingInterrupted(
+                f"stopped by {self.signals.received} at step {self.trainer.state.global_step}; checkpoint {last} written — "
+                "continue with: wronai train CONFIG --resume"
+            )
         self.metrics = dict(result.metrics)
+        guard = getattr(self.trainer, "gradient_guard", None)
+        if guard is not None and guard.skipped:
+            self.metrics["skipped_nonfinite_steps"] = guard.skipped
         if self.data is not None and self.data.eval is not None and self.config.training.eval_strategy != "no":
             self.metrics.update(final_eval_metrics(self.trainer))
         return self.metrics
@@ -114,6 +153,30 @@ class WronAITrainer:
         out = Path(self.config.training.output_dir)
         (out / "data_stats.json").write_text(json.dumps(self.data.stats.__dict__, indent=2), encoding="utf-8")
         return saving.save_run(self.trainer, self.tokenizer, self.config, self.metrics, {"device_plan": self.plan.describe()})
+
+
+def _count_params(model: Any) -> int | None:
+    try:
+        return sum(p.numel() for p in model.parameters())
+    except (AttributeError, TypeError):
+        return None
+
+
+def check_resume_config(checkpoint: Path, config: WronAIConfig) -> None:
+    """Refuse to resume with a config that would change the results (use --force-resume to override)."""
+    saved_file = checkpoint / saving.CONFIG_FILE
+    if not saved_file.is_file():
+        saved_file = checkpoint.parent / saving.CONFIG_FILE
+    if not saved_file.is_file():
+        logger.warning("--resume: %s has no saved config to compare with — resuming without the check", checkpoint)
+        return
+    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    differences = reliability.resume_differences(saved, config.model_dump(mode="json"))
+    if differences:
+        raise ConfigError(
+            [*differences, "resuming would not reproduce the run — restore these values, or pass --force-resume to resume anyway"],
+            f"--resume {checkpoint}",
+        )
 
 
 def final_eval_metrics(trainer: Any) -> dict[str, float]:
@@ -140,8 +203,9 @@ def resolve_resume(resume: str | bool | None, output_dir: str) -> Path | None:
     path = Path(str(resume))
     if not path.is_dir():
         raise WronAIError(f"--resume: {path} is not a checkpoint directory — pass a checkpoint-N folder or --resume alone")
-    if not training.is_complete_checkpoint(path):
-        raise WronAIError(f"--resume: {path} is incomplete (no trainer_state.json or weights) — choose an earlier checkpoint")
+    problem = checkpointing.checkpoint_problem(path)
+    if problem is not None:
+        raise WronAIError(f"--resume: {path} is not a complete checkpoint ({problem}) — choose an earlier checkpoint or --resume alone")
     return path
 
 
@@ -186,7 +250,7 @@ def preflight(config: WronAIConfig) -> list[str]:
     return problems
 
 
-def run(config: WronAIConfig, *, resume: str | bool | None = None, overwrite: bool = False) -> RunResult:
+def run(config: WronAIConfig, *, resume: str | bool | None = None, overwrite: bool = False, force_resume: bool = False) -> RunResult:
     """The whole pipeline, one builder per stage."""
     problems = preflight(config)
     if problems:
@@ -200,6 +264,6 @@ def run(config: WronAIConfig, *, resume: str | bool | None = None, overwrite: bo
     pipeline.load_model()
     pipeline.load_dataset()
     pipeline.build_trainer()
-    metrics = pipeline.train(resume=resume)
+    metrics = pipeline.train(resume=resume, force_resume=force_resume)
     out = pipeline.save()
     return RunResult(output_dir=out, metrics=metrics)

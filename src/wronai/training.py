@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ from wronai.hardware import DevicePlan
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "trainer_state.json"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def _accepted() -> set[str]:
@@ -78,6 +77,7 @@ def training_arguments_kwargs(
         # enabled by WronAI on the model (non-reentrant) before the adapter is added; the Trainer must not redo it
         "gradient_checkpointing": False,
         "disable_tqdm": False,
+        "ignore_data_skip": training.ignore_data_skip,
     }
     kwargs["eval_strategy" if "eval_strategy" in accepted else "evaluation_strategy"] = eval_strategy
     if training.warmup_ratio:
@@ -107,17 +107,17 @@ def build_training_arguments(
     )
 
 
-def build_trainer(model: Any, tokenizer: Any, args: Any, prepared: Any, callbacks: list[Any]):
-    """A Hugging Face Trainer over the prepared data with WronAI's collator."""
-    from transformers import Trainer
+def build_trainer(model: Any, tokenizer: Any, args: Any, prepared: Any, callbacks: list[Any], training: TrainingSection | None = None):
+    """A Hugging Face Trainer (crash-safe checkpoints, gradient guard) over the prepared data."""
     from transformers.trainer_callback import ProgressCallback
 
     from wronai.data.collate import PackedCollator, PaddingCollator
     from wronai.monitoring import make_progress_callback
+    from wronai.reliability import GradientGuard
 
     collator_cls = PackedCollator if prepared.packed else PaddingCollator
     collator = collator_cls(pad_token_id=tokenizer.pad_token_id)
-    trainer = Trainer(
+    trainer = make_trainer_class()(
         model=model,
         args=args,
         train_dataset=prepared.train,
@@ -126,34 +126,112 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, prepared: Any, callback
         data_collator=collator,
         callbacks=callbacks,
     )
+    trainer.gradient_guard = GradientGuard(
+        training.on_nan if training else "stop", training.max_consecutive_nan_steps if training else 5
+    )
     if trainer.callback_handler.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(make_progress_callback())
     return trainer
 
 
+def make_trainer_class():
+    """transformers' Trainer with atomic, manifest-sealed checkpoints and a guarded optimizer step."""
+    from transformers import Trainer
+
+    from wronai import checkpointing
+
+    class WronAIHFTrainer(Trainer):
+        gradient_guard: Any = None
+        checkpoint_extras: dict[str, str] = {}  # file name -> text, written into every checkpoint (the config)
+
+        def create_optimizer(self, *args: Any, **kwargs: Any):
+            optimizer = super().create_optimizer(*args, **kwargs)
+            if self.gradient_guard is not None and not getattr(optimizer, "_wronai_guarded", False):
+                self.gradient_guard.attach(optimizer)
+                optimizer._wronai_guarded = True
+            return optimizer
+
+        def training_step(self, *args: Any, **kwargs: Any):
+            if self.gradient_guard is not None:
+                self.gradient_guard.global_step = self.state.global_step
+            return super().training_step(*args, **kwargs)
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            run_dir = Path(self._get_output_dir(trial=trial))
+            step = self.state.global_step
+            staging = checkpointing.staging_dir(run_dir, step)
+            final = checkpointing.final_dir(run_dir, step)
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            self._barrier()
+            try:
+                self._write_checkpoint(model, staging, run_dir, final)
+                self._barrier()
+                if self.args.should_save:
+                    checkpointing.seal_and_publish(staging, final, step)
+            except OSError as err:
+                if self.args.should_save:
+                    shutil.rmtree(staging, ignore_errors=True)
+                previous = checkpointing.last_complete(run_dir)
+                from wronai.errors import WronAIError
+
+                raise WronAIError(
+                    f"could not write checkpoint {final} ({err.strerror or err}) — the previous checkpoint "
+                    f"{previous or '(none)'} is intact; free disk space or fix permissions, then resume with --resume"
+                ) from None
+            self._barrier()
+            if self.args.should_save:
+                checkpointing.rotate(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
+
+        def _write_checkpoint(self, model: Any, staging: Path, run_dir: Path, final: Path) -> None:
+            if self.hp_search_backend is None:
+                self.store_flos()
+            self.save_model(str(staging), _internal_call=True)
+            if self.state.best_global_step:
+                best = checkpointing.final_dir(run_dir, self.state.best_global_step)
+                if best.exists() or best == final:
+                    self.state.best_model_checkpoint = str(best)
+            if not self.args.save_only_model:
+                self._save_optimizer_and_scheduler(str(staging))
+                self._save_scaler(str(staging))
+                self._save_rng_state(str(staging))
+            if self.args.should_save:
+                for name, text in self.checkpoint_extras.items():
+                    (staging / name).write_text(text, encoding="utf-8")
+                self._store_callback_states()
+                self.state.save_to_json(str(staging / COMPLETE_MARKER))
+
+        def _store_callback_states(self) -> None:
+            from transformers.trainer_callback import ExportableState
+
+            for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
+                name = cb.__class__.__name__
+                if isinstance(self.state.stateful_callbacks.get(name), list):
+                    self.state.stateful_callbacks[name].append(cb.state())
+                else:
+                    self.state.stateful_callbacks[name] = cb.state()
+
+        def _barrier(self) -> None:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+
+    return WronAIHFTrainer
+
+
 def is_complete_checkpoint(path: Path) -> bool:
-    """A checkpoint counts only when the trainer state (written last by the Trainer) and weights are there."""
-    if not (path / COMPLETE_MARKER).is_file():
-        return False
-    weights = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "pytorch_model.bin")
-    return any((path / w).is_file() for w in weights)
+    """Complete = sealed by WronAI's manifest with every listed file at its recorded size."""
+    from wronai import checkpointing
+
+    return checkpointing.is_complete(Path(path))
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
     """The highest-step *complete* checkpoint (transformers' get_last_checkpoint does not check)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    found = []
-    for child in root.iterdir():
-        match = _CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir():
-            found.append((int(match.group(1)), child))
-    for _, path in sorted(found, reverse=True):
-        if is_complete_checkpoint(path):
-            return path
-        logger.warning("skipping incomplete checkpoint %s", path)
-    return None
+    from wronai import checkpointing
+
+    return checkpointing.last_complete(output_dir)
 
 
 def set_tensorboard_dir(logging_dir: str | None, output_dir: str) -> None:

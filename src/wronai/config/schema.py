@@ -183,6 +183,14 @@ class TrainingSection(Section):
     seed: int = Field(42, description="Seed for model init, data shuffling and the train/eval split.")
     data_seed: int | None = Field(None, description="Separate seed for data sampling; null = seed.")
     dataloader_drop_last: bool = Field(False, description="Drop the last incomplete batch.")
+    on_nan: Literal["stop", "skip_step"] = Field(
+        "stop",
+        description="A non-finite loss/gradient: stop (keep the last good checkpoint) or skip_step (drop that update and go on).",
+    )
+    max_consecutive_nan_steps: int = Field(5, ge=1, description="With on_nan: skip_step, stop after this many bad steps in a row.")
+    ignore_data_skip: bool = Field(
+        False, description="On resume, restart the data from the beginning instead of skipping what was seen (not exact; for debugging)."
+    )
 
     @field_validator("lr_scheduler_type")
     @classmethod

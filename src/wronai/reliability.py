@@ -1,0 +1,182 @@
+"""Faults during training: stop on signal, non-finite loss/gradient guard, resume checks, out-of-memory.
+
+- SIGTERM/SIGINT: the current step finishes, a checkpoint is written, the run exits with code 3 and says how
+  to resume. A second Ctrl-C aborts at once.
+- Non-finite gradients (a NaN/inf loss gives them too) are caught right before the optimizer step:
+  ``training.on_nan: stop`` ends the run (exit code 4) keeping the last good checkpoint; ``skip_step``
+  drops that update (no optimizer or momentum change), counts it, and stops after
+  ``training.max_consecutive_nan_steps`` in a row.
+- ``--resume`` refuses a config whose changes would alter results, listing them (``--force-resume`` overrides).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+import torch
+
+from wronai.errors import WronAIError
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(WronAIError):
+    """Stopped by SIGTERM/SIGINT after writing a checkpoint."""
+
+    exit_code = 3
+
+
+class NonFiniteLossError(WronAIError):
+    """Training stopped on a NaN/inf loss or gradient."""
+
+    exit_code = 4
+
+
+class SignalState:
+    """Which stop signal arrived (set from the handler, read by the callback)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: abort now
+        if self.received is None:
+            logger.warning("%s received — finishing the current step and writing a checkpoint (Ctrl-C again to abort)", name)
+        self.received = name
+
+
+def make_stop_callback(state: SignalState):
+    from transformers import TrainerCallback
+
+    class StopOnSignalCallback(TrainerCallback):
+        def on_step_end(self, args, trainer_state, control, **kwargs):
+            if state.received is not None:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return StopOnSignalCallback()
+
+
+class GradientGuard:
+    """Wraps ``optimizer.step``: a step with non-finite gradients is stopped on or skipped."""
+
+    def __init__(self, policy: str, max_consecutive: int) -> None:
+        self.policy = policy
+        self.max_consecutive = max_consecutive
+        self.skipped = 0
+        self.consecutive = 0
+        self.step_of_failure: int | None = None
+        self.global_step = 0  # kept current by the trainer
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        inner = optimizer.step
+
+        def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            if grads_finite(optimizer):
+                self.consecutive = 0
+                return inner(*args, **kwargs)
+            return self._bad_step(optimizer)
+
+        optimizer.step = guarded_step  # type: ignore[method-assign]
+
+    def _bad_step(self, optimizer: torch.optim.Optimizer) -> None:
+        step = self.global_step + 1
+        if self.policy == "stop":
+            self.step_of_failure = step
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {step} — training stopped; the last complete checkpoint is kept. "
+                "Lower training.learning_rate, check the data, or set training.on_nan: skip_step"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped += 1
+        self.consecutive += 1
+        logger.warning("non-finite gradient at step %d — update skipped (%d skipped so far)", step, self.skipped)
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteLossError(
+                f"{self.consecutive} consecutive steps with non-finite loss/gradient (last at step {step}) — training stopped. "
+                "Lower training.learning_rate or check the data; the last complete checkpoint is kept"
+            )
+
+
+def grads_finite(optimizer: torch.optim.Optimizer) -> bool:
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return True
+    norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
+    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+
+
+# Config keys whose change alters the results of a resumed run.
+RESULT_KEYS = {
+    "model": ("name", "revision", "torch_dtype"),
+    "lora": ("r", "lora_alpha", "lora_dropout", "bias", "target_modules", "modules_to_save", "use_rslora"),
+    "quantization": ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant"),
+    "training": (
+        "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",
+        "optim", "weight_decay", "seed", "data_seed", "warmup_steps", "warmup_ratio", "group_by_length",
+    ),
+    "data": (
+        "dataset_name", "dataset_config", "train_split", "eval_split", "eval_fraction", "format", "columns",
+        "text_column", "prompt_template", "chat_template", "train_on", "add_eos", "max_seq_length", "packing", "max_samples",
+    ),
+    "polish": ("add_polish_tokens", "special_tokens", "extend_vocab"),
+}  # fmt: skip
+
+
+def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """One line per result-affecting key that differs between the checkpoint's config and the current one."""
+    lines = []
+    for group, keys in RESULT_KEYS.items():
+        for key in keys:
+            old = (saved.get(group) or {}).get(key)
+            new = (current.get(group) or {}).get(key)
+            if old != new:
+                lines.append(f"`{group}.{key}`: {old!r} in the checkpoint, {new!r} now")
+    return lines
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, MemoryError):
+        return True
+    oom_cls = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_cls is not None and isinstance(err, oom_cls):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def oom_message(stage: str, config: Any, n_params: int | None = None) -> str:
+    """A one-line explanation with an estimate and the settings to change."""
+    t, d, q = config.training, config.data, config.quantization
+    estimate = ""
+    if n_params:
+        bytes_per = 0.55 if q.load_in_4bit else 1.1 if q.load_in_8bit else 2.0
+        weights_gb = n_params * bytes_per / 2**30
+        estimate = f" (weights alone ≈ {weights_gb:.1f} GiB for {n_params / 1e9:.2f}B parameters)"
+    advice = [
+        f"training.per_device_train_batch_size (now {t.per_device_train_batch_size}; raise gradient_accumulation_steps to keep the global batch)",
+        f"data.max_seq_length (now {d.max_seq_length})",
+    ]
+    if not t.gradient_checkpointing:
+        advice.append("set training.gradient_checkpointing: true")
+    if not q.load_in_4bit:
+        advice.append("set quantization.load_in_4bit: true")
+    return f"out of memory while {stage}{estimate} — lower " + "; ".join(advice)
