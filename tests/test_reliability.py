@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import alpaca_rows, make_config_dict, write_jsonl
 from safetensors.torch import load_file
 
+from conftest import alpaca_rows, make_config_dict, write_jsonl
 from wronai import checkpointing
 from wronai.config import load_config
 from wronai.errors import ConfigError, WronAIError
