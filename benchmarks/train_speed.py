@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""Training speed, side by side in one run: the classic WronAI script vs `wronai train`.
+
+    python benchmarks/train_speed.py [--rows 1500] [--hidden 384] [--layers 6] [--out /tmp/wronai-bench]
+
+Both train the same locally built Llama model with 4-bit NF4 QLoRA on the same generated Polish instruction
+set (long-tailed answer lengths) for one epoch, i.e. the same examples:
+
+(a) classic: a faithful reimplementation of the seed `scripts/train.py` — HF Trainer,
+    `DataCollatorForLanguageModeling(mlm=False)` (pad = eos, per-batch dynamic padding, loss on all tokens),
+    `prepare_model_for_kbit_training` (gradient checkpointing on, as in the classic config), length grouping.
+(b) wronai: `wronai.pipeline.run` with packing (per-example position ids), answer-only loss, no gradient
+    checkpointing for a model this small, bf16 only where the CPU has it.
+
+Printed per run: wall time, non-pad tokens per second, padding fraction, peak RSS, MFU against the matmul
+peak measured here at the start, and the answer-only eval loss on the same held-out examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def matmul_peak(dtype_name: str, n: int = 1024, seconds: float = 2.0) -> float:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def make_data(path: Path, rows: int, seed: int = 0) -> None:
+    """Polish instructions with a long-tailed answer length (lognormal number of sentences)."""
+    source = [json.loads(line) for line in (REPO / "data/sample_pl/instructions.jsonl").read_text().splitlines()]
+    sentences = [s.strip() + "." for r in source for s in r["output"].split(".") if len(s.strip()) > 20]
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as handle:
+        for _ in range(rows):
+            base = rng.choice(source)
+            k = max(1, min(40, int(rng.lognormvariate(0.7, 0.9))))
+            answer = " ".join(rng.choice(sentences) for _ in range(k))
+            row = {"instruction": base["instruction"], "input": base.get("input", ""), "output": answer}
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def build_model(out: Path, hidden: int, layers: int) -> None:
+    from wronai.config.schema import TinyModelSpec
+    from wronai.tiny import build_tiny_model
+
+    spec = TinyModelSpec(
+        tokenizer_data=[str(REPO / "data/sample_pl/corpus.txt"), str(REPO / "data/sample_pl/instructions.jsonl")],
+        vocab_size=4000, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 16 * 16, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128), max_position_embeddings=2048,
+    )  # fmt: skip
+    build_tiny_model(spec, out)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------------------- the two runs
+
+
+def run_classic(model_dir: Path, train_file: Path, out: Path, args) -> dict:
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )  # fmt: skip
+
+    from wronai.data.formats import format_alpaca
+
+    set_seed(0)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = tok.eos_token  # as the classic script does
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map={"": "cpu"}, dtype=torch.float32)
+    model = prepare_model_for_kbit_training(model)  # gradient checkpointing on by default
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    ds = load_dataset("json", data_files=str(train_file), split="train")
+
+    def tokenize(batch):
+        texts = []
+        for ins, inp, outp in zip(batch["instruction"], batch["input"], batch["output"]):
+            texts.append("".join(t for t, _ in format_alpaca({"instruction": ins, "input": inp, "output": outp})))
+        return tok(texts, truncation=True, padding=False, max_length=args.max_len)
+
+    ds = ds.map(tokenize, batched=True, remove_columns=ds.column_names)
+    targs = TrainingArguments(
+        output_dir=str(out), num_train_epochs=1, per_device_train_batch_size=args.batch, learning_rate=2e-4,
+        logging_steps=10, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
+        gradient_checkpointing=True, train_sampling_strategy="group_by_length", optim="adamw_torch",
+        remove_unused_columns=False, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    collator = DataCollatorForLanguageModeling(tokenizer=tok, mlm=False)
+    pad_stats = PaddingCounter(collator, tok.pad_token_id)
+    trainer = Trainer(model=model, args=targs, train_dataset=ds, data_collator=pad_stats)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    model.save_pretrained(out / "adapter")
+    return {"wall_s": wall, **pad_stats.summary(), "gradient_checkpointing": True}
+
+
+class PaddingCounter:
+    """Wraps a collator and counts real vs padded tokens of every batch it makes."""
+
+    def __init__(self, collator, pad_id: int, key: str = "attention_mask") -> None:
+        self.collator, self.pad_id, self.key = collator, pad_id, key
+        self.real = self.total = 0
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        if "attention_mask" in batch:
+            self.real += int(batch["attention_mask"].sum())
+        else:  # packed rows: padding is where labels and position restarts mark the pad block
+            lengths = [len(f["input_ids"]) for f in features]
+            self.real += sum(lengths)
+        self.total += batch["input_ids"].numel()
+        return batch
+
+    def summary(self) -> dict:
+        return {"tokens": self.real, "padding_fraction": 1 - self.real / max(self.total, 1)}
+
+
+def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
+    from wronai.config import load_config
+    from wronai.pipeline import WronAITrainer
+
+    raw = {
+        "model": {"name": str(model_dir)},
+        "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "quantization": {"load_in_4bit": True},
+        "training": {
+            "output_dir": str(out), "num_train_epochs": 1, "per_device_train_batch_size": max(1, round(args.batch * args.mean_len / args.max_len)),
+            "gradient_accumulation_steps": 1, "learning_rate": 2e-4, "logging_steps": 10, "save_strategy": "no",
+            "eval_strategy": "no", "gradient_checkpointing": False, "bf16": True, "seed": 0, "lr_scheduler_type": "linear",
+        },
+        "data": {"dataset_name": str(train_file), "max_seq_length": args.max_len, "packing": True, "eval_fraction": 0.0,
+                 "cache_dir": str(out / "cache")},
+        "logging": {"report_to": ["none"]},
+    }  # fmt: skip
+    pipeline = WronAITrainer(load_config(data=raw))
+    pipeline.load_dataset()
+    trainer = pipeline.build_trainer()
+    counter = PaddingCounter(trainer.data_collator, pipeline.tokenizer.pad_token_id)
+    trainer.data_collator = counter
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    pipeline.model.save_pretrained(out / "adapter")
+    return {"wall_s": wall, **counter.summary(), "gradient_checkpointing": False, "precision": pipeline.plan.precision}
+
+
+def eval_loss(model_dir: Path, adapter: Path, eval_file: Path, max_len: int) -> float:
+    """Answer-only loss on held-out examples (the same measure for both adapters)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from wronai.config.schema import DataSection, ModelConfig, PolishSection
+    from wronai.data import PaddingCollator, build_datasets
+    from wronai.modeling import load_tokenizer
+
+    tok, _ = load_tokenizer(ModelConfig(name=str(model_dir)), PolishSection())
+    data = build_datasets(DataSection(dataset_name=str(eval_file), max_seq_length=max_len, eval_fraction=0.0), tok, use_cache=False)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter).eval()
+    collate = PaddingCollator(tok.pad_token_id)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(data.train), 16):
+            batch = collate([data.train[j] for j in range(i, min(i + 16, len(data.train)))])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            labels = batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+            total += float(loss)
+            count += int((labels != -100).sum())
+    return total / max(count, 1)
+
+
+def flops_per_token(model_dir: Path, seq: int) -> float:
+    """~4·N per token for LoRA (forward 2N + backward activations 2N; no weight grads for frozen weights) + attention."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    h, layers, inter, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = h * cfg["num_key_value_heads"] // cfg["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter
+    n = layers * per_layer + h * vocab  # lm_head counts; the embedding lookup does not
+    attention = 4 * layers * h * seq / 2  # causal QK^T and AV, forward ×2 for backward
+    return 4 * n + 2 * attention
+
+
+def child(args) -> None:
+    """One measured run in a fresh process (clean peak RSS)."""
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(args.out)
+    fn = run_classic if args.child == "classic" else run_wronai
+    result = fn(out / "model", out / "train.jsonl", out / args.child, args)
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["eval_loss"] = eval_loss(out / "model", out / args.child / "adapter", out / "eval.jsonl", args.max_len)
+    (out / f"{args.child}.json").write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1500)
+    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=8, help="classic rows per step; wronai packs the same tokens per step")
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--out", default="/tmp/wronai-bench")
+    parser.add_argument("--child", choices=["classic", "wronai"], help=argparse.SUPPRESS)
+    parser.add_argument("--mean-len", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    build_model(out / "model", args.hidden, args.layers)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    make_data(out / "train.jsonl", args.rows, seed=0)
+    make_data(out / "eval.jsonl", 200, seed=1)
+    lengths = []
+    for name in ("train.jsonl", "eval.jsonl"):  # keep rows that fit max_len whole (the classic would truncate them)
+        rows = [json.loads(x) for x in (out / name).read_text().splitlines()]
+        fits = [r for r in rows if len(tok(r["instruction"] + r["input"] + r["output"])["input_ids"]) + 40 <= args.max_len]
+        (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fits), encoding="utf-8")
+        if name == "train.jsonl":
+            lengths = [len(tok(r["instruction"] + r["input"] + r["output"])["input_ids"]) + 20 for r in fits]
+    mean_len = int(sum(lengths) / len(lengths))
+    peaks = {d: matmul_peak(d) / 1e9 for d in ("float32", "bfloat16")}
+    results = {}
+    for name in ("classic", "wronai"):
+        cmd = [sys.executable, __file__, "--child", name, "--out", str(out), "--rows", str(args.rows), "--batch", str(args.batch),
+               "--max-len", str(args.max_len), "--mean-len", str(mean_len)]  # fmt: skip
+        subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        results[name] = json.loads((out / f"{name}.json").read_text())
+    fpt = flops_per_token(out / "model", mean_len)
+    lines = [
+        f"machine: {os.cpu_count()} cores; matmul peak fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s",
+        f"data: {args.rows} rows, mean {mean_len} tokens/row, max_len {args.max_len}; model: hidden {args.hidden}, {args.layers} layers",
+        "",
+        f"{'run':8} {'wall s':>8} {'tokens/s':>9} {'padding':>8} {'peak RSS MB':>12} {'MFU':>6} {'eval loss':>10}",
+    ]
+    for name, r in results.items():
+        tps = r["tokens"] / r["wall_s"]
+        peak = peaks["bfloat16"] if r.get("precision") == "bf16" else peaks["float32"]
+        mfu = tps * fpt / (peak * 1e9)
+        r.update(tokens_per_s=tps, mfu=mfu)
+        lines.append(f"{name:8} {r['wall_s']:8.1f} {tps:9.0f} {100 * r['padding_fraction']:7.1f}% {r['peak_rss_mb']:12.0f} "
+                     f"{100 * mfu:5.1f}% {r['eval_loss']:10.4f}")  # fmt: skip
+    speedup = results["wronai"]["tokens_per_s"] / results["classic"]["tokens_per_s"]
+    lines.append(f"\nspeed-up (tokens/s, wronai / classic): {speedup:.2f}x; "
+                 f"memory ratio: {results['wronai']['peak_rss_mb'] / results['classic']['peak_rss_mb']:.2f}")  # fmt: skip
+    text = "\n".join(lines)
+    sys.stdout.write(text + "\n")
+    (out / "results.json").write_text(json.dumps({"results": results, "peaks_gflops": peaks, "speedup": speedup}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
