@@ -72,7 +72,7 @@ def load_tokenizer(model_cfg: ModelConfig, polish_cfg: PolishSection) -> tuple[A
         fresh = [t for t in polish_cfg.special_tokens if t not in tokenizer.get_vocab()]
         if fresh:
             tokenizer.add_special_tokens({"additional_special_tokens": fresh}, replace_extra_special_tokens=False)
-            added = tokenizer.convert_tokens_to_ids(fresh)
+            added = [int(tokenizer.convert_tokens_to_ids(token)) for token in fresh]
             logger.info("added %d Polish special tokens: %s", len(fresh), " ".join(fresh))
     set_pad_token(tokenizer)
     tokenizer.padding_side = "right"
@@ -201,7 +201,7 @@ def apply_lora(model: Any, lora_cfg: LoraSection, new_token_ids: list[int] | Non
         token_indices = {name: list(new_token_ids) for name in names if name not in (modules_to_save or [])}
     config = LoraConfig(
         r=lora_cfg.r,
-        lora_alpha=lora_cfg.lora_alpha,
+        lora_alpha=lora_cfg.lora_alpha,  # type: ignore[arg-type]  # PEFT accepts floats
         lora_dropout=lora_cfg.lora_dropout,
         bias=lora_cfg.bias,
         target_modules=lora_cfg.target_modules,

@@ -46,7 +46,7 @@ def check_trackers(logging_cfg: LoggingSection) -> None:
 def resolve_report_to(logging_cfg: LoggingSection, output_dir: str) -> list[str]:
     """Tracker names for TrainingArguments.report_to; configures W&B's mode and directories."""
     check_trackers(logging_cfg)
-    wanted = [r for r in logging_cfg.report_to if r != "none"]
+    wanted: list[str] = [r for r in logging_cfg.report_to if r != "none"]
     if "wandb" in wanted:
         mode = logging_cfg.wandb_mode
         if mode == "auto":

@@ -48,6 +48,8 @@ class WronAITrainer:
         self.metrics: dict[str, Any] = {}
         self.extra_callbacks: list[Any] = []
         self.signals = reliability.SignalState()
+        self.base_tokenizer: Any = None  # the tokenizer before polish.extend_vocab
+        self.vocab_tokens: list[Any] = []  # tokens added by polish.extend_vocab
 
     @staticmethod
     def load_config(path: str | Path, overrides: list[str] | None = None) -> WronAIConfig:
@@ -55,6 +57,11 @@ class WronAITrainer:
 
     def load_tokenizer(self):
         tokenizer, self.new_token_ids = modeling.load_tokenizer(self.config.model, self.config.polish)
+        if self.config.polish.extend_vocab is not None:
+            from wronai.vocab_extension import apply_extend_vocab
+
+            self.base_tokenizer = tokenizer
+            tokenizer, self.vocab_tokens, _ = apply_extend_vocab(tokenizer, self.config.polish.extend_vocab)
         hook = self.config.extensions.tokenizer_hook
         if hook:
             before = len(tokenizer)
@@ -80,6 +87,11 @@ class WronAITrainer:
             raise
         # rows past the old embedding matrix, plus added tokens that fit into spare rows (e.g. Qwen's padding rows)
         new_ids = sorted({*self.new_token_ids, *modeling.resize_embeddings(base, len(self.tokenizer))})
+        if self.vocab_tokens:  # polish.extend_vocab: each new row = mean of its base pieces' rows
+            from wronai.vocab_extension import init_new_embeddings
+
+            init_new_embeddings(base, self.base_tokenizer, self.vocab_tokens)
+            new_ids = sorted({*new_ids, *(t.id for t in self.vocab_tokens)})
         self.model = modeling.apply_lora(base, self.config.lora, new_ids, self.config.training.gradient_checkpointing)
         return self.model
 
@@ -152,6 +164,11 @@ class WronAITrainer:
         assert self.data is not None
         out = Path(self.config.training.output_dir)
         (out / "data_stats.json").write_text(json.dumps(self.data.stats.__dict__, indent=2), encoding="utf-8")
+        spec = self.config.polish.extend_vocab
+        if self.vocab_tokens and spec is not None:
+            from wronai.vocab_extension import write_extension_file
+
+            write_extension_file(out, self.vocab_tokens, self.config.model.name, spec.data, len(self.tokenizer))
         return saving.save_run(self.trainer, self.tokenizer, self.config, self.metrics, {"device_plan": self.plan.describe()})
 
 
@@ -232,6 +249,10 @@ def preflight(config: WronAIConfig) -> list[str]:
                 problems.append(str(err))
         elif item.endswith(LOCAL_SUFFIXES) or item.startswith((".", "/", "~")):
             problems.append(f"data.dataset_name: file {item} not found — fix the path (relative paths resolve against the config file's directory, then the working directory)")
+    if config.polish.extend_vocab is not None:
+        for item in config.polish.extend_vocab.data:
+            if not Path(item).is_file():
+                problems.append(f"polish.extend_vocab.data: file {item} not found — fix the path")
     hooks = [("extensions.tokenizer_hook", config.extensions.tokenizer_hook), ("extensions.data_hook", config.extensions.data_hook)]
     hooks += [(f"extensions.callbacks[{i}]", spec) for i, spec in enumerate(config.extensions.callbacks)]
     for key, spec in hooks:

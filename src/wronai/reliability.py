@@ -63,12 +63,12 @@ class SignalState:
         self.received = name
 
 
-def make_stop_callback(state: SignalState):
+def make_stop_callback(signals: SignalState):
     from transformers import TrainerCallback
 
     class StopOnSignalCallback(TrainerCallback):
-        def on_step_end(self, args, trainer_state, control, **kwargs):
-            if state.received is not None:
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[override]
+            if signals.received is not None:
                 control.should_save = True
                 control.should_training_stop = True
             return control

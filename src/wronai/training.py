@@ -94,6 +94,9 @@ def training_arguments_kwargs(
             kwargs["train_sampling_strategy"] = "group_by_length"
     if "use_cache" in accepted:
         kwargs["use_cache"] = False
+    from wronai import distributed
+
+    kwargs.update(distributed.training_kwargs(hardware, plan.device))  # ddp_backend, fsdp/fsdp_config, deepspeed
     return {k: v for k, v in kwargs.items() if k in accepted}
 
 
@@ -148,7 +151,7 @@ def make_trainer_class():
             optimizer = super().create_optimizer(*args, **kwargs)
             if self.gradient_guard is not None and not getattr(optimizer, "_wronai_guarded", False):
                 self.gradient_guard.attach(optimizer)
-                optimizer._wronai_guarded = True
+                setattr(optimizer, "_wronai_guarded", True)  # noqa: B010
             return optimizer
 
         def training_step(self, *args: Any, **kwargs: Any):
@@ -204,12 +207,13 @@ def make_trainer_class():
         def _store_callback_states(self) -> None:
             from transformers.trainer_callback import ExportableState
 
+            states: Any = self.state.stateful_callbacks
             for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
                 name = cb.__class__.__name__
-                if isinstance(self.state.stateful_callbacks.get(name), list):
-                    self.state.stateful_callbacks[name].append(cb.state())
+                if isinstance(states.get(name), list):
+                    states[name].append(cb.state())
                 else:
-                    self.state.stateful_callbacks[name] = cb.state()
+                    states[name] = cb.state()
 
         def _barrier(self) -> None:
             import torch.distributed as dist

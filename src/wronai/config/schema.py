@@ -283,6 +283,40 @@ class DataSection(Section):
     max_samples: int | None = Field(None, ge=1, description="Use only the first N training rows (quick experiments).")
     preprocessing_num_workers: int | None = Field(None, ge=1, description="Processes for tokenization; null = 1.")
     cache_dir: str | None = Field(None, description="Where datasets caches downloads and tokenized data; null = datasets' default.")
+    weights: list[float] | None = Field(
+        None,
+        description="Mix several datasets: one weight per dataset_name entry; training rows are sampled (seeded) in proportion, "
+        "repeating rows only where a weight asks for more rows than a dataset has; the mix has as many rows as all datasets together "
+        "(or max_samples). null = use every row once.",
+    )
+    checks: bool = Field(
+        True,
+        description="Pre-flight checks before the first step: EOS/end-of-turn trained at the end of each answer, chat template equal to "
+        "the tokenizer's, share of too-long rows; a failed check stops with the reason (see `wronai data check`).",
+    )
+    max_truncated_share: float = Field(
+        0.05, ge=0.0, le=1.0, description="With checks: stop when more than this share of rows were dropped as longer than max_seq_length."
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_valid(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("weights must list one weight per dataset — or be null")
+            if any(w < 0 for w in value) or sum(value) <= 0:
+                raise ValueError(f"weights {value} must be ≥ 0 with a positive sum, e.g. [0.7, 0.3]")
+        return value
+
+    @model_validator(mode="after")
+    def _weights_match_datasets(self) -> DataSection:
+        if self.weights is not None:
+            names = self.dataset_name if isinstance(self.dataset_name, list) else [self.dataset_name]
+            if len(self.weights) != len(names):
+                raise ValueError(
+                    f"weights has {len(self.weights)} value(s) but dataset_name lists {len(names)} dataset(s) — give one weight per dataset"
+                )
+        return self
 
     @field_validator("prompt_template")
     @classmethod
@@ -305,6 +339,39 @@ class ExtendVocabSpec(Section):
     add: int = Field(ge=1, le=100000, description="How many new tokens to add.")
 
 
+class NormalizeSpec(Section):
+    """Polish text hygiene applied to every row before tokenization (counted in the data report)."""
+
+    enabled: bool = Field(False, description="Turn text hygiene on.")
+    nfc: bool = Field(True, description="Unicode NFC: a letter plus a combining accent becomes one character (ą, not a + ̨).")
+    quotes: bool = Field(True, description="Unify typographic quotes („ ” “ « » ‘ ’ ...) to quote_style.")
+    quote_style: Literal["straight", "polish"] = Field(
+        "straight", description="straight: \" and '; polish: double quotes as „…” (opening/closing by position), single quotes kept."
+    )
+    dashes: bool = Field(True, description="Unify dashes (– — ― ‒) to dash_style and minus/hyphen variants (− ‐ ‑) to -.")
+    dash_style: Literal["en", "hyphen"] = Field("en", description="en: every dash becomes – (półpauza); hyphen: every dash becomes -.")
+    spaces: bool = Field(
+        True,
+        description="No-break/thin/odd spaces to plain spaces, zero-width characters and soft hyphens removed, repeated spaces "
+        "collapsed (indentation kept), trailing spaces and 3+ blank lines removed, text trimmed.",
+    )
+    dedupe: Literal["exact", "near", "none"] = Field(
+        "exact", description="Drop repeated rows: exact (same normalized text), near (also ≥ near_threshold similar), none."
+    )
+    near_threshold: float = Field(
+        0.9, gt=0.0, le=1.0, description="With dedupe: near, the Jaccard similarity of word-anchored shingles at which rows are duplicates."
+    )
+    min_chars: int = Field(0, ge=0, description="Drop rows whose text (all fields together) is shorter than this; 0 = keep all.")
+    language: Literal["pl"] | None = Field(
+        None, description="pl: drop rows that are clearly not Polish (no Polish letters or stop words); rows under 20 letters are kept."
+    )
+
+    @field_validator("language", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
 class PolishSection(Section):
     """Polish-language options."""
 
@@ -320,13 +387,18 @@ class PolishSection(Section):
         None,
         description="Add `add` Polish tokens chosen on `data` to the tokenizer before training; their embeddings start as the mean of the base pieces and are trained and saved with the adapter.",
     )
+    normalize: NormalizeSpec = Field(
+        default_factory=NormalizeSpec,
+        description="Text hygiene before tokenization: NFC, quotes, dashes, spaces, duplicate/short/non-Polish rows (off by default).",
+    )
 
 
 class LoggingSection(Section):
     """Console, TensorBoard and Weights & Biases logging."""
 
     report_to: list[Literal["none", "tensorboard", "wandb"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="Trackers: tensorboard, wandb, or none (a list or a single name)."
+        default_factory=lambda: ["tensorboard"],  # type: ignore[arg-type]
+        description="Trackers: tensorboard, wandb, or none (a list or a single name)."
     )
     wandb_project: str = Field("wronai", description="W&B project name.")
     wandb_run_name: str = Field("wronai-{timestamp}", description="Run name; `{timestamp}` becomes YYYYmmdd-HHMMSS.")
@@ -360,6 +432,14 @@ class HardwareSection(Section):
     dataloader_num_workers: int = Field(0, ge=0, description="Background processes loading batches.")
     pin_memory: bool | None = Field(None, description="Pin host memory for faster GPU copies; null = on for CUDA, off elsewhere.")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch; null = PyTorch's default (all cores).")
+    distributed: Literal["none", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = Field(
+        "none",
+        description="Multi-process strategy under `wronai train --nproc N` / torchrun: none (plain DDP when launched with several processes), ddp, fsdp (shards 4-bit weights; CUDA), deepspeed_zero2, deepspeed_zero3 (CUDA + deepspeed). See docs/distributed.md.",
+    )
+    distributed_config: str | None = Field(
+        None,
+        description="Path to an accelerate config YAML (distributed_type FSDP/DEEPSPEED/MULTI_GPU) or a DeepSpeed JSON; used when distributed is none, and its fsdp_config / DeepSpeed settings replace WronAI's defaults.",
+    )
 
     @field_validator("max_memory", mode="before")
     @classmethod
