@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from wronai import distributed
 from wronai.config.schema import HardwareSection, LoraSection, ModelConfig, PolishSection, QuantizationSection
 from wronai.errors import WronAIError
 from wronai.hardware import DevicePlan
@@ -112,12 +113,14 @@ def quantization_config(quant_cfg: QuantizationSection, plan: DevicePlan, hardwa
         bnb_4bit_quant_type=quant_cfg.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=quant_cfg.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=plan.compute_dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=distributed.quant_storage_dtype(hardware, plan.model_dtype) if hardware else torch.uint8,
     )
 
 
-def _device_map(model_cfg: ModelConfig, plan: DevicePlan) -> Any:
+def _device_map(model_cfg: ModelConfig, plan: DevicePlan, hardware: HardwareSection | None = None) -> Any:
     if model_cfg.device_map in (None, "auto"):
+        if hardware is not None:  # each DDP rank on its own GPU; FSDP/ZeRO-3 place the weights themselves
+            return distributed.device_map(hardware, plan.device)
         return {"": 0} if plan.device == "cuda" else {"": plan.device}
     if isinstance(model_cfg.device_map, str):
         return {"": model_cfg.device_map}
@@ -148,7 +151,7 @@ def load_base_model(
         "trust_remote_code": model_cfg.trust_remote_code,
         "dtype": plan.model_dtype,
         "attn_implementation": plan.attn_implementation,
-        "device_map": _device_map(model_cfg, plan),
+        "device_map": _device_map(model_cfg, plan, hardware),
     }
     bnb = quantization_config(quant_cfg, plan, hardware)
     if bnb is not None:

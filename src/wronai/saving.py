@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -44,7 +45,7 @@ def check_output_dir(output_dir: str | Path, *, overwrite: bool, resume: bool) -
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".wronai_write_test"
+        probe = out / f".wronai_write_test.{os.getpid()}"  # ranks probe side by side
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
@@ -92,9 +93,10 @@ def write_config_and_provenance(out: Path, config: WronAIConfig, extra: dict[str
 def save_run(trainer: Any, tokenizer: Any, config: WronAIConfig, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
     """Write the final adapter, tokenizer, config, provenance, state and metrics to the output dir."""
     out = Path(config.training.output_dir)
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
-    write_config_and_provenance(out, config, extra)
+    trainer.save_model(str(out))  # every rank: FSDP/DeepSpeed gather the shards inside
+    if trainer.args.should_save:  # rank 0 only; save_state/save_metrics check that themselves
+        tokenizer.save_pretrained(str(out))
+        write_config_and_provenance(out, config, extra)
     trainer.save_state()  # trainer_state.json with the full log history
     trainer.save_metrics("train", metrics)  # train_results.json (+ all_results.json); written last = finished
     logger.info("saved adapter, tokenizer, config and metrics to %s", out)

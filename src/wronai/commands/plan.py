@@ -1,0 +1,32 @@
+"""`wronai plan CONFIG [--gpu 24GB] [--nproc N]`: will this run fit? Reads only the model's config.json."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="estimate GPU memory per device before downloading anything",
+        description="Estimate memory per GPU (weights, LoRA + optimizer, activations) from the model's config.json; "
+        "say whether it fits the GPU and which settings to change if not. See docs/distributed.md.",
+    )
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value by dotted key")
+    p.add_argument("--gpu", default="24GB", help="GPU memory, e.g. 8GB, 24GB, 80GB (default 24GB)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N", help="GPUs the run uses (FSDP/ZeRO-3 split the weights over them)")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from wronai.config import load_config
+    from wronai.errors import WronAIError
+    from wronai.planning import plan_config
+
+    if args.nproc < 1:
+        raise WronAIError(f"--nproc {args.nproc}: use 1 or more GPUs")
+    plan, text = plan_config(load_config(args.config, args.overrides), gpu=args.gpu, nproc=args.nproc)
+    sys.stdout.write(text)
+    return 0 if plan.fits else 1

@@ -1,0 +1,263 @@
+"""Data-parallel and sharded training on the existing engines (torchrun + HF Trainer, FSDP, DeepSpeed).
+
+WronAI never runs its own distributed loop: ``torchrun`` (or ``accelerate launch``) starts one process per
+device, the Hugging Face Trainer shards the data per rank and averages gradients, and this module maps
+``hardware.distributed`` onto ``TrainingArguments`` (``ddp_backend``, ``fsdp``/``fsdp_config``,
+``deepspeed``). ``wronai train CONFIG --nproc N`` re-launches the CLI under ``torch.distributed.run``.
+
+Rank, local rank and world size come from the launcher's environment (RANK, LOCAL_RANK, WORLD_SIZE), so the
+helpers here work before the process group exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wronai.errors import WronAIError
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("none", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+SHARDED = ("fsdp", "deepspeed_zero3")  # strategies that split the frozen base weights across GPUs
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def world() -> World:
+    """This process's place in the job, from the launcher's environment (1 process when not launched)."""
+    env = os.environ
+    return World(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+
+
+def is_main_process() -> bool:
+    return world().is_main
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def init_process_group(device: str) -> bool:
+    """Join the launcher's process group now (the Trainer would do it later); True when distributed."""
+    import torch
+    import torch.distributed as dist
+
+    w = world()
+    if not w.is_distributed or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        if device == "cuda":
+            torch.cuda.set_device(w.local_rank)
+        dist.init_process_group(backend=backend_for(device))
+    return True
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first (writes caches, output dirs); the others wait, then run it (read them)."""
+    main = is_main_process()
+    if not main:
+        barrier()
+    try:
+        yield
+    finally:
+        if main:
+            barrier()
+
+
+def strategy(hardware: Any) -> str:
+    """The effective strategy: hardware.distributed, or what hardware.distributed_config describes."""
+    if hardware.distributed != "none" or not hardware.distributed_config:
+        return hardware.distributed
+    return _strategy_from_file(Path(hardware.distributed_config))
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise WronAIError(f"hardware.distributed_config: cannot read {path} ({err.strerror}) — fix the path") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
+        raise WronAIError(f"hardware.distributed_config: {path} is not valid JSON/YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise WronAIError(f"hardware.distributed_config: {path} must hold a mapping — an accelerate config or a DeepSpeed JSON")
+    return data
+
+
+def _strategy_from_file(path: Path) -> str:
+    data = _read_config_file(path)
+    if "zero_optimization" in data:  # a DeepSpeed JSON
+        stage = int(data["zero_optimization"].get("stage", 2))
+        return "deepspeed_zero3" if stage == 3 else "deepspeed_zero2"
+    kind = str(data.get("distributed_type", "")).upper()
+    if kind == "FSDP":
+        return "fsdp"
+    if kind == "DEEPSPEED":
+        stage = int((data.get("deepspeed_config") or {}).get("zero_stage", 2))
+        return "deepspeed_zero3" if stage == 3 else "deepspeed_zero2"
+    if kind in ("MULTI_GPU", "MULTI_CPU", "NO", ""):
+        return "ddp"
+    raise WronAIError(f"hardware.distributed_config: distributed_type {kind} in {path} is not supported — use FSDP, DEEPSPEED or MULTI_GPU")
+
+
+def preflight_problems(config: Any, device: str) -> list[str]:
+    """One line per reason the configured strategy cannot run on this machine (before anything loads)."""
+    hw = config.hardware
+    if hw.distributed_config and not Path(hw.distributed_config).is_file():
+        return [f"hardware.distributed_config: file {hw.distributed_config} not found — fix the path"]
+    try:
+        name = strategy(hw)
+    except WronAIError as err:
+        return [str(err)]
+    problems = []
+    if name not in ("none", "ddp") and device != "cuda":
+        problems.append(
+            f"hardware.distributed={name} needs CUDA GPUs (this machine runs on {device}) — use distributed: ddp "
+            "(works on CPU with gloo) or none"
+        )
+    if name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        problems.append(f"hardware.distributed={name} needs the deepspeed package — pip install deepspeed, or use distributed: fsdp")
+    if name in SHARDED and config.quantization.load_in_8bit:
+        problems.append(f"hardware.distributed={name} cannot shard 8-bit weights — use quantization.load_in_4bit (QLoRA) or ddp")
+    return problems
+
+
+def fsdp_config() -> dict[str, Any]:
+    """FSDP2 for PEFT: wrap each decoder layer, full adapter state dict on save, low-RAM loading on rank 0."""
+    return {
+        "version": 2,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "cpu_ram_efficient_loading": True,
+        "state_dict_type": "FULL_STATE_DICT",
+        "reshard_after_forward": True,
+    }
+
+
+def deepspeed_config(stage: int) -> dict[str, Any]:
+    """A DeepSpeed ZeRO config; "auto" values are filled in by the Trainer from TrainingArguments."""
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    if stage == 3:
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_prefetch_bucket_size": "auto",
+                     "stage3_param_persistence_threshold": "auto", "reduce_bucket_size": "auto"})  # fmt: skip
+    return {
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+    }
+
+
+def training_kwargs(hardware: Any, device: str) -> dict[str, Any]:
+    """TrainingArguments entries for the strategy (names as in transformers 4.4x–5.x)."""
+    name = strategy(hardware)
+    kwargs: dict[str, Any] = {}
+    if world().is_distributed or name != "none":
+        kwargs["ddp_backend"] = backend_for(device)
+        kwargs["ddp_find_unused_parameters"] = False  # LoRA uses every adapter; the search costs a pass
+    if name == "fsdp":
+        kwargs["fsdp"] = "full_shard auto_wrap"
+        kwargs["fsdp_config"] = _file_fsdp_config(hardware) or fsdp_config()
+    elif name.startswith("deepspeed"):
+        path = hardware.distributed_config
+        if path and "zero_optimization" in _read_config_file(Path(path)):
+            kwargs["deepspeed"] = str(path)
+        else:
+            kwargs["deepspeed"] = deepspeed_config(3 if name == "deepspeed_zero3" else 2)
+    return kwargs
+
+
+def _file_fsdp_config(hardware: Any) -> dict[str, Any] | None:
+    if not hardware.distributed_config:
+        return None
+    data = _read_config_file(Path(hardware.distributed_config))
+    section = data.get("fsdp_config")
+    return {**fsdp_config(), **section} if isinstance(section, dict) else None
+
+
+def quant_storage_dtype(hardware: Any, model_dtype: Any) -> Any:
+    """bnb_4bit_quant_storage: the model dtype when FSDP/ZeRO-3 must shard the 4-bit weights, else uint8."""
+    import torch
+
+    return model_dtype if strategy(hardware) in SHARDED else torch.uint8
+
+
+def device_map(hardware: Any, device: str) -> Any:
+    """Where each rank loads the base model: its own GPU (DDP), nowhere yet (FSDP/ZeRO-3 place it), or the device."""
+    if strategy(hardware) in SHARDED:
+        return None
+    if device == "cuda":
+        return {"": world().local_rank}
+    return {"": device}
+
+
+def global_batch(training: Any, world_size: int | None = None) -> int:
+    n = world().world_size if world_size is None else world_size
+    return training.per_device_train_batch_size * training.gradient_accumulation_steps * n
+
+
+def describe_batch(training: Any, world_size: int | None = None) -> str:
+    n = world().world_size if world_size is None else world_size
+    return (
+        f"global batch {global_batch(training, n)} rows per optimizer step = {training.per_device_train_batch_size} per device "
+        f"× {training.gradient_accumulation_steps} accumulation × {n} process(es)"
+    )
+
+
+def omp_threads(nproc: int) -> int:
+    return max(1, (os.cpu_count() or 1) // nproc)
+
+
+def launch_command(nproc: int, cli_args: list[str]) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc_per_node N -m wronai <cli_args>``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "wronai", *cli_args]
+
+
+def launch(nproc: int, cli_args: list[str], device: str) -> int:
+    """Run ``wronai <cli_args>`` in ``nproc`` processes under torchrun; returns torchrun's exit status."""
+    import torch
+
+    if device == "cuda" and nproc > torch.cuda.device_count():
+        raise WronAIError(f"--nproc {nproc}: only {torch.cuda.device_count()} CUDA GPU(s) visible — use --nproc {torch.cuda.device_count()} or fewer")
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(omp_threads(nproc)))  # N ranks x all cores would oversubscribe the CPU
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cmd = launch_command(nproc, cli_args)
+    logger.info("launching %d processes (%s backend, OMP_NUM_THREADS=%s): %s", nproc, backend_for(device), env["OMP_NUM_THREADS"], " ".join(cmd[1:]))
+    return subprocess.call(cmd, env=env)

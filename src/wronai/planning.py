@@ -1,0 +1,283 @@
+"""`wronai plan`: GPU memory per device for a config, from the model's config.json alone (nothing downloaded).
+
+The estimate adds, per GPU: frozen base weights (4-bit NF4 / 8-bit / 16/32-bit; FSDP and ZeRO-3 split them
+across GPUs), the LoRA adapter with its fp32 gradients and AdamW states, activations for the configured
+batch and sequence length (with or without gradient checkpointing), the logits of the loss, and a fixed CUDA
+context. ``benchmarks/plan_accuracy.py`` checks it against measured peaks (docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from wronai.errors import WronAIError
+
+logger = logging.getLogger(__name__)
+
+GIB = 2**30
+CUDA_CONTEXT = 0.75 * GIB  # CUDA context + cuBLAS workspaces + allocator slack, measured on recent drivers
+_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    head_dim: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ModelShape:
+        cfg = {**cfg.get("text_config", {}), **cfg} if "hidden_size" not in cfg else cfg
+        try:
+            hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+            return cls(
+                hidden=hidden, intermediate=int(cfg.get("intermediate_size") or 4 * hidden), layers=int(cfg["num_hidden_layers"]),
+                heads=heads, kv_heads=int(cfg.get("num_key_value_heads") or heads), vocab=int(cfg["vocab_size"]),
+                head_dim=int(cfg.get("head_dim") or hidden // heads), tied=bool(cfg.get("tie_word_embeddings", False)),
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError) as err:
+            raise WronAIError(f"model.name: config.json lacks {err} — wronai plan supports decoder-only (Llama-style) configs") from None
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each projection in one decoder layer."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linears().values())
+
+    @property
+    def other_params(self) -> int:  # embeddings, output head, norms: never quantized
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * 2 * self.hidden + self.hidden
+
+    @property
+    def total_params(self) -> int:
+        return self.linear_params + self.other_params
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The config values that move memory (one place, so advice can change them and re-estimate)."""
+
+    quantization: str  # 4bit | 8bit | none
+    double_quant: bool
+    weight_bytes: int  # bytes per non-quantized weight (2 = bf16/fp16, 4 = fp32)
+    compute_bytes: int  # bytes per activation value
+    lora_r: int
+    lora_targets: tuple[str, ...]
+    lora_dropout: bool
+    batch: int
+    seq: int
+    accumulation: int
+    gradient_checkpointing: bool
+    strategy: str  # none | ddp | fsdp | deepspeed_zero2 | deepspeed_zero3
+    nproc: int
+
+    @classmethod
+    def from_config(cls, config: Any, nproc: int = 1) -> Settings:
+        """Settings on a bf16-capable GPU (what `wronai plan` sizes for)."""
+        from wronai import distributed
+
+        q, t = config.quantization, config.training
+        weight_bytes = 4 if config.model.torch_dtype == "float32" else 2  # auto = bf16 on GPUs
+        quant = "4bit" if q.load_in_4bit else "8bit" if q.load_in_8bit else "none"
+        compute = (4 if q.bnb_4bit_compute_dtype == "float32" else 2) if quant == "4bit" else weight_bytes
+        name = distributed.strategy(config.hardware)
+        targets = config.lora.target_modules
+        return cls(
+            quantization=quant, double_quant=q.bnb_4bit_use_double_quant, weight_bytes=weight_bytes, compute_bytes=compute,
+            lora_r=config.lora.r, lora_targets=tuple(_LINEAR_NAMES if targets == "all-linear" else targets),
+            lora_dropout=config.lora.lora_dropout > 0, batch=t.per_device_train_batch_size, seq=config.data.max_seq_length,
+            accumulation=t.gradient_accumulation_steps, gradient_checkpointing=t.gradient_checkpointing,
+            strategy="ddp" if name == "none" and nproc > 1 else name, nproc=nproc,
+        )  # fmt: skip
+
+
+@dataclass
+class Estimate:
+    parts: dict[str, float] = field(default_factory=dict)  # bytes per GPU
+    trainable: int = 0
+    total_params: int = 0
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    def without_context(self) -> float:
+        return self.total - self.parts.get("CUDA context", 0.0)
+
+
+def estimate(shape: ModelShape, s: Settings, *, cuda_context: bool = True) -> Estimate:
+    """Bytes per GPU for one training step of ``shape`` under settings ``s``."""
+    n = max(1, s.nproc)
+    shard_weights = s.strategy in ("fsdp", "deepspeed_zero3")
+    shard_states = s.strategy in ("fsdp", "deepspeed_zero3", "deepspeed_zero2")
+    quantized = s.quantization != "none"
+    per_linear = {"4bit": 0.5 + (0.127 if s.double_quant else 0.5) / 8, "8bit": 1.0 + 4 / 4096, "none": float(s.weight_bytes)}[s.quantization]
+    other_bytes = 4 if quantized else s.weight_bytes  # prepare_model_for_kbit_training casts them to fp32
+    weights = shape.linear_params * per_linear + shape.other_params * other_bytes
+    layer_weights = weights / shape.layers if shard_weights else 0.0
+    if shard_weights:
+        weights = weights / n + layer_weights  # own shard + one all-gathered layer at a time
+
+    linears = shape.linears()
+    lora = shape.layers * sum(s.lora_r * (a + b) for name, (a, b) in linears.items() if name in s.lora_targets)
+    lora_weights = lora * 4 / (n if shard_weights else 1)
+    lora_states = lora * (4 + 8) / (n if shard_states else 1)  # fp32 grads + AdamW exp_avg, exp_avg_sq
+
+    tokens = s.batch * s.seq
+    h, i, d = shape.hidden, shape.intermediate, s.compute_bytes
+    kv = shape.kv_heads * shape.head_dim
+    lora_in = sum(a for name, (a, _b) in linears.items() if name in s.lora_targets) if s.lora_dropout else 0
+    per_layer = tokens * d * (10 * h + 2 * kv + 4 * i + lora_in)  # saved for backward by one decoder layer
+    if s.gradient_checkpointing:
+        activations = shape.layers * tokens * h * d + per_layer  # layer inputs + one layer recomputed
+    else:
+        activations = shape.layers * per_layer
+    logits = tokens * shape.vocab * (d + 8)  # logits, their fp32 copy for the loss, its gradient
+    dequant = max(a * b for a, b in linears.values()) * d if quantized else 0  # one dequantized weight at a time
+
+    parts = {
+        "base weights": weights,
+        "LoRA weights": lora_weights,
+        "LoRA grads + AdamW": lora_states,
+        "activations": activations,
+        "logits + loss": logits,
+        "dequant buffer": dequant,
+    }
+    if cuda_context:
+        parts["CUDA context"] = CUDA_CONTEXT
+    return Estimate(parts=parts, trainable=lora, total_params=shape.total_params)
+
+
+def parse_gpu_size(text: str) -> float:
+    """'24GB', '80', '7.5GiB' -> bytes (GPU sizes are sold in GiB even when labelled GB)."""
+    raw = text.strip().lower().removesuffix("ib").removesuffix("gb").removesuffix("g").strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        raise WronAIError(f"--gpu {text}: give the GPU memory like 8GB, 24GB or 80GB") from None
+    return value * GIB
+
+
+def read_model_config(config: Any) -> dict[str, Any]:
+    """config.json of model.name: a local directory, the create_if_missing spec, or one file from the Hub."""
+    name = config.model.name
+    local = Path(name).expanduser()
+    if (local / "config.json").is_file():
+        return json.loads((local / "config.json").read_text(encoding="utf-8"))
+    spec = config.model.create_if_missing
+    if spec is not None and not local.exists():
+        return {"hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_hidden_layers,
+                "num_attention_heads": spec.num_attention_heads, "num_key_value_heads": spec.num_key_value_heads,
+                "vocab_size": spec.vocab_size, "tie_word_embeddings": False}  # fmt: skip
+    if local.exists():
+        raise WronAIError(f"model.name: {name} has no config.json — point model.name at a model directory")
+    return _hub_config(name, config.model.revision)
+
+
+def _hub_config(repo_id: str, revision: str | None) -> dict[str, Any]:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(repo_id, filename="config.json", revision=revision)
+    except Exception as err:  # offline, unknown repo, gated repo: all one line for the user
+        kind = type(err).__name__
+        offline = kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or isinstance(err, (ConnectionError, TimeoutError))
+        reason = "offline or the Hub is unreachable" if offline else (str(err).strip().splitlines() or [kind])[0][:120]
+        raise WronAIError(
+            f"model.name: cannot fetch config.json of {repo_id!r} from the Hugging Face Hub ({reason}) — "
+            "connect to the network, or point model.name at a local directory holding config.json"
+        ) from None
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+@dataclass
+class Plan:
+    shape: ModelShape
+    settings: Settings
+    estimate: Estimate
+    gpu_bytes: float
+    advice: list[str]
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate.total <= self.gpu_bytes
+
+
+def _variants(s: Settings) -> list[tuple[str, Settings]]:
+    out = []
+    if not s.gradient_checkpointing:
+        out.append(("set training.gradient_checkpointing: true", replace(s, gradient_checkpointing=True)))
+    if s.quantization != "4bit":
+        out.append(("set quantization.load_in_4bit: true (QLoRA)", replace(s, quantization="4bit", double_quant=True)))
+    if s.batch > 1:
+        b = max(1, s.batch // 2)
+        acc = s.accumulation * s.batch // b
+        out.append((f"set training.per_device_train_batch_size: {b} and gradient_accumulation_steps: {acc} (same global batch)",
+                    replace(s, batch=b, accumulation=acc)))  # fmt: skip
+    if s.seq > 512:
+        out.append((f"set data.max_seq_length: {s.seq // 2}", replace(s, seq=s.seq // 2)))
+    if s.strategy not in ("fsdp", "deepspeed_zero3") and s.nproc > 1:
+        out.append((f"set hardware.distributed: fsdp (shard the weights over {s.nproc} GPUs)", replace(s, strategy="fsdp")))
+    if s.lora_r > 16:
+        out.append(("set lora.r: 16", replace(s, lora_r=16)))
+    return out
+
+
+def make_plan(shape: ModelShape, settings: Settings, gpu_bytes: float) -> Plan:
+    est = estimate(shape, settings)
+    advice: list[str] = []
+    if est.total > gpu_bytes:
+        current = settings
+        for _ in range(6):  # greedy: the change that saves most, until it fits
+            options = [(estimate(shape, v).total, text, v) for text, v in _variants(current)]
+            if not options:
+                break
+            total, text, current = min(options, key=lambda o: o[0])
+            advice.append(f"{text} -> {total / GIB:.1f} GiB")
+            if total <= gpu_bytes:
+                break
+        if estimate(shape, current).total > gpu_bytes:
+            advice.append("still too large: use a GPU with more memory, more GPUs with hardware.distributed: fsdp, or a smaller model")
+    return Plan(shape, settings, est, gpu_bytes, advice)
+
+
+def render(plan: Plan, model_name: str, gpu_label: str) -> str:
+    s, e = plan.settings, plan.estimate
+    lines = [
+        f"model: {model_name} — {_count(e.total_params)} parameters ({plan.shape.layers} layers, hidden {plan.shape.hidden}, vocab {plan.shape.vocab})",
+        f"run: {s.quantization} weights, LoRA r={s.lora_r} on {len(s.lora_targets)} module types ({_count(e.trainable)} trainable), "
+        f"batch {s.batch} × seq {s.seq}, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}, "
+        f"{s.nproc} GPU(s), strategy {s.strategy}",
+        "memory per GPU:",
+        *[f"  {name:<20} {value / GIB:7.2f} GiB" for name, value in e.parts.items()],
+        f"  {'total':<20} {e.total / GIB:7.2f} GiB",
+    ]
+    verdict = "fits" if plan.fits else "does NOT fit"
+    lines.append(f"{verdict} on a {gpu_label} GPU ({plan.gpu_bytes / GIB:.0f} GiB): {100 * e.total / plan.gpu_bytes:.0f}% used")
+    lines += [f"  to fit: {a}" for a in plan.advice]
+    return "\n".join(lines) + "\n"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def plan_config(config: Any, gpu: str = "24GB", nproc: int = 1) -> tuple[Plan, str]:
+    shape = ModelShape.from_config(read_model_config(config))
+    settings = Settings.from_config(config, nproc=nproc)
+    plan = make_plan(shape, settings, parse_gpu_size(gpu))
+    return plan, render(plan, config.model.name, gpu)
