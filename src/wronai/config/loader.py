@@ -296,6 +296,8 @@ def resolve_paths(config: WronAIConfig, base_dir: Path) -> None:
             model.name = str((Path.cwd() / model.name).resolve())
     if config.polish.extend_vocab is not None:
         config.polish.extend_vocab.data = [_resolve(p, base_dir) for p in config.polish.extend_vocab.data]
+    if config.hardware.distributed_config:
+        config.hardware.distributed_config = _resolve(config.hardware.distributed_config, base_dir)
     ext = config.extensions
     ext.tokenizer_hook = _resolve_hook(ext.tokenizer_hook, base_dir)
     ext.data_hook = _resolve_hook(ext.data_hook, base_dir)
