@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force-resume", action="store_true", help="resume even though result-affecting config values changed since the checkpoint"
     )
+    p.add_argument(
+        "--nproc", type=int, default=1, metavar="N",
+        help="data-parallel processes on this machine: re-launches under torchrun (gloo on CPU, nccl on CUDA); see docs/distributed.md",
+    )  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -127,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     pp = data_sub.add_parser("prepare", help="prepare and cache the data now", description="Run data preparation once and cache it.")
     _add_config_args(pp)
     pp.set_defaults(func=cmd_data_prepare)
+    pp = data_sub.add_parser(
+        "check",
+        help="run the pre-flight data checks",
+        description="Prepare the data and run the pre-flight checks (EOS/end-of-turn trained, chat template equal to the "
+        "tokenizer's, share of too-long rows), even when data.checks is false; exit 2 naming each failed check.",
+    )
+    _add_config_args(pp)
+    pp.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser(
         "config-docs", help="write docs/configuration.md from the schema", description="Generate the configuration reference."
@@ -157,18 +169,46 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from wronai import distributed
     from wronai.pipeline import run
 
     loaded = _load(args)
-    setup_logging(loaded.config.logging.log_level)
+    rank = distributed.world()
+    setup_logging(loaded.config.logging.log_level if rank.is_main else "WARNING")  # one console voice per job
+    if getattr(args, "nproc", 1) > 1 and not rank.is_distributed:
+        return _launch_train(args, loaded.config)
     for note in loaded.notes:
         logger.info("config: %s", note)
+    logger.info("%s", distributed.describe_batch(loaded.config.training))
     result = run(loaded.config, resume=args.resume, overwrite=args.overwrite, force_resume=args.force_resume)
     for key in ("train_loss", "eval_loss", "train_runtime"):
         if key in result.metrics:
             logger.info("%s: %.4f", key, result.metrics[key])
     logger.info("done — adapter, tokenizer and config are in %s", result.output_dir.resolve())
     return 0
+
+
+def _launch_train(args: argparse.Namespace, config) -> int:
+    """`train --nproc N`: check once here, then re-run this command in N processes under torchrun."""
+    from wronai import distributed, modeling, saving
+    from wronai.errors import ConfigError
+    from wronai.hardware import plan_device
+    from wronai.pipeline import preflight
+
+    if args.nproc < 1:
+        raise WronAIError(f"--nproc {args.nproc}: use 1 or more processes")
+    device = plan_device(config.hardware, config.training, config.quantization, config.model).device
+    problems = [*preflight(config), *distributed.preflight_problems(config, device)]
+    if problems:
+        raise ConfigError(problems, args.config)
+    saving.check_output_dir(config.training.output_dir, overwrite=args.overwrite, resume=bool(args.resume))
+    modeling.ensure_model_available(config.model)  # build a missing local model once, not once per rank
+    child = ["train", args.config, *[f"--set={o}" for o in args.overrides]]
+    if args.resume:
+        child += ["--resume"] if args.resume is True else [f"--resume={args.resume}"]
+    if args.force_resume:
+        child.append("--force-resume")
+    return distributed.launch(args.nproc, child, device)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -229,6 +269,17 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     trainer = WronAITrainer(loaded.config)
     prepared = trainer.load_dataset()
     logger.info("prepared data cached (key %s)", prepared.stats.cache_key)
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from wronai.pipeline import WronAITrainer
+
+    loaded = _load(args)
+    config = loaded.config.model_copy(update={"data": loaded.config.data.model_copy(update={"checks": True})})
+    prepared = WronAITrainer(config).load_dataset()
+    lines = [f"{name}: {result}" for name, result in prepared.stats.checks.items()]
+    sys.stdout.write("data checks passed\n" + "".join(f"  {line}\n" for line in lines))
     return 0
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from wronai import checkpointing, modeling, monitoring, reliability, saving, training
+from wronai import checkpointing, distributed, modeling, monitoring, reliability, saving, training
 from wronai import data as data_stage
 from wronai.config import WronAIConfig, dump_config, load_config
 from wronai.errors import ConfigError, WronAIError
@@ -100,7 +100,7 @@ class WronAITrainer:
             self.load_tokenizer()
         hook_spec = self.config.extensions.data_hook
         hook = data_hook or (load_object(hook_spec, "extensions.data_hook") if hook_spec else None)
-        self.data = data_stage.build_datasets(self.config.data, self.tokenizer, self.config.training.seed, hook)
+        self.data = data_stage.build_datasets(self.config.data, self.tokenizer, self.config.training.seed, hook, normalize=self.config.polish.normalize)
         for line in self.data.stats.summary_lines():
             logger.info("data: %s", line)
         return self.data
@@ -163,7 +163,8 @@ class WronAITrainer:
     def save(self) -> Path:
         assert self.data is not None
         out = Path(self.config.training.output_dir)
-        (out / "data_stats.json").write_text(json.dumps(self.data.stats.__dict__, indent=2), encoding="utf-8")
+        if self.trainer.args.should_save:  # rank 0 only
+            (out / "data_stats.json").write_text(json.dumps(self.data.stats.__dict__, indent=2), encoding="utf-8")
         spec = self.config.polish.extend_vocab
         if self.vocab_tokens and spec is not None:
             from wronai.vocab_extension import write_extension_file
@@ -268,6 +269,8 @@ def preflight(config: WronAIConfig) -> list[str]:
         monitoring.check_trackers(config.logging)
     except WronAIError as err:
         problems.append(str(err))
+    device = plan_device(config.hardware, config.training, config.quantization, config.model).device
+    problems += distributed.preflight_problems(config, device)  # FSDP/DeepSpeed need CUDA (+ deepspeed)
     return problems
 
 
@@ -276,14 +279,18 @@ def run(config: WronAIConfig, *, resume: str | bool | None = None, overwrite: bo
     problems = preflight(config)
     if problems:
         raise ConfigError(problems)
-    saving.check_output_dir(config.training.output_dir, overwrite=overwrite, resume=bool(resume))
     pipeline = WronAITrainer(config)
+    distributed.init_process_group(pipeline.plan.device)  # no-op unless launched by torchrun/accelerate
+    with distributed.main_process_first():  # rank 0 clears/creates the output dir, then the others check it
+        saving.check_output_dir(config.training.output_dir, overwrite=overwrite and distributed.is_main_process(), resume=bool(resume))
     for note in pipeline.plan.notes:
         logger.info("hardware: %s", note)
     apply_thread_settings(config.hardware)
-    pipeline.load_tokenizer()
+    with distributed.main_process_first():  # rank 0 builds a missing local model first; the others load it
+        pipeline.load_tokenizer()
     pipeline.load_model()
-    pipeline.load_dataset()
+    with distributed.main_process_first():  # rank 0 writes the prepared-data cache; the others read it
+        pipeline.load_dataset()
     pipeline.build_trainer()
     metrics = pipeline.train(resume=resume, force_resume=force_resume)
     out = pipeline.save()

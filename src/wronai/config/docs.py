@@ -31,7 +31,10 @@ def _section(name: str, model: type[BaseModel], lines: list[str]) -> None:
     nested = []
     for key, field in model.model_fields.items():
         annotation = field.annotation
-        sub = next((a for a in getattr(annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            sub: type[BaseModel] | None = annotation
+        else:
+            sub = next((a for a in getattr(annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if sub is not None:
             nested.append((f"{name}.{key}", sub))
         kind = _type_name(annotation).replace("|", "\\|")

@@ -21,10 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wronai.config.schema import DataSection
-from wronai.data import formats
+from wronai.config.schema import DataSection, NormalizeSpec
+from wronai.data import checks, formats, hygiene
 from wronai.data.collate import pack_examples, padding_fraction
 from wronai.data.formats import BadRow, Segment
+from wronai.data.mix import mix_rows
 from wronai.data.sources import BadRowPolicy, RawData, read_raw
 from wronai.data.tokenize import IGNORE_INDEX, ExampleTokenizer, check_length, chunk
 from wronai.errors import DataError
@@ -50,6 +51,9 @@ class DataStats:
     packed_rows: int = 0
     padding_fraction_unpacked: float = 0.0
     padding_fraction_packed: float | None = None
+    hygiene: dict[str, int] = field(default_factory=dict)
+    mix: list[dict[str, Any]] = field(default_factory=list)
+    checks: dict[str, str] = field(default_factory=dict)
     cache_key: str = ""
 
     def summary_lines(self) -> list[str]:
@@ -61,6 +65,13 @@ class DataStats:
             f"trainable tokens: {self.trainable_tokens} of {self.total_tokens} "
             f"({100 * self.trainable_tokens / max(self.total_tokens, 1):.1f}%)",
         ]
+        if self.hygiene:
+            h = self.hygiene
+            steps = [f"{k.replace('_', ' ')} {h[k]}" for k in ("normalized", "too_short", "not_polish", "exact_duplicates", "near_duplicates") if h.get(k)]
+            lines.append(f"hygiene: {h.get('rows_in', 0)} rows in, {h.get('rows_out', 0)} kept" + (f" ({', '.join(steps)})" if steps else ""))
+        for m in self.mix:
+            repeated = ", rows repeated (with replacement)" if m["with_replacement"] else ""
+            lines.append(f"mix: {m['source']}: weight {m['weight']:g}, {m['sampled']} of {m['rows']} rows ({100 * m['share']:.1f}%){repeated}")
         if self.skipped:
             lines.append("skipped rows: " + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())))
         if self.dropped_by_hook:
@@ -71,6 +82,8 @@ class DataStats:
         if self.padding_fraction_packed is not None:
             pad += f", {100 * self.padding_fraction_packed:.1f}% packed ({self.packed_rows} rows)"
         lines.append(pad)
+        if self.checks:
+            lines.append("checks: " + ", ".join(f"{k} {'ok' if v == 'ok' else 'FAILED'}" for k, v in self.checks.items()))
         return lines
 
 
@@ -103,12 +116,16 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(data_cfg: DataSection, tokenizer: Any, seed: int, data_hook: Callable | None) -> str:
+def cache_key(
+    data_cfg: DataSection, tokenizer: Any, seed: int, data_hook: Callable | None, normalize: NormalizeSpec | None = None
+) -> str:
     from wronai.data.sources import is_local, local_files
 
     h = hashlib.sha256()
     cfg = data_cfg.model_dump(mode="json", exclude={"preprocessing_num_workers", "cache_dir"})
     h.update(json.dumps(cfg, sort_keys=True).encode())
+    if normalize is not None and normalize.enabled:  # polish.normalize; its settings matter only when enabled
+        h.update(json.dumps(normalize.model_dump(mode="json"), sort_keys=True).encode())
     h.update(str(seed).encode())
     names = data_cfg.dataset_name if isinstance(data_cfg.dataset_name, list) else [data_cfg.dataset_name]
     for name in names:
@@ -149,10 +166,15 @@ def hook_fingerprint(hook: Callable) -> str:
 
 
 def build_datasets(
-    data_cfg: DataSection, tokenizer: Any, seed: int = 42, data_hook: DataHook | None = None, use_cache: bool = True
+    data_cfg: DataSection,
+    tokenizer: Any,
+    seed: int = 42,
+    data_hook: DataHook | None = None,
+    use_cache: bool = True,
+    normalize: NormalizeSpec | None = None,
 ) -> PreparedData:
-    """Read, format, tokenize, mask, check and (optionally) pack; cached on disk."""
-    key = cache_key(data_cfg, tokenizer, seed, data_hook)
+    """Read, clean (``normalize`` = polish.normalize), mix, format, tokenize, mask, check and (optionally) pack; cached on disk."""
+    key = cache_key(data_cfg, tokenizer, seed, data_hook, normalize)
     cached = cache_root(data_cfg) / key
     if use_cache and (cached / "stats.json").exists():
         loaded = _load_cached(cached)
@@ -160,11 +182,10 @@ def build_datasets(
             logger.info("data: using prepared data from cache %s", cached)
             return loaded
     policy = BadRowPolicy(on_bad_row=data_cfg.on_bad_row)
-    raw = read_raw(data_cfg.dataset_name, data_cfg.dataset_config, data_cfg.cache_dir, policy)
-    train_rows, eval_rows = select_splits(raw, data_cfg, seed)
-    stats = DataStats(rows_read={"train": len(train_rows), "eval": len(eval_rows)}, cache_key=key)
-    fmt = resolve_format(data_cfg, train_rows)
-    stats.format = fmt
+    stats = DataStats(cache_key=key)
+    train_rows, eval_rows, source = gather_rows(data_cfg, policy, seed, normalize, stats)
+    stats.rows_read = {"train": len(train_rows), "eval": len(eval_rows)}
+    fmt = stats.format
     row_fn = make_row_formatter(fmt, data_cfg, tokenizer)
     own_template = row_fn.chat_renderer is not None  # the template already holds BOS and end-of-turn tokens
     encoder = ExampleTokenizer(
@@ -174,16 +195,20 @@ def build_datasets(
         add_eos=data_cfg.add_eos and not own_template,
         add_special_tokens=not own_template,
     )
-    train = _process(train_rows, row_fn, encoder, fmt, data_cfg, policy, stats, data_hook)
-    evals = _process(eval_rows, row_fn, encoder, fmt, data_cfg, policy, stats, data_hook)
+    train, wheres = _process(train_rows, row_fn, encoder, fmt, data_cfg, policy, stats, data_hook)
+    evals, _ = _process(eval_rows, row_fn, encoder, fmt, data_cfg, policy, stats, data_hook)
     if not train:
         raise DataError(
-            f"data: no usable training examples in {raw.source} (skipped: {dict(policy.skipped) or 'none'}) — check data.format/data.columns"
+            f"data: no usable training examples in {source} (skipped: {dict(policy.skipped) or 'none'}) — check data.format/data.columns"
         )
     stats.skipped = dict(policy.skipped)
     stats.skipped_examples = dict(policy.first)
     stats.examples = {"train": len(train), "eval": len(evals)}
     _length_stats(train, stats)
+    if data_cfg.checks:
+        results = run_checks(data_cfg, tokenizer, fmt, row_fn, train, wheres, train_rows, policy, len(train_rows) + len(eval_rows))
+        stats.checks = checks.summarize(results)
+        checks.enforce(results)
     packed_rows = pack_examples(train, data_cfg.max_seq_length) if data_cfg.packing else None
     if packed_rows is not None:
         stats.packed_rows = len(packed_rows)
@@ -199,11 +224,51 @@ def build_datasets(
     return prepared
 
 
+def gather_rows(
+    data_cfg: DataSection, policy: BadRowPolicy, seed: int, normalize: NormalizeSpec | None, stats: DataStats
+) -> tuple[list[dict], list[dict], str]:
+    """Training and eval rows: read, cleaned (polish.normalize), mixed by data.weights and split; sets stats.format."""
+    names = data_cfg.dataset_name if isinstance(data_cfg.dataset_name, list) else [data_cfg.dataset_name]
+    if data_cfg.weights is None:
+        sources = [read_raw(data_cfg.dataset_name, data_cfg.dataset_config, data_cfg.cache_dir, policy)]
+    else:
+        sources = [read_raw(name, data_cfg.dataset_config, data_cfg.cache_dir, policy) for name in names]
+    for raw in sources:
+        _require_train_split(raw, data_cfg)
+    sample = next((s.splits[data_cfg.train_split] for s in sources if s.splits.get(data_cfg.train_split)), [])
+    stats.format = resolve_format(data_cfg, sample)
+    if normalize is not None and normalize.enabled:
+        keys = [(i, split) for i, s in enumerate(sources) for split in sorted(s.splits, key=lambda k: k != data_cfg.train_split)]
+        cleaned, stats.hygiene = hygiene.clean_rows(
+            [sources[i].splits[split] for i, split in keys], normalize, stats.format, data_cfg.columns, data_cfg.text_column
+        )
+        for (i, split), rows in zip(keys, cleaned, strict=True):
+            sources[i].splits[split] = rows
+    if data_cfg.weights is None:
+        train, evals = select_splits(sources[0], data_cfg, seed)
+        return train, evals, sources[0].source
+    parts = [split_rows(s, data_cfg, seed) for s in sources]
+    train, stats.mix = mix_rows([t for t, _ in parts], data_cfg.weights, names, seed, data_cfg.max_samples)
+    return train, [row for _, e in parts for row in e], ", ".join(names)
+
+
 def select_splits(raw: RawData, data_cfg: DataSection, seed: int) -> tuple[list[dict], list[dict]]:
+    train, evals = split_rows(raw, data_cfg, seed)
+    if data_cfg.max_samples:
+        train = train[: data_cfg.max_samples]
+    return train, evals
+
+
+def _require_train_split(raw: RawData, data_cfg: DataSection) -> None:
     if data_cfg.train_split not in raw.splits:
         raise DataError(
             f"data.train_split: split {data_cfg.train_split!r} not found in {raw.source} — available: {', '.join(raw.splits) or 'none'}"
         )
+
+
+def split_rows(raw: RawData, data_cfg: DataSection, seed: int) -> tuple[list[dict], list[dict]]:
+    """Train and eval rows of one source: the eval split, else a seeded eval_fraction of train held out."""
+    _require_train_split(raw, data_cfg)
     train = raw.splits[data_cfg.train_split]
     if data_cfg.eval_split and data_cfg.eval_split in raw.splits and data_cfg.eval_split != data_cfg.train_split:
         evals = raw.splits[data_cfg.eval_split]
@@ -216,8 +281,6 @@ def select_splits(raw: RawData, data_cfg: DataSection, seed: int) -> tuple[list[
         train = [row for i, row in enumerate(train) if i not in held]
     else:
         evals = []
-    if data_cfg.max_samples:
-        train = train[: data_cfg.max_samples]
     return train, evals
 
 
@@ -277,7 +340,8 @@ def _process(
     policy: BadRowPolicy,
     stats: DataStats,
     data_hook: DataHook | None,
-) -> list[dict[str, list[int]]]:
+) -> tuple[list[dict[str, list[int]]], list[str]]:
+    """Examples of the rows, and where each came from (file:row) for the checks' messages."""
     kept: list[tuple[dict, list[Segment]]] = []
     for row in rows:
         if data_hook is not None:
@@ -291,12 +355,15 @@ def _process(
         except BadRow as bad:
             policy.handle(_where(row), bad.field, bad.reason, bad.code)
     examples: list[dict[str, list[int]]] = []
+    wheres: list[str] = []
     batches = [kept[i : i + _ENCODE_BATCH] for i in range(0, len(kept), _ENCODE_BATCH)]
     for part, encoded in zip(batches, _encode_all(encoder, batches, data_cfg.preprocessing_num_workers), strict=True):
         for (row, _), example in zip(part, encoded, strict=True):
             if fmt == "text" and len(example["input_ids"]) > data_cfg.max_seq_length:
                 stats.chunked_documents += 1
-                examples.extend(c for c in chunk(example, data_cfg.max_seq_length) if len(c["input_ids"]) > 1)
+                pieces = [c for c in chunk(example, data_cfg.max_seq_length) if len(c["input_ids"]) > 1]
+                examples.extend(pieces)
+                wheres.extend([_where(row)] * len(pieces))
                 continue
             try:
                 check_length(example, data_cfg.max_seq_length)
@@ -304,7 +371,38 @@ def _process(
                 policy.handle(_where(row), bad.field, bad.reason, bad.code)
                 continue
             examples.append(example)
-    return examples
+            wheres.append(_where(row))
+    return examples, wheres
+
+
+def run_checks(
+    data_cfg: DataSection,
+    tokenizer: Any,
+    fmt: str,
+    row_fn: RowFormatter,
+    train: list[dict[str, list[int]]],
+    wheres: list[str],
+    train_rows: list[dict],
+    policy: BadRowPolicy,
+    rows_total: int,
+) -> dict[str, str | None]:
+    """The pre-flight checks of :mod:`wronai.data.checks` on the tokenized (not yet packed) training examples."""
+    samples = []
+    if fmt == "chat":
+        for row in train_rows[:20]:
+            try:
+                samples.append(formats.normalize_messages(formats.rename_columns(row, data_cfg.columns)))
+            except BadRow:
+                continue
+            if len(samples) == 3:
+                break
+    return {
+        "eos": checks.check_eos(train, wheres, tokenizer, fmt, data_cfg.chat_template, data_cfg.add_eos),
+        "chat_template": checks.check_chat_template(fmt, data_cfg.chat_template, tokenizer, samples, row_fn.chat_renderer),
+        "too_long": checks.check_too_long(
+            policy.skipped.get("too_long", 0), rows_total, data_cfg.max_truncated_share, data_cfg.max_seq_length, policy.first.get("too_long")
+        ),
+    }
 
 
 def _encode_all(encoder: ExampleTokenizer, batches: list[list[tuple[dict, list[Segment]]]], workers: int | None):
@@ -327,16 +425,29 @@ def _length_stats(examples: list[dict[str, list[int]]], stats: DataStats) -> Non
         "max": lengths[-1],
     }
     stats.total_tokens = sum(lengths)
-    stats.trainable_tokens = sum(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in examples)
+    stats.trainable_tokens = sum(len(e["labels"]) - e["labels"].count(IGNORE_INDEX) for e in examples)
     stats.padding_fraction_unpacked = padding_fraction([len(e["input_ids"]) for e in examples], 8)
 
 
 def _to_dataset(examples: list[dict[str, list[int]]]):
-    import datasets
+    """A datasets.Dataset of int64 list columns plus ``length``, built straight as Arrow arrays (no type inference)."""
+    import itertools
 
-    columns: dict[str, list] = {k: [e[k] for e in examples] for k in examples[0]}
-    columns["length"] = [len(e["input_ids"]) for e in examples]
-    return datasets.Dataset.from_dict(columns)
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+
+    columns = {}
+    for key in examples[0]:
+        lengths = np.fromiter((len(e[key]) for e in examples), dtype=np.int64, count=len(examples))
+        offsets = np.zeros(len(examples) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.fromiter(itertools.chain.from_iterable(e[key] for e in examples), dtype=np.int64, count=int(offsets[-1]))
+        columns[key] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)).cast(pa.list_(pa.int64()))
+        if key == "input_ids":
+            length = pa.array(lengths)
+    columns["length"] = length
+    return datasets.Dataset(pa.table(columns))
 
 
 def _save_cached(prepared: PreparedData, target: Path) -> None:
