@@ -119,7 +119,7 @@ def make_config_dict(model_dir: Path, data_path: Path, out_dir: Path, **sections
             "lr_scheduler_type": "constant",
         },
         "data": {"dataset_name": str(data_path), "max_seq_length": 128, "eval_fraction": 0.1},
-        "logging": {"report_to": ["none"]},
+        "logging": {"report_to": ["none"], "report": False},  # tests of the report turn it on
     }
     for group, values in sections.items():
         cfg.setdefault(group, {}).update(values)

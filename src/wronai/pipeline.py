@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from wronai import checkpointing, distributed, modeling, monitoring, reliability, saving, training
+from wronai import checkpointing, distributed, modeling, monitoring, reliability, run_metrics, saving, training
 from wronai import data as data_stage
 from wronai.config import WronAIConfig, dump_config, load_config
 from wronai.errors import ConfigError, WronAIError
@@ -126,6 +126,7 @@ class WronAITrainer:
         ]
         self.trainer = training.build_trainer(self.model, self.tokenizer, args, self.data, callbacks, cfg.training)
         self.trainer.checkpoint_extras = {saving.CONFIG_FILE: dump_config(cfg)}
+        run_metrics.attach(self.trainer)  # tokens/s and memory in every log line (for the report)
         return self.trainer
 
     def train(self, resume: str | bool | None = None, force_resume: bool = False) -> dict[str, Any]:
@@ -294,4 +295,11 @@ def run(config: WronAIConfig, *, resume: str | bool | None = None, overwrite: bo
     pipeline.build_trainer()
     metrics = pipeline.train(resume=resume, force_resume=force_resume)
     out = pipeline.save()
+    if config.logging.report and pipeline.trainer.is_world_process_zero():
+        try:
+            from wronai.report import write_report
+
+            write_report(out, model=pipeline.model, tokenizer=pipeline.tokenizer, samples=config.logging.report_samples)
+        except Exception as err:  # the report must never fail a finished run
+            logger.warning("report not written (%s) — run `wronai report %s`", err, out)
     return RunResult(output_dir=out, metrics=metrics)

@@ -407,6 +407,8 @@ class LoggingSection(Section):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Console log level.")
     logging_dir: str | None = Field(None, description="TensorBoard/W&B directory; null = <output_dir>/logs.")
+    report: bool = Field(True, description="Write report.html (loss, learning rate, throughput, memory plots), PNGs and a model card at the end of training.")
+    report_samples: bool = Field(True, description="Include answers generated for a few fixed Polish prompts in the report.")
 
     @field_validator("report_to", mode="before")
     @classmethod
