@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 
 import pytest
-from conftest import make_config_dict
 
+from conftest import make_config_dict
 from wronai.config import load_config
 from wronai.config.schema import LoggingSection
 from wronai.monitoring import resolve_report_to, run_name

@@ -18,7 +18,16 @@ from typing import Any
 
 import yaml
 
-from wronai import checkpointing, distributed, modeling, monitoring, reliability, run_metrics, saving, training
+from wronai import (
+    checkpointing,
+    distributed,
+    modeling,
+    monitoring,
+    reliability,
+    run_metrics,
+    saving,
+    training,
+)
 from wronai import data as data_stage
 from wronai.config import WronAIConfig, dump_config, load_config
 from wronai.errors import ConfigError, WronAIError

@@ -30,7 +30,7 @@ from wronai.errors import WronAIError
 #: Pre-tokenizer pattern: a word (letters + combining marks) with an optional leading space, one digit,
 #: a run of punctuation/symbols, or whitespace (GPT-2 style: the last space goes with the next word).
 POLISH_SPLIT_PATTERN = r" ?[\p{L}\p{M}]+| ?\p{N}| ?[^\s\p{L}\p{M}\p{N}]+|\s+(?!\S)|\s+"
-SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}  # as wronai.tiny (no torch import here)
 _WORD = re.compile(r"[^\W_]+")
 _BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
@@ -307,9 +307,6 @@ def polish_pre_tokenizer() -> Any:
 
 def train_polish_tokenizer(texts: list[str], vocab_size: int, min_frequency: int = 2) -> Any:
     """A Polish byte-level BPE fast tokenizer (NFC, Polish-aware pre-tokenization, no unknown tokens)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     floor = 256 + len(SPECIAL_TOKENS)
     if vocab_size <= floor:
         raise WronAIError(
@@ -317,18 +314,6 @@ def train_polish_tokenizer(texts: list[str], vocab_size: int, min_frequency: int
         )
     if not texts:
         raise WronAIError("--data: no text to train on — pass .txt/.jsonl files with Polish text")
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = polish_pre_tokenizer()
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
-    fast.model_max_length = 1_000_000
-    return fast
+    from wronai.tiny import train_tokenizer
+
+    return train_tokenizer(texts, vocab_size, pre_tokenizer=polish_pre_tokenizer(), min_frequency=min_frequency)

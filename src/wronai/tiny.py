@@ -52,17 +52,22 @@ def _strings(value: object) -> Iterator[str]:
             yield from _strings(v)
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE fast tokenizer with NFC normalization and no unknown tokens."""
+def train_tokenizer(texts: list[str], vocab_size: int, pre_tokenizer=None, min_frequency: int = 0):
+    """A byte-level BPE fast tokenizer with NFC normalization and no unknown tokens.
+
+    ``pre_tokenizer`` defaults to plain byte-level splitting (GPT-2 style); `wronai tokenizer train` passes a
+    Polish-aware one.
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
+        min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
