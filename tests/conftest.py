@@ -124,3 +124,18 @@ def make_config_dict(model_dir: Path, data_path: Path, out_dir: Path, **sections
     for group, values in sections.items():
         cfg.setdefault(group, {}).update(values)
     return cfg
+
+
+def train_via_cli(root: Path, model_dir: Path, rows: int = 60, **sections) -> Path:
+    """Train a small run through `wronai train CONFIG` (as a user would); returns its output directory."""
+    import yaml
+
+    from wronai.cli import main
+
+    data = write_jsonl(root / "train.jsonl", alpaca_rows(rows))
+    raw = make_config_dict(model_dir, data, root / "out", **sections)
+    raw["data"]["cache_dir"] = str(root / "cache")
+    cfg = root / "run.yaml"
+    cfg.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    assert main(["train", str(cfg)]) == 0
+    return root / "out"

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import POLISH_TEXT, alpaca_rows, make_config_dict, write_jsonl
+from conftest import POLISH_TEXT, alpaca_rows, train_via_cli, write_jsonl
 from wronai.cli import main
 
 
@@ -17,16 +17,10 @@ from wronai.cli import main
 def run_dir(tmp_path_factory, tiny_model_dir):
     """30 steps at lr 5e-3 on the city sentences, evaluated once by the Trainer at the last step."""
     root = tmp_path_factory.mktemp("evalrun")
-    data = write_jsonl(root / "train.jsonl", alpaca_rows(60))
-    raw = make_config_dict(
-        tiny_model_dir, data, root / "out",
+    return train_via_cli(
+        root, tiny_model_dir,
         training={"max_steps": 30, "eval_steps": 30, "save_strategy": "no", "logging_steps": 10},
     )  # fmt: skip
-    raw["data"]["cache_dir"] = str(root / "cache")
-    cfg = root / "run.yaml"
-    cfg.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    assert main(["train", str(cfg)]) == 0
-    return root / "out"
 
 
 def test_eval_split_tuned_beats_base_and_matches_the_trainer(run_dir, capsys):

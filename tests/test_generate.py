@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import alpaca_rows, make_config_dict, write_jsonl
+from conftest import train_via_cli, write_jsonl
 from wronai.cli import main
 
 PROMPT = "Napisz jedno zdanie o mieście Kraków."
@@ -24,17 +23,11 @@ PROMPT = "Napisz jedno zdanie o mieście Kraków."
 def run_dir(tmp_path_factory, tiny_model_dir):
     """A 4-bit QLoRA run that also added the Polish special tokens (so loading must resize the embeddings)."""
     root = tmp_path_factory.mktemp("genrun")
-    data = write_jsonl(root / "train.jsonl", alpaca_rows(60))
-    raw = make_config_dict(
-        tiny_model_dir, data, root / "out",
+    return train_via_cli(
+        root, tiny_model_dir,
         training={"max_steps": 20, "eval_strategy": "no", "save_strategy": "no"},
         polish={"add_polish_tokens": True},
     )  # fmt: skip
-    raw["data"]["cache_dir"] = str(root / "cache")
-    cfg = root / "run.yaml"
-    cfg.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    assert main(["train", str(cfg)]) == 0
-    return root / "out"
 
 
 @pytest.fixture(scope="module")

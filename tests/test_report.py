@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import alpaca_rows, make_config_dict, write_jsonl
+from conftest import train_via_cli
 from wronai.cli import main
 
 STEPS = 16
@@ -22,17 +22,11 @@ BATCH = 4
 def run_dir(tmp_path_factory, tiny_model_dir):
     """A run with the callback registered through the config, as a user would do it."""
     root = tmp_path_factory.mktemp("reportrun")
-    data = write_jsonl(root / "train.jsonl", alpaca_rows(60))
-    raw = make_config_dict(
-        tiny_model_dir, data, root / "out",
+    return train_via_cli(
+        root, tiny_model_dir,
         training={"max_steps": STEPS, "eval_steps": 8, "save_strategy": "no", "per_device_train_batch_size": BATCH},
         extensions={"callbacks": ["wronai.run_metrics:ThroughputMemoryCallback"]},
     )  # fmt: skip
-    raw["data"]["cache_dir"] = str(root / "cache")
-    cfg = root / "run.yaml"
-    cfg.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    assert main(["train", str(cfg)]) == 0
-    return root / "out"
 
 
 def test_callback_puts_throughput_and_memory_in_the_log_history(run_dir):
