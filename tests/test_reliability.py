@@ -5,10 +5,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -51,6 +51,17 @@ def write(root: Path, raw: dict, name: str = "cfg.yaml") -> Path:
     path = root / name
     path.write_text(yaml.safe_dump(raw, allow_unicode=True))
     return path
+
+
+def resume_from_reference(tmp_path: Path, ref_raw: dict, ref_out: Path, steps: tuple[int, ...]) -> tuple[Path, dict]:
+    """A new output dir holding copies of the reference run's checkpoints, and a config pointing at it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for step in steps:
+        shutil.copytree(ref_out / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    raw = yaml.safe_load(yaml.safe_dump(ref_raw))
+    raw["training"]["output_dir"] = str(out)
+    return out, raw
 
 
 # ----------------------------------------------------------------------------- checkpoint integrity (unit)
@@ -149,13 +160,7 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path, uninterru
 def test_negative_control_resume_without_data_skip_differs(tmp_path, uninterrupted):
     """Proves the equality above can fail: restarting the data at resume changes the losses."""
     _, ref_raw, ref_out = uninterrupted
-    import shutil
-
-    out = tmp_path / "out"
-    out.mkdir()
-    shutil.copytree(ref_out / "checkpoint-4", out / "checkpoint-4")
-    raw = yaml.safe_load(yaml.safe_dump(ref_raw))
-    raw["training"]["output_dir"] = str(out)
+    out, raw = resume_from_reference(tmp_path, ref_raw, ref_out, (4,))
     raw["training"]["ignore_data_skip"] = True
     result = cli(write(tmp_path, raw), "--resume", env_extra={"WRONAI_CACHE_DIR": str(tmp_path / "c")})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -200,17 +205,10 @@ def test_kill_9_during_save_keeps_previous_checkpoint(tmp_path, tiny_model_dir, 
 
 def test_truncated_newest_checkpoint_is_skipped(tmp_path, uninterrupted):
     _, ref_raw, ref_out = uninterrupted
-    import shutil
-
-    out = tmp_path / "out"
-    out.mkdir()
-    for step in (4, 6):
-        shutil.copytree(ref_out / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    out, raw = resume_from_reference(tmp_path, ref_raw, ref_out, (4, 6))
     weights = out / "checkpoint-6" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     assert checkpointing.last_complete(out) == out / "checkpoint-4"
-    raw = yaml.safe_load(yaml.safe_dump(ref_raw))
-    raw["training"]["output_dir"] = str(out)
     cfg = load_config(data=raw)
     with pytest.raises(WronAIError, match="truncated"):
         run(cfg, resume=str(out / "checkpoint-6"))
@@ -221,13 +219,7 @@ def test_truncated_newest_checkpoint_is_skipped(tmp_path, uninterrupted):
 
 def test_config_change_between_run_and_resume_is_refused(tmp_path, uninterrupted):
     _, ref_raw, ref_out = uninterrupted
-    import shutil
-
-    out = tmp_path / "out"
-    out.mkdir()
-    shutil.copytree(ref_out / "checkpoint-4", out / "checkpoint-4")
-    raw = yaml.safe_load(yaml.safe_dump(ref_raw))
-    raw["training"]["output_dir"] = str(out)
+    _, raw = resume_from_reference(tmp_path, ref_raw, ref_out, (4,))
     raw["lora"]["r"] = 8
     raw["training"]["per_device_train_batch_size"] = 2
     with pytest.raises(ConfigError) as info:
@@ -324,8 +316,3 @@ def test_unwritable_output_dir(tmp_path, tiny_model_dir):
     with pytest.raises(WronAIError, match="cannot write to"):
         run(load_config(data=raw))
 
-
-def test_fault_suite_scripts_are_self_contained():
-    # the injected-fault helper scripts must not depend on test-only modules
-    for source in (SIGTERM_CALLBACK, KILL_DURING_SAVE):
-        assert "conftest" not in textwrap.dedent(source)
