@@ -48,7 +48,9 @@ def matmul_peak(dtype_name: str, n: int = 1024, seconds: float = 2.0) -> float:
 
 def make_data(path: Path, rows: int, seed: int = 0) -> None:
     """Polish instructions with a long-tailed answer length (lognormal number of sentences)."""
-    source = [json.loads(line) for line in (REPO / "data/sample_pl/instructions.jsonl").read_text().splitlines()]
+    source = [
+        json.loads(line) for line in (REPO / "data/sample_pl/instructions.jsonl").read_text().splitlines()
+    ]
     sentences = [s.strip() + "." for r in source for s in r["output"].split(".") if len(s.strip()) > 20]
     rng = random.Random(seed)
     with path.open("w", encoding="utf-8") as handle:
@@ -100,15 +102,22 @@ def run_classic(model_dir: Path, train_file: Path, out: Path, args) -> dict:
     tok.pad_token = tok.eos_token  # as the classic script does
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map={"": "cpu"}, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quant, device_map={"": "cpu"}, dtype=torch.float32
+    )
     model = prepare_model_for_kbit_training(model)  # gradient checkpointing on by default
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     ds = load_dataset("json", data_files=str(train_file), split="train")
 
     def tokenize(batch):
         texts = []
         for ins, inp, outp in zip(batch["instruction"], batch["input"], batch["output"]):
-            texts.append("".join(t for t, _ in format_alpaca({"instruction": ins, "input": inp, "output": outp})))
+            texts.append(
+                "".join(t for t, _ in format_alpaca({"instruction": ins, "input": inp, "output": outp}))
+            )
         return tok(texts, truncation=True, padding=False, max_length=args.max_len)
 
     ds = ds.map(tokenize, batched=True, remove_columns=ds.column_names)
@@ -149,6 +158,23 @@ class PaddingCounter:
         return {"tokens": self.real, "padding_fraction": 1 - self.real / max(self.total, 1)}
 
 
+# wronai variants that switch one optimization off (for the ablation table); "wronai" has them all on
+ABLATIONS = {
+    "wronai": {},
+    "wronai-masked-attention": {
+        "model": {"attn_implementation": "sdpa"}
+    },  # packed rows with one block-diagonal mask
+    "wronai-all-logits": {"training": {"trained_logits_only": False}},  # logits at prompt positions too
+    "wronai-unpacked": {
+        "data": {"packing": False},
+        "training": {"group_by_length": True},
+    },  # padded, length-grouped rows
+    "wronai-checkpointing": {
+        "training": {"gradient_checkpointing": True}
+    },  # recompute activations as the classic does
+}
+
+
 def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
     from wronai.config import load_config
     from wronai.pipeline import WronAITrainer
@@ -166,6 +192,10 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
                  "cache_dir": str(out / "cache")},
         "logging": {"report_to": ["none"]},
     }  # fmt: skip
+    for group, values in ABLATIONS[args.child].items():
+        raw[group].update(values)
+    if not raw["data"]["packing"]:
+        raw["training"]["per_device_train_batch_size"] = args.batch
     pipeline = WronAITrainer(load_config(data=raw))
     pipeline.load_dataset()
     trainer = pipeline.build_trainer()
@@ -175,7 +205,8 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
     trainer.train()
     wall = time.perf_counter() - start
     pipeline.model.save_pretrained(out / "adapter")
-    return {"wall_s": wall, **counter.summary(), "gradient_checkpointing": False, "precision": pipeline.plan.precision}
+    return {"wall_s": wall, **counter.summary(), "gradient_checkpointing": raw["training"]["gradient_checkpointing"],
+            "precision": pipeline.plan.precision}  # fmt: skip
 
 
 def eval_loss(model_dir: Path, adapter: Path, eval_file: Path, max_len: int) -> float:
@@ -189,16 +220,24 @@ def eval_loss(model_dir: Path, adapter: Path, eval_file: Path, max_len: int) -> 
     from wronai.modeling import load_tokenizer
 
     tok, _ = load_tokenizer(ModelConfig(name=str(model_dir)), PolishSection())
-    data = build_datasets(DataSection(dataset_name=str(eval_file), max_seq_length=max_len, eval_fraction=0.0), tok, use_cache=False)
+    data = build_datasets(
+        DataSection(dataset_name=str(eval_file), max_seq_length=max_len, eval_fraction=0.0),
+        tok,
+        use_cache=False,
+    )
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter).eval()
     collate = PaddingCollator(tok.pad_token_id)
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(data.train), 16):
             batch = collate([data.train[j] for j in range(i, min(i + 16, len(data.train)))])
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
+                :, :-1
+            ]
             labels = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
+            )
             total += float(loss)
             count += int((labels != -100).sum())
     return total / max(count, 1)
@@ -207,7 +246,12 @@ def eval_loss(model_dir: Path, adapter: Path, eval_file: Path, max_len: int) -> 
 def flops_per_token(model_dir: Path, seq: int) -> float:
     """~4·N per token for LoRA (forward 2N + backward activations 2N; no weight grads for frozen weights) + attention."""
     cfg = json.loads((model_dir / "config.json").read_text())
-    h, layers, inter, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
+    h, layers, inter, vocab = (
+        cfg["hidden_size"],
+        cfg["num_hidden_layers"],
+        cfg["intermediate_size"],
+        cfg["vocab_size"],
+    )
     kv = h * cfg["num_key_value_heads"] // cfg["num_attention_heads"]
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter
     n = layers * per_layer + h * vocab  # lm_head counts; the embedding lookup does not
@@ -222,19 +266,30 @@ def child(args) -> None:
     fn = run_classic if args.child == "classic" else run_wronai
     result = fn(out / "model", out / "train.jsonl", out / args.child, args)
     result["peak_rss_mb"] = peak_rss_mb()
-    result["eval_loss"] = eval_loss(out / "model", out / args.child / "adapter", out / "eval.jsonl", args.max_len)
+    result["eval_loss"] = eval_loss(
+        out / "model", out / args.child / "adapter", out / "eval.jsonl", args.max_len
+    )
     (out / f"{args.child}.json").write_text(json.dumps(result))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=1500)
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=8, help="classic rows per step; wronai packs the same tokens per step")
+    parser.add_argument(
+        "--batch", type=int, default=8, help="classic rows per step; wronai packs the same tokens per step"
+    )
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--out", default="/tmp/wronai-bench")
-    parser.add_argument("--child", choices=["classic", "wronai"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--variants",
+        default="classic,wronai",
+        help=f"comma-separated runs: classic and any of {', '.join(ABLATIONS)} (ablations switch one optimization off)",
+    )
+    parser.add_argument("--child", choices=["classic", *ABLATIONS], help=argparse.SUPPRESS)
     parser.add_argument("--mean-len", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -249,16 +304,29 @@ def main() -> None:
     make_data(out / "train.jsonl", args.rows, seed=0)
     make_data(out / "eval.jsonl", 200, seed=1)
     lengths = []
-    for name in ("train.jsonl", "eval.jsonl"):  # keep rows that fit max_len whole (the classic would truncate them)
+    for name in (
+        "train.jsonl",
+        "eval.jsonl",
+    ):  # keep rows that fit max_len whole (the classic would truncate them)
         rows = [json.loads(x) for x in (out / name).read_text().splitlines()]
-        fits = [r for r in rows if len(tok(r["instruction"] + r["input"] + r["output"])["input_ids"]) + 40 <= args.max_len]
-        (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fits), encoding="utf-8")
+        fits = [
+            r
+            for r in rows
+            if len(tok(r["instruction"] + r["input"] + r["output"])["input_ids"]) + 40 <= args.max_len
+        ]
+        (out / name).write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fits), encoding="utf-8"
+        )
         if name == "train.jsonl":
             lengths = [len(tok(r["instruction"] + r["input"] + r["output"])["input_ids"]) + 20 for r in fits]
     mean_len = int(sum(lengths) / len(lengths))
     peaks = {d: matmul_peak(d) / 1e9 for d in ("float32", "bfloat16")}
     results = {}
-    for name in ("classic", "wronai"):
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - {"classic", *ABLATIONS})
+    if unknown or not {"classic", "wronai"} <= set(variants):
+        parser.error(f"--variants must include classic and wronai; unknown: {', '.join(unknown) or 'none'}")
+    for name in variants:
         cmd = [sys.executable, __file__, "--child", name, "--out", str(out), "--rows", str(args.rows), "--batch", str(args.batch),
                "--max-len", str(args.max_len), "--mean-len", str(mean_len)]  # fmt: skip
         subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -268,21 +336,24 @@ def main() -> None:
         f"machine: {os.cpu_count()} cores; matmul peak fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s",
         f"data: {args.rows} rows, mean {mean_len} tokens/row, max_len {args.max_len}; model: hidden {args.hidden}, {args.layers} layers",
         "",
-        f"{'run':8} {'wall s':>8} {'tokens/s':>9} {'padding':>8} {'peak RSS MB':>12} {'MFU':>6} {'eval loss':>10}",
+        f"{'run':24} {'wall s':>8} {'tokens/s':>9} {'padding':>8} {'peak RSS MB':>12} {'MFU':>6} {'eval loss':>10} {'vs classic':>10}",
     ]
     for name, r in results.items():
         tps = r["tokens"] / r["wall_s"]
         peak = peaks["bfloat16"] if r.get("precision") == "bf16" else peaks["float32"]
         mfu = tps * fpt / (peak * 1e9)
         r.update(tokens_per_s=tps, mfu=mfu)
-        lines.append(f"{name:8} {r['wall_s']:8.1f} {tps:9.0f} {100 * r['padding_fraction']:7.1f}% {r['peak_rss_mb']:12.0f} "
-                     f"{100 * mfu:5.1f}% {r['eval_loss']:10.4f}")  # fmt: skip
+        ratio = tps / (results["classic"]["tokens"] / results["classic"]["wall_s"])
+        lines.append(f"{name:24} {r['wall_s']:8.1f} {tps:9.0f} {100 * r['padding_fraction']:7.1f}% {r['peak_rss_mb']:12.0f} "
+                     f"{100 * mfu:5.1f}% {r['eval_loss']:10.4f} {ratio:9.2f}x")  # fmt: skip
     speedup = results["wronai"]["tokens_per_s"] / results["classic"]["tokens_per_s"]
     lines.append(f"\nspeed-up (tokens/s, wronai / classic): {speedup:.2f}x; "
                  f"memory ratio: {results['wronai']['peak_rss_mb'] / results['classic']['peak_rss_mb']:.2f}")  # fmt: skip
     text = "\n".join(lines)
     sys.stdout.write(text + "\n")
-    (out / "results.json").write_text(json.dumps({"results": results, "peaks_gflops": peaks, "speedup": speedup}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps({"results": results, "peaks_gflops": peaks, "speedup": speedup}, indent=2)
+    )
 
 
 if __name__ == "__main__":

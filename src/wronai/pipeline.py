@@ -48,7 +48,9 @@ class WronAITrainer:
 
     def __init__(self, config: WronAIConfig | str | Path, overrides: list[str] | None = None) -> None:
         self.config = config if isinstance(config, WronAIConfig) else self.load_config(config, overrides)
-        self.plan: DevicePlan = plan_device(self.config.hardware, self.config.training, self.config.quantization, self.config.model)
+        self.plan: DevicePlan = plan_device(
+            self.config.hardware, self.config.training, self.config.quantization, self.config.model
+        )
         self.tokenizer: Any = None
         self.new_token_ids: list[int] = []
         self.model: Any = None
@@ -89,7 +91,9 @@ class WronAITrainer:
 
         set_seed(self.config.training.seed)  # LoRA's random init happens before the Trainer seeds anything
         try:
-            base = modeling.load_base_model(self.config.model, self.config.quantization, self.config.hardware, self.plan)
+            base = modeling.load_base_model(
+                self.config.model, self.config.quantization, self.config.hardware, self.plan
+            )
         except Exception as err:
             if reliability.is_out_of_memory(err):
                 raise WronAIError(reliability.oom_message("loading the model", self.config)) from None
@@ -101,7 +105,9 @@ class WronAITrainer:
 
             init_new_embeddings(base, self.base_tokenizer, self.vocab_tokens)
             new_ids = sorted({*new_ids, *(t.id for t in self.vocab_tokens)})
-        self.model = modeling.apply_lora(base, self.config.lora, new_ids, self.config.training.gradient_checkpointing)
+        self.model = modeling.apply_lora(
+            base, self.config.lora, new_ids, self.config.training.gradient_checkpointing
+        )
         return self.model
 
     def load_dataset(self, data_hook: Any = None):
@@ -109,7 +115,13 @@ class WronAITrainer:
             self.load_tokenizer()
         hook_spec = self.config.extensions.data_hook
         hook = data_hook or (load_object(hook_spec, "extensions.data_hook") if hook_spec else None)
-        self.data = data_stage.build_datasets(self.config.data, self.tokenizer, self.config.training.seed, hook, normalize=self.config.polish.normalize)
+        self.data = data_stage.build_datasets(
+            self.config.data,
+            self.tokenizer,
+            self.config.training.seed,
+            hook,
+            normalize=self.config.polish.normalize,
+        )
         for line in self.data.stats.summary_lines():
             logger.info("data: %s", line)
         return self.data
@@ -133,7 +145,10 @@ class WronAITrainer:
             *build_callbacks(cfg.extensions.callbacks),
             *self.extra_callbacks,
         ]
-        self.trainer = training.build_trainer(self.model, self.tokenizer, args, self.data, callbacks, cfg.training)
+        self.trainer = training.build_trainer(
+            self.model, self.tokenizer, args, self.data, callbacks, cfg.training,
+            per_example_attention=cfg.model.attn_implementation == "auto",
+        )  # fmt: skip
         self.trainer.checkpoint_extras = {saving.CONFIG_FILE: dump_config(cfg)}
         run_metrics.attach(self.trainer)  # tokens/s and memory in every log line (for the report)
         return self.trainer
@@ -152,7 +167,9 @@ class WronAITrainer:
             result = self.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except Exception as err:
             if reliability.is_out_of_memory(err):
-                raise WronAIError(reliability.oom_message("training", self.config, _count_params(self.model))) from None
+                raise WronAIError(
+                    reliability.oom_message("training", self.config, _count_params(self.model))
+                ) from None
             raise
         finally:
             self.signals.uninstall()
@@ -166,7 +183,11 @@ class WronAITrainer:
         guard = getattr(self.trainer, "gradient_guard", None)
         if guard is not None and guard.skipped:
             self.metrics["skipped_nonfinite_steps"] = guard.skipped
-        if self.data is not None and self.data.eval is not None and self.config.training.eval_strategy != "no":
+        if (
+            self.data is not None
+            and self.data.eval is not None
+            and self.config.training.eval_strategy != "no"
+        ):
             self.metrics.update(final_eval_metrics(self.trainer))
         return self.metrics
 
@@ -174,13 +195,19 @@ class WronAITrainer:
         assert self.data is not None
         out = Path(self.config.training.output_dir)
         if self.trainer.args.should_save:  # rank 0 only
-            (out / "data_stats.json").write_text(json.dumps(self.data.stats.__dict__, indent=2), encoding="utf-8")
+            (out / "data_stats.json").write_text(
+                json.dumps(self.data.stats.__dict__, indent=2), encoding="utf-8"
+            )
         spec = self.config.polish.extend_vocab
         if self.vocab_tokens and spec is not None:
             from wronai.vocab_extension import write_extension_file
 
-            write_extension_file(out, self.vocab_tokens, self.config.model.name, spec.data, len(self.tokenizer))
-        return saving.save_run(self.trainer, self.tokenizer, self.config, self.metrics, {"device_plan": self.plan.describe()})
+            write_extension_file(
+                out, self.vocab_tokens, self.config.model.name, spec.data, len(self.tokenizer)
+            )
+        return saving.save_run(
+            self.trainer, self.tokenizer, self.config, self.metrics, {"device_plan": self.plan.describe()}
+        )
 
 
 def _count_params(model: Any) -> int | None:
@@ -196,13 +223,18 @@ def check_resume_config(checkpoint: Path, config: WronAIConfig) -> None:
     if not saved_file.is_file():
         saved_file = checkpoint.parent / saving.CONFIG_FILE
     if not saved_file.is_file():
-        logger.warning("--resume: %s has no saved config to compare with — resuming without the check", checkpoint)
+        logger.warning(
+            "--resume: %s has no saved config to compare with — resuming without the check", checkpoint
+        )
         return
     saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
     differences = reliability.resume_differences(saved, config.model_dump(mode="json"))
     if differences:
         raise ConfigError(
-            [*differences, "resuming would not reproduce the run — restore these values, or pass --force-resume to resume anyway"],
+            [
+                *differences,
+                "resuming would not reproduce the run — restore these values, or pass --force-resume to resume anyway",
+            ],
             f"--resume {checkpoint}",
         )
 
@@ -225,15 +257,21 @@ def resolve_resume(resume: str | bool | None, output_dir: str) -> Path | None:
     if resume is True or resume == "latest":
         found = training.last_complete_checkpoint(output_dir)
         if found is None:
-            raise WronAIError(f"--resume: no complete checkpoint in {output_dir} — train without --resume, or pass a checkpoint path")
+            raise WronAIError(
+                f"--resume: no complete checkpoint in {output_dir} — train without --resume, or pass a checkpoint path"
+            )
         logger.info("resuming from %s", found)
         return found
     path = Path(str(resume))
     if not path.is_dir():
-        raise WronAIError(f"--resume: {path} is not a checkpoint directory — pass a checkpoint-N folder or --resume alone")
+        raise WronAIError(
+            f"--resume: {path} is not a checkpoint directory — pass a checkpoint-N folder or --resume alone"
+        )
     problem = checkpointing.checkpoint_problem(path)
     if problem is not None:
-        raise WronAIError(f"--resume: {path} is not a complete checkpoint ({problem}) — choose an earlier checkpoint or --resume alone")
+        raise WronAIError(
+            f"--resume: {path} is not a complete checkpoint ({problem}) — choose an earlier checkpoint or --resume alone"
+        )
     return path
 
 
@@ -250,8 +288,12 @@ def preflight(config: WronAIConfig) -> list[str]:
     problems: list[str] = []
     name = config.model.name
     if not Path(name).exists() and config.model.create_if_missing is None and modeling._looks_like_path(name):
-        problems.append(f"model.name: local directory {name} does not exist — fix the path, or use a Hub id like org/name")
-    names = config.data.dataset_name if isinstance(config.data.dataset_name, list) else [config.data.dataset_name]
+        problems.append(
+            f"model.name: local directory {name} does not exist — fix the path, or use a Hub id like org/name"
+        )
+    names = (
+        config.data.dataset_name if isinstance(config.data.dataset_name, list) else [config.data.dataset_name]
+    )
     for item in names:
         if is_local(item):
             try:
@@ -259,12 +301,17 @@ def preflight(config: WronAIConfig) -> list[str]:
             except WronAIError as err:
                 problems.append(str(err))
         elif item.endswith(LOCAL_SUFFIXES) or item.startswith((".", "/", "~")):
-            problems.append(f"data.dataset_name: file {item} not found — fix the path (relative paths resolve against the config file's directory, then the working directory)")
+            problems.append(
+                f"data.dataset_name: file {item} not found — fix the path (relative paths resolve against the config file's directory, then the working directory)"
+            )
     if config.polish.extend_vocab is not None:
         for item in config.polish.extend_vocab.data:
             if not Path(item).is_file():
                 problems.append(f"polish.extend_vocab.data: file {item} not found — fix the path")
-    hooks = [("extensions.tokenizer_hook", config.extensions.tokenizer_hook), ("extensions.data_hook", config.extensions.data_hook)]
+    hooks = [
+        ("extensions.tokenizer_hook", config.extensions.tokenizer_hook),
+        ("extensions.data_hook", config.extensions.data_hook),
+    ]
     hooks += [(f"extensions.callbacks[{i}]", spec) for i, spec in enumerate(config.extensions.callbacks)]
     for key, spec in hooks:
         if spec:
@@ -273,8 +320,14 @@ def preflight(config: WronAIConfig) -> list[str]:
             except WronAIError as err:
                 problems.append(str(err))
                 continue
-            if key.startswith("extensions.callbacks") and isinstance(obj, type) and not _is_trainer_callback(obj):
-                problems.append(f"{key}: {spec} is not a transformers.TrainerCallback — subclass TrainerCallback")
+            if (
+                key.startswith("extensions.callbacks")
+                and isinstance(obj, type)
+                and not _is_trainer_callback(obj)
+            ):
+                problems.append(
+                    f"{key}: {spec} is not a transformers.TrainerCallback — subclass TrainerCallback"
+                )
     try:
         monitoring.check_trackers(config.logging)
     except WronAIError as err:
@@ -284,7 +337,13 @@ def preflight(config: WronAIConfig) -> list[str]:
     return problems
 
 
-def run(config: WronAIConfig, *, resume: str | bool | None = None, overwrite: bool = False, force_resume: bool = False) -> RunResult:
+def run(
+    config: WronAIConfig,
+    *,
+    resume: str | bool | None = None,
+    overwrite: bool = False,
+    force_resume: bool = False,
+) -> RunResult:
     """The whole pipeline, one builder per stage."""
     problems = preflight(config)
     if problems:
@@ -292,7 +351,11 @@ def run(config: WronAIConfig, *, resume: str | bool | None = None, overwrite: bo
     pipeline = WronAITrainer(config)
     distributed.init_process_group(pipeline.plan.device)  # no-op unless launched by torchrun/accelerate
     with distributed.main_process_first():  # rank 0 clears/creates the output dir, then the others check it
-        saving.check_output_dir(config.training.output_dir, overwrite=overwrite and distributed.is_main_process(), resume=bool(resume))
+        saving.check_output_dir(
+            config.training.output_dir,
+            overwrite=overwrite and distributed.is_main_process(),
+            resume=bool(resume),
+        )
     for note in pipeline.plan.notes:
         logger.info("hardware: %s", note)
     apply_thread_settings(config.hardware)
@@ -308,7 +371,9 @@ def run(config: WronAIConfig, *, resume: str | bool | None = None, overwrite: bo
         try:
             from wronai.report import write_report
 
-            write_report(out, model=pipeline.model, tokenizer=pipeline.tokenizer, samples=config.logging.report_samples)
+            write_report(
+                out, model=pipeline.model, tokenizer=pipeline.tokenizer, samples=config.logging.report_samples
+            )
         except Exception as err:  # the report must never fail a finished run
             logger.warning("report not written (%s) — run `wronai report %s`", err, out)
     return RunResult(output_dir=out, metrics=metrics)

@@ -84,7 +84,9 @@ def training_arguments_kwargs(
         if "warmup_ratio" in accepted:
             kwargs["warmup_ratio"] = training.warmup_ratio
         else:
-            kwargs["warmup_steps"] = float(training.warmup_ratio)  # transformers 5: a float in [0, 1) is a ratio
+            kwargs["warmup_steps"] = float(
+                training.warmup_ratio
+            )  # transformers 5: a float in [0, 1) is a ratio
     else:
         kwargs["warmup_steps"] = training.warmup_steps
     if training.group_by_length:
@@ -96,21 +98,40 @@ def training_arguments_kwargs(
         kwargs["use_cache"] = False
     from wronai import distributed
 
-    kwargs.update(distributed.training_kwargs(hardware, plan.device))  # ddp_backend, fsdp/fsdp_config, deepspeed
+    kwargs.update(
+        distributed.training_kwargs(hardware, plan.device)
+    )  # ddp_backend, fsdp/fsdp_config, deepspeed
     return {k: v for k, v in kwargs.items() if k in accepted}
 
 
 def build_training_arguments(
-    training: TrainingSection, hardware: HardwareSection, plan: DevicePlan, *, report_to: list[str], run_name: str, has_eval: bool
+    training: TrainingSection,
+    hardware: HardwareSection,
+    plan: DevicePlan,
+    *,
+    report_to: list[str],
+    run_name: str,
+    has_eval: bool,
 ):
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        **training_arguments_kwargs(training, hardware, plan, report_to=report_to, run_name=run_name, has_eval=has_eval)
+        **training_arguments_kwargs(
+            training, hardware, plan, report_to=report_to, run_name=run_name, has_eval=has_eval
+        )
     )
 
 
-def build_trainer(model: Any, tokenizer: Any, args: Any, prepared: Any, callbacks: list[Any], training: TrainingSection | None = None):
+def build_trainer(
+    model: Any,
+    tokenizer: Any,
+    args: Any,
+    prepared: Any,
+    callbacks: list[Any],
+    training: TrainingSection | None = None,
+    *,
+    per_example_attention: bool = True,
+):
     """A Hugging Face Trainer (crash-safe checkpoints, gradient guard) over the prepared data."""
     from transformers.trainer_callback import ProgressCallback
 
@@ -118,8 +139,15 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, prepared: Any, callback
     from wronai.monitoring import make_progress_callback
     from wronai.reliability import GradientGuard
 
-    collator_cls = PackedCollator if prepared.packed else PaddingCollator
-    collator = collator_cls(pad_token_id=tokenizer.pad_token_id)
+    if prepared.packed:  # attention per example instead of a block-diagonal mask over the whole row
+        from wronai.attention import enable_packed_attention
+
+        collator: Any = PackedCollator(
+            pad_token_id=tokenizer.pad_token_id,
+            with_boundaries=per_example_attention and enable_packed_attention(model),
+        )
+    else:
+        collator = PaddingCollator(pad_token_id=tokenizer.pad_token_id)
     trainer = make_trainer_class()(
         model=model,
         args=args,
@@ -129,6 +157,11 @@ def build_trainer(model: Any, tokenizer: Any, args: Any, prepared: Any, callback
         data_collator=collator,
         callbacks=callbacks,
     )
+    from wronai.loss import output_head
+
+    trainer.trained_logits_only = (training is None or training.trained_logits_only) and output_head(
+        model
+    ) is not None
     trainer.gradient_guard = GradientGuard(
         training.on_nan if training else "stop", training.max_consecutive_nan_steps if training else 5
     )
@@ -145,7 +178,10 @@ def make_trainer_class():
 
     class WronAIHFTrainer(Trainer):
         gradient_guard: Any = None
-        checkpoint_extras: dict[str, str] = {}  # file name -> text, written into every checkpoint (the config)
+        trained_logits_only: bool = False  # logits only at trained positions (wronai.loss)
+        checkpoint_extras: dict[
+            str, str
+        ] = {}  # file name -> text, written into every checkpoint (the config)
 
         def create_optimizer(self, *args: Any, **kwargs: Any):
             optimizer = super().create_optimizer(*args, **kwargs)
@@ -153,6 +189,31 @@ def make_trainer_class():
                 self.gradient_guard.attach(optimizer)
                 setattr(optimizer, "_wronai_guarded", True)  # noqa: B010
             return optimizer
+
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ):
+            if (
+                return_outputs
+                or not self.trained_logits_only
+                or "labels" not in inputs
+                or self.label_smoother
+                or self.compute_loss_func
+            ):
+                return super().compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                )
+            from wronai.loss import trained_positions_loss
+
+            scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            loss = trained_positions_loss(model, inputs, num_items_in_batch if scaled else None)
+            if scaled and self.args.average_tokens_across_devices:  # as Trainer.compute_loss does
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            return loss
 
         def training_step(self, *args: Any, **kwargs: Any):
             if self.gradient_guard is not None:
@@ -208,7 +269,9 @@ def make_trainer_class():
             from transformers.trainer_callback import ExportableState
 
             states: Any = self.state.stateful_callbacks
-            for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
+            for cb in [
+                c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)
+            ]:
                 name = cb.__class__.__name__
                 if isinstance(states.get(name), list):
                     states[name].append(cb.state())

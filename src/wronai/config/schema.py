@@ -82,7 +82,9 @@ class ModelConfig(Section):
         description="Where the weights go: `auto` (WronAI picks the device from the hardware plan), `cpu`, `cuda`, `mps`, or an explicit accelerate device map.",
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        "auto", description="Attention kernel: auto (flash_attention_2 when installed on CUDA, else sdpa), sdpa, eager, flash_attention_2."
+        "auto",
+        description="Attention kernel: auto (flash_attention_2 when installed on CUDA, else sdpa; packed rows then attend "
+        "per example, at per-example cost), sdpa (packed rows: one block-diagonal mask per row), eager, flash_attention_2.",
     )
     create_if_missing: TinyModelSpec | None = Field(
         None,
@@ -179,6 +181,11 @@ class TrainingSection(Section):
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass: less memory, ~30% more compute.")
     group_by_length: bool = Field(
         True, description="Batch rows of similar length together to cut padding. (transformers 5: train_sampling_strategy=group_by_length.)"
+    )
+    trained_logits_only: bool = Field(
+        True,
+        description="Compute output logits only where a token is trained (answers, not prompts): the same loss with "
+        "less compute and memory, most for large vocabularies. false = logits at every position (stock forward).",
     )
     seed: int = Field(42, description="Seed for model init, data shuffling and the train/eval split.")
     data_seed: int | None = Field(None, description="Separate seed for data sampling; null = seed.")

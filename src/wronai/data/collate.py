@@ -53,10 +53,15 @@ class PaddingCollator:
 
 @dataclass
 class PackedCollator:
-    """Batches packed rows: ``position_ids`` restart per example; padding becomes its own masked block."""
+    """Batches packed rows: ``position_ids`` restart per example; padding becomes its own masked block.
+
+    ``with_boundaries`` adds ``cu_seq_lens_q``/``cu_seq_lens_k`` (example start offsets over the flattened
+    batch) and ``max_length_q``/``max_length_k``, which ``wronai_packed_sdpa`` uses to attend per example.
+    """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    with_boundaries: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [f["input_ids"] for f in features]
@@ -65,11 +70,20 @@ class PackedCollator:
         for f in features:
             pos = list(f["position_ids"])
             positions.append(pos + list(range(length - len(pos))))
-        return {
+        batch: dict[str, Any] = {
             "input_ids": _pad(ids, self.pad_token_id, length),
             "labels": _pad([f["labels"] for f in features], IGNORE_INDEX, length),
             "position_ids": torch.as_tensor(positions, dtype=torch.long),
         }
+        if self.with_boundaries:
+            from wronai.attention import sequence_boundaries
+
+            bounds = sequence_boundaries(batch["position_ids"])
+            longest = int((bounds[1:] - bounds[:-1]).max())
+            batch.update(
+                cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest
+            )
+        return batch
 
 
 def pack_examples(examples: list[dict[str, list[int]]], max_len: int) -> list[dict[str, list[int]]]:
@@ -79,7 +93,9 @@ def pack_examples(examples: list[dict[str, list[int]]], max_len: int) -> list[di
     """
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]), reverse=True)
     bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (free space, bin index), kept sorted: best fit = smallest space that fits
+    free: list[
+        tuple[int, int]
+    ] = []  # (free space, bin index), kept sorted: best fit = smallest space that fits
     for i in order:
         n = len(examples[i]["input_ids"])
         k = bisect.bisect_left(free, (n, -1))

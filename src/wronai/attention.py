@@ -1,0 +1,118 @@
+"""Attention for packed rows: each example attends only to itself, at the cost of its own length.
+
+A packed row holds several examples. transformers isolates them by building a block-diagonal causal mask
+from the position ids, but sdpa then still computes (and on CPU, with a dense mask, cannot skip) attention
+over the whole row: a row of 512 tokens holding five examples of ~100 costs 512² instead of 5·100².
+
+``packed_sdpa`` is registered with transformers' ``AttentionInterface`` under the name ``wronai_packed_sdpa``.
+When the batch carries the example boundaries (``cu_seq_lens_q``/``cu_seq_lens_k``, the keyword arguments
+transformers already uses for variable-length flash attention, here counted over the flattened batch, one
+row after another) it runs causal sdpa on every example separately; without them (generation, padded
+evaluation batches, models that do not forward the keyword arguments) it is plain sdpa with transformers'
+own mask, so results never depend on which path ran. ``PackedCollator(with_boundaries=True)`` adds the
+boundaries; ``enable_packed_attention(model)`` switches an sdpa model over.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PACKED_SDPA = "wronai_packed_sdpa"
+
+
+def packed_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal sdpa per example when the boundaries are given; transformers' sdpa otherwise."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None or query.shape[2] != key.shape[2] or kwargs.get("output_attentions"):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    batch, _, length, _ = query.shape
+    gqa = query.shape[1] != key.shape[1]
+    starts = [int(x) for x in bounds.tolist()]
+    rows = []
+    for b in range(batch):
+        pieces = []
+        for start, end in zip(starts[:-1], starts[1:], strict=True):
+            if start < b * length or start >= (b + 1) * length:
+                continue
+            s, e = start - b * length, min(end, (b + 1) * length) - b * length
+            pieces.append(
+                torch.nn.functional.scaled_dot_product_attention(
+                    query[b : b + 1, :, s:e],
+                    key[b : b + 1, :, s:e],
+                    value[b : b + 1, :, s:e],
+                    dropout_p=dropout if module.training else 0.0,
+                    is_causal=True,
+                    scale=scaling,
+                    enable_gqa=gqa,
+                )  # fmt: skip
+            )
+        rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
+    out = torch.cat(rows, dim=0) if batch > 1 else rows[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_packed_attention() -> None:
+    """Make ``wronai_packed_sdpa`` known to transformers (idempotent; masks are built as for sdpa)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa)
+    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+
+
+def enable_packed_attention(model: Any) -> bool:
+    """Switch a model that uses sdpa to per-example attention; returns whether it did.
+
+    Other implementations are left alone: flash-attention already reads example boundaries from the
+    position ids (variable-length kernels) and eager is what the user asked for explicitly.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    register_packed_attention()
+    try:
+        base.set_attn_implementation(PACKED_SDPA)
+    except (ValueError, AttributeError) as err:  # an architecture that cannot switch at run time keeps sdpa
+        logger.info(
+            "per-example attention not available for %s (%s) — packed rows use sdpa with a mask",
+            type(base).__name__,
+            err,
+        )
+        return False
+    if getattr(config, "_attn_implementation", None) != PACKED_SDPA:
+        return False
+    logger.info("packed rows: attention computed per example (%s)", PACKED_SDPA)
+    return True
+
+
+def sequence_boundaries(position_ids: torch.Tensor) -> torch.Tensor:
+    """Start offsets of every example in the flattened batch, plus the total length (``cu_seq_lens``).
+
+    An example starts at every row start and wherever the position id does not continue by one.
+    """
+    batch, length = position_ids.shape
+    flat = position_ids.reshape(-1)
+    new = torch.ones_like(flat, dtype=torch.bool)
+    new[1:] = flat[1:] != flat[:-1] + 1
+    new[::length] = True
+    starts = new.nonzero().flatten()
+    return torch.cat([starts, torch.tensor([batch * length])]).to(torch.int32)

@@ -1,0 +1,160 @@
+"""Per-example attention for packed rows: same numbers as running each example alone, at per-example cost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wronai.attention import PACKED_SDPA, enable_packed_attention, sequence_boundaries
+from wronai.data.collate import PackedCollator, pack_examples
+from wronai.data.tokenize import IGNORE_INDEX
+
+
+@pytest.mark.parametrize(
+    ("positions", "expected"),
+    [
+        pytest.param([[0, 1, 2, 3]], [0, 4], id="one-example"),
+        pytest.param([[0, 1, 0, 1, 2]], [0, 2, 5], id="two-examples"),
+        pytest.param([[0, 1, 2], [0, 0, 1]], [0, 3, 4, 6], id="row-start-is-a-boundary"),
+        pytest.param([[0, 1, 2], [3, 4, 5]], [0, 3, 6], id="continuing-positions-still-split-by-row"),
+        pytest.param([[0], [0]], [0, 1, 2], id="single-tokens"),
+        pytest.param([[0, 1, 2, 0, 1, 0]], [0, 3, 5, 6], id="pad-block-is-its-own-example"),
+        pytest.param([[5, 6, 0, 1]], [0, 2, 4], id="not-starting-at-zero"),
+    ],
+)
+def test_sequence_boundaries(positions, expected):
+    bounds = sequence_boundaries(torch.tensor(positions))
+    assert bounds.dtype == torch.int32
+    assert bounds.tolist() == expected
+
+
+def test_collator_adds_boundaries_only_when_asked():
+    rows = pack_examples([{"input_ids": list(range(n)), "labels": list(range(n))} for n in (3, 2, 4)], 5)
+    plain = PackedCollator(pad_token_id=0)(rows)
+    assert "cu_seq_lens_q" not in plain
+    batch = PackedCollator(pad_token_id=0, with_boundaries=True)(rows)
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist()
+    lengths = (batch["cu_seq_lens_q"][1:] - batch["cu_seq_lens_q"][:-1]).tolist()
+    assert sum(lengths) == batch["input_ids"].numel()
+    assert batch["max_length_q"] == batch["max_length_k"] == max(lengths) == 4
+
+
+def _model(tiny_model_dir):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    with torch.no_grad():  # sharper weights so attention to another example would visibly change the output
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2 if "embed" in name else 0.15)
+    model.config.use_cache = False
+    return model
+
+
+@pytest.fixture(scope="module")
+def packed_rows():
+    gen = torch.Generator().manual_seed(1)
+    examples = []
+    for n in (7, 30, 12, 1, 50, 9, 23, 40, 3):
+        ids = torch.randint(5, 400, (n,), generator=gen).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n // 3) + ids[n // 3 :]})
+    rows = pack_examples(examples, 64)
+    assert len(rows) >= 3 and any(r["position_ids"].count(0) >= 3 for r in rows)
+    return examples, rows
+
+
+def test_enable_switches_only_sdpa_models(tiny_model_dir):
+    from transformers import LlamaForCausalLM
+
+    model = _model(tiny_model_dir)
+    assert enable_packed_attention(model) is True
+    assert model.config._attn_implementation == PACKED_SDPA
+    eager = LlamaForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    assert enable_packed_attention(eager) is False
+    assert eager.config._attn_implementation == "eager"
+
+
+def test_packed_logits_equal_each_example_alone(tiny_model_dir, packed_rows):
+    examples, rows = packed_rows
+    model = _model(tiny_model_dir).eval()
+    enable_packed_attention(model)
+    batch = PackedCollator(pad_token_id=0, with_boundaries=True)(rows)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        model.set_attn_implementation("sdpa")
+        length = batch["input_ids"].shape[1]
+        bounds = batch["cu_seq_lens_q"].tolist()
+        checked = 0
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            row, s, e = start // length, start % length, start % length + end - start
+            ids = batch["input_ids"][
+                row, s:e
+            ]  # an example, or a row's pad block (also attends only to itself)
+            alone = model(input_ids=ids[None]).logits[0]
+            torch.testing.assert_close(logits[row, s:e], alone, rtol=1e-5, atol=1e-5)
+            checked += 1
+    assert checked >= len(examples)
+
+
+def test_packed_gradients_equal_the_masked_path(tiny_model_dir, packed_rows):
+    """Backward too: the per-example path gives the same loss and gradients as transformers' block-diagonal mask."""
+    _, rows = packed_rows
+
+    def loss_and_grads(per_example: bool):
+        model = _model(tiny_model_dir).train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if per_example:
+            assert enable_packed_attention(model)
+        batch = PackedCollator(pad_token_id=0, with_boundaries=per_example)(rows)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = loss_and_grads(False)
+    loss, grads = loss_and_grads(True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 10
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_without_boundaries_it_is_plain_sdpa_generation_included(tiny_model_dir, tiny_tokenizer):
+    model = _model(tiny_model_dir).eval()
+    model.config.use_cache = True
+    prompts = tiny_tokenizer(
+        ["Ala ma kota", "Dzień dobry, jak się masz? Bardzo"], return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        ref_logits = model(**prompts).logits
+        ref = model.generate(
+            **prompts, max_new_tokens=8, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id
+        )
+        enable_packed_attention(model)
+        logits = model(**prompts).logits
+        out = model.generate(
+            **prompts, max_new_tokens=8, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id
+        )
+    torch.testing.assert_close(logits, ref_logits)
+    assert out.tolist() == ref.tolist()
+
+
+def test_trainer_uses_per_example_attention_for_packed_data(tiny_model_dir, tiny_tokenizer):
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from wronai.training import build_trainer
+
+    model = _model(tiny_model_dir)
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], remove_unused_columns=False)
+    rows = pack_examples([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}] * 4, 8)
+    prepared = SimpleNamespace(packed=True, train=rows, eval=None)
+    trainer = build_trainer(model, tiny_tokenizer, args, prepared, [])
+    assert trainer.data_collator.with_boundaries is True
+    assert model.config._attn_implementation == PACKED_SDPA
+    unpacked = SimpleNamespace(packed=False, train=rows, eval=None)
+    assert not hasattr(
+        build_trainer(_model(tiny_model_dir), tiny_tokenizer, args, unpacked, []).data_collator,
+        "with_boundaries",
+    )

@@ -1,0 +1,111 @@
+"""Logits only where tokens are trained: the same loss and gradients as the stock forward, and the same training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from wronai.data.collate import PackedCollator, PaddingCollator, pack_examples
+from wronai.data.tokenize import IGNORE_INDEX
+from wronai.loss import output_head, trained_mask, trained_positions_loss
+
+X = IGNORE_INDEX
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        pytest.param([[X, X, 5, 6]], [[0, 1, 1, 0]], id="answer-at-the-end"),
+        pytest.param([[1, 2, 3]], [[1, 1, 0]], id="all-trained"),
+        pytest.param([[X, 5, X, 6, X]], [[1, 0, 1, 0, 0]], id="gaps"),
+        pytest.param([[X, X, 5], [X, 4, X]], [[0, 1, 0], [1, 0, 0]], id="per-row"),
+        pytest.param([[X, X, X]], [[1, 0, 0]], id="nothing-trained-keeps-one"),
+        pytest.param([[7, X, X]], [[1, 0, 0]], id="first-label-is-never-a-target"),
+    ],
+)
+def test_trained_mask(labels, expected):
+    assert trained_mask(torch.tensor(labels)).int().tolist() == expected
+
+
+def _model(tiny_model_dir):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    return model.train()
+
+
+def _examples():
+    gen = torch.Generator().manual_seed(3)
+    out = []
+    for n in (9, 31, 4, 17, 25):
+        ids = torch.randint(5, 400, (n,), generator=gen).tolist()
+        out.append({"input_ids": ids, "labels": [X] * (2 * n // 3) + ids[2 * n // 3 :]})
+    return out
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("num_items", [None, 37])
+def test_loss_and_gradients_equal_the_stock_forward(tiny_model_dir, layout, num_items):
+    examples = _examples()
+    if layout == "padded":
+        batch = PaddingCollator(pad_token_id=0)(examples)
+    else:
+        batch = PackedCollator(pad_token_id=0)(pack_examples(examples, 48))
+    stock_model, model = _model(tiny_model_dir), _model(tiny_model_dir)
+    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    stock = stock_model(**batch, **extra).loss
+    ours = trained_positions_loss(model, batch, extra.get("num_items_in_batch"))
+    torch.testing.assert_close(ours, stock, rtol=1e-6, atol=1e-6)
+    stock.backward()
+    ours.backward()
+    for (name, p), q in zip(stock_model.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_fewer_logits_are_computed(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    seen = []
+    model.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out.shape[0] * out.shape[1]))
+    batch = PaddingCollator(pad_token_id=0)(_examples())
+    trained_positions_loss(model, batch)
+    trained = int((batch["labels"][:, 1:] != X).sum())
+    assert seen == [trained] and trained < batch["input_ids"].numel() / 2
+
+
+def test_output_head_found_through_peft(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        _model(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    assert output_head(model) is model.get_base_model().lm_head
+    assert output_head(torch.nn.Linear(2, 2)) is None
+
+
+def test_training_is_the_same_with_and_without(tmp_path, tiny_model_dir):
+    """Three optimizer steps with gradient accumulation: identical per-step losses and adapters."""
+    from safetensors.torch import load_file
+
+    from conftest import train_via_cli
+
+    runs = {}
+    for flag in (True, False):
+        out = train_via_cli(
+            tmp_path / str(flag), tiny_model_dir, rows=40,
+            training={"trained_logits_only": flag, "max_steps": 3, "gradient_accumulation_steps": 2, "save_strategy": "no",
+                      "eval_strategy": "no", "per_device_train_batch_size": 2},
+        )  # fmt: skip
+        state = json.loads((out / "trainer_state.json").read_text())
+        runs[flag] = (
+            [h["loss"] for h in state["log_history"] if "loss" in h],
+            load_file(out / "adapter_model.safetensors"),
+        )
+    (losses_on, adapter_on), (losses_off, adapter_off) = runs[True], runs[False]
+    assert len(losses_on) == 3
+    assert losses_on == pytest.approx(losses_off, rel=1e-5)
+    for key in adapter_off:
+        torch.testing.assert_close(adapter_on[key], adapter_off[key], rtol=1e-4, atol=1e-6)
