@@ -5,6 +5,10 @@ device, the Hugging Face Trainer shards the data per rank and averages gradients
 ``hardware.distributed`` onto ``TrainingArguments`` (``ddp_backend``, ``fsdp``/``fsdp_config``,
 ``deepspeed``). ``wronai train CONFIG --nproc N`` re-launches the CLI under ``torch.distributed.run``.
 
+On CPU (gloo): DDP and DeepSpeed ZeRO-2/ZeRO-3 run (DeepSpeed's CPU accelerator); FSDP does not — accelerate
+enables its FSDP plugin only for GPU device types, and with ``use_cpu`` the Trainer would silently train plain
+DDP, so ``preflight_problems`` refuses it. See docs/distributed.md for what was executed where.
+
 Rank, local rank and world size come from the launcher's environment (RANK, LOCAL_RANK, WORLD_SIZE), so the
 helpers here work before the process group exists.
 """
@@ -144,13 +148,22 @@ def preflight_problems(config: Any, device: str) -> list[str]:
     except WronAIError as err:
         return [str(err)]
     problems = []
-    if name not in ("none", "ddp") and device != "cuda":
+    if name == "fsdp" and device != "cuda":
         problems.append(
-            f"hardware.distributed={name} needs CUDA GPUs (this machine runs on {device}) — use distributed: ddp "
-            "(works on CPU with gloo) or none"
+            f"hardware.distributed=fsdp needs CUDA GPUs (this machine runs on {device}; accelerate turns FSDP on only "
+            "for GPUs, so the Trainer would silently train plain DDP) — use distributed: ddp, deepspeed_zero3 "
+            "(shards on CPU with gloo) or none"
+        )
+    if name.startswith("deepspeed") and device not in ("cuda", "cpu"):
+        problems.append(
+            f"hardware.distributed={name} runs on CUDA GPUs or the CPU (this machine runs on {device}) — set "
+            "hardware.device: cpu, or use distributed: none"
         )
     if name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        problems.append(f"hardware.distributed={name} needs the deepspeed package — pip install deepspeed, or use distributed: fsdp")
+        problems.append(
+            f"hardware.distributed={name} needs the deepspeed package — pip install 'wronai[deepspeed]' "
+            "(or pip install deepspeed), or use distributed: ddp"
+        )
     if name in SHARDED and config.quantization.load_in_8bit:
         problems.append(f"hardware.distributed={name} cannot shard 8-bit weights — use quantization.load_in_4bit (QLoRA) or ddp")
     return problems
@@ -201,6 +214,94 @@ def training_kwargs(hardware: Any, device: str) -> dict[str, Any]:
         else:
             kwargs["deepspeed"] = deepspeed_config(3 if name == "deepspeed_zero3" else 2)
     return kwargs
+
+
+def _deepspeed_dict(hardware: Any, name: str) -> dict[str, Any]:
+    path = hardware.distributed_config
+    if path:
+        data = _read_config_file(Path(path))
+        if "zero_optimization" in data:
+            return data
+    return deepspeed_config(3 if name == "deepspeed_zero3" else 2)
+
+
+def load_time_deepspeed_config(hardware: Any, plan: Any, training: Any) -> dict[str, Any]:
+    """The ZeRO config with its "auto" values resolved, for ``deepspeed.zero.Init`` while the model loads.
+
+    The Trainer fills "auto" from TrainingArguments only later; zero.Init needs concrete values now: the
+    weights dtype (it casts every parameter to the fp16/bf16 setting) and the batch sizes DeepSpeed validates.
+    The optimizer/scheduler sections do not matter for loading and are dropped.
+    """
+    import copy
+
+    import torch
+
+    cfg = copy.deepcopy(_deepspeed_dict(hardware, strategy(hardware)))
+    for key in ("optimizer", "scheduler", "train_batch_size"):  # train_batch_size: DeepSpeed derives it
+        cfg.pop(key, None)
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        section = cfg.setdefault(key, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = plan.model_dtype == dtype
+    auto = {
+        "train_micro_batch_size_per_gpu": training.per_device_train_batch_size,
+        "gradient_accumulation_steps": training.gradient_accumulation_steps,
+        "gradient_clipping": training.max_grad_norm,
+    }
+    for key, value in auto.items():
+        if cfg.get(key, "auto") == "auto":
+            cfg[key] = value
+    return _drop_auto(cfg)
+
+
+def _drop_auto(value: Any) -> Any:
+    """Remove the remaining "auto" entries (DeepSpeed's defaults apply)."""
+    if isinstance(value, dict):
+        return {k: _drop_auto(v) for k, v in value.items() if v != "auto"}
+    return value
+
+
+def prepare_for_sharded_load(hardware: Any, plan: Any, training: Any) -> Any:
+    """Before ``from_pretrained`` under ZeRO-3: make transformers load each weight straight into its partition.
+
+    Returns a ``transformers.integrations.HfDeepSpeedConfig`` — transformers keeps only a weak reference, so
+    the caller must hold the object until the Trainer exists (its TrainingArguments register their own). While
+    it is alive, ``from_pretrained`` builds the model inside ``deepspeed.zero.Init`` and every rank keeps 1/N
+    of each weight. None when the strategy is not ZeRO-3, deepspeed is not installed (preflight says so), or
+    the model is quantized (transformers loads bitsandbytes weights whole on each rank; DeepSpeed partitions
+    them when training starts).
+    """
+    if strategy(hardware) != "deepspeed_zero3" or importlib.util.find_spec("deepspeed") is None:
+        return None
+    if plan.quantization != "none":
+        logger.info(
+            "ZeRO-3 with %s weights: each rank loads the whole quantized model; DeepSpeed partitions it when training starts",
+            plan.quantization,
+        )
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    logger.info("ZeRO-3: loading the model partitioned across ranks (deepspeed.zero.Init)")
+    return HfDeepSpeedConfig(load_time_deepspeed_config(hardware, plan, training))
+
+
+def full_shape(param: Any) -> Any:
+    """A parameter's real shape, also when ZeRO-3 keeps only this rank's partition (``param.shape`` is then (0,))."""
+    return getattr(param, "ds_shape", None) or param.shape
+
+
+@contextlib.contextmanager
+def gathered_for_update(params: list[Any]) -> Iterator[None]:
+    """Inside the block ZeRO-3-partitioned ``params`` are whole; rank 0's in-place edits are re-partitioned on
+    exit (``deepspeed.zero.GatheredParameters``). A no-op for ordinary parameters."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        yield
 
 
 def _file_fsdp_config(hardware: Any) -> dict[str, Any] | None:
@@ -258,6 +359,8 @@ def launch(nproc: int, cli_args: list[str], device: str) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(omp_threads(nproc)))  # N ranks x all cores would oversubscribe the CPU
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if device == "cpu":
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo), without auto-detection
     cmd = launch_command(nproc, cli_args)
     logger.info("launching %d processes (%s backend, OMP_NUM_THREADS=%s): %s", nproc, backend_for(device), env["OMP_NUM_THREADS"], " ".join(cmd[1:]))
     return subprocess.call(cmd, env=env)

@@ -171,14 +171,17 @@ def load_base_model(
 
 def resize_embeddings(model: Any, vocab_size: int) -> list[int]:
     """Grow the embedding matrices to ``vocab_size``; new rows start at the mean of the old ones."""
-    old = model.get_input_embeddings().weight.shape[0]
+    from wronai.distributed import full_shape, gathered_for_update
+
+    old = full_shape(model.get_input_embeddings().weight)[0]  # ZeRO-3 keeps only a partition on each rank
     if vocab_size <= old:
         return []
     model.resize_token_embeddings(vocab_size, mean_resizing=False)
     with torch.no_grad():
         for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if emb is not None and emb.weight.shape[0] == vocab_size:
-                emb.weight[old:] = emb.weight[:old].float().mean(dim=0).to(emb.weight.dtype)
+            if emb is not None and full_shape(emb.weight)[0] == vocab_size:
+                with gathered_for_update([emb.weight]):
+                    emb.weight[old:] = emb.weight[:old].float().mean(dim=0).to(emb.weight.dtype)
     logger.info("resized embeddings from %d to %d rows (new rows = mean of existing)", old, vocab_size)
     return list(range(old, vocab_size))
 

@@ -61,6 +61,7 @@ class WronAITrainer:
         self.signals = reliability.SignalState()
         self.base_tokenizer: Any = None  # the tokenizer before polish.extend_vocab
         self.vocab_tokens: list[Any] = []  # tokens added by polish.extend_vocab
+        self._zero3_load: Any = None  # HfDeepSpeedConfig while a ZeRO-3 model loads (distributed.prepare_for_sharded_load)
 
     @staticmethod
     def load_config(path: str | Path, overrides: list[str] | None = None) -> WronAIConfig:
@@ -90,6 +91,8 @@ class WronAITrainer:
         from transformers import set_seed
 
         set_seed(self.config.training.seed)  # LoRA's random init happens before the Trainer seeds anything
+        # ZeRO-3: load each weight straight into its partition; kept alive until the Trainer exists
+        self._zero3_load = distributed.prepare_for_sharded_load(self.config.hardware, self.plan, self.config.training)
         try:
             base = modeling.load_base_model(
                 self.config.model, self.config.quantization, self.config.hardware, self.plan

@@ -443,7 +443,7 @@ class HardwareSection(Section):
     num_threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch; null = PyTorch's default (all cores).")
     distributed: Literal["none", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = Field(
         "none",
-        description="Multi-process strategy under `wronai train --nproc N` / torchrun: none (plain DDP when launched with several processes), ddp, fsdp (shards 4-bit weights; CUDA), deepspeed_zero2, deepspeed_zero3 (CUDA + deepspeed). See docs/distributed.md.",
+        description="Multi-process strategy under `wronai train --nproc N` / torchrun: none (plain DDP when launched with several processes), ddp, fsdp (shards 4-bit weights; CUDA only), deepspeed_zero2, deepspeed_zero3 (CUDA or CPU; needs deepspeed). See docs/distributed.md.",
     )
     distributed_config: str | None = Field(
         None,
