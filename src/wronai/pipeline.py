@@ -374,9 +374,10 @@ def run(
         try:
             from wronai.report import write_report
 
-            write_report(
-                out, model=pipeline.model, tokenizer=pipeline.tokenizer, samples=config.logging.report_samples
-            )
+            # ZeRO-3 keeps every weight split across ranks: rank 0 alone cannot generate samples in-process
+            sharded = distributed.strategy(config.hardware) == "deepspeed_zero3" and distributed.world().is_distributed
+            samples = config.logging.report_samples and not sharded
+            write_report(out, model=pipeline.model, tokenizer=pipeline.tokenizer, samples=samples)
         except Exception as err:  # the report must never fail a finished run
             logger.warning("report not written (%s) — run `wronai report %s`", err, out)
     return RunResult(output_dir=out, metrics=metrics)
