@@ -73,7 +73,7 @@ def load_tokenizer(model_cfg: ModelConfig, polish_cfg: PolishSection) -> tuple[A
         fresh = [t for t in polish_cfg.special_tokens if t not in tokenizer.get_vocab()]
         if fresh:
             tokenizer.add_special_tokens({"additional_special_tokens": fresh}, replace_extra_special_tokens=False)
-            added = [int(tokenizer.convert_tokens_to_ids(token)) for token in fresh]
+            added = [int(tokenizer.convert_tokens_to_ids(token)) for token in fresh]  # type: ignore[arg-type]  # one token → one id
             logger.info("added %d Polish special tokens: %s", len(fresh), " ".join(fresh))
     set_pad_token(tokenizer)
     tokenizer.padding_side = "right"

@@ -160,7 +160,9 @@ def _read_json(path: Path, policy: BadRowPolicy) -> list[dict[str, Any]]:
 
 def _read_text(path: Path, policy: BadRowPolicy) -> list[dict[str, Any]]:
     """Documents are separated by blank lines; ``_row`` is the document's first line number."""
-    rows, current, start = [], [], 0
+    rows: list[dict[str, Any]] = []
+    current: list[str] = []
+    start = 0
     for number, line in [*_lines(path, policy), (-1, "")]:
         if line.strip():
             if not current:
