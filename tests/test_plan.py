@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import yaml
 
 from wronai.cli import main
 from wronai.config import load_config
-from wronai.planning import GIB, ModelShape, Settings, estimate, make_plan, parse_gpu_size
+from wronai.planning import (
+    CPU_HEAP_SLACK,
+    CPU_RUNTIME,
+    GIB,
+    ModelShape,
+    Settings,
+    estimate,
+    make_plan,
+    parse_gpu_size,
+)
 
 LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
              "num_key_value_heads": 32, "vocab_size": 32000}  # fmt: skip
@@ -28,11 +38,11 @@ def settings(**kw) -> Settings:
 # (model, settings, params in billions, LoRA params in millions, GiB per GPU) — the GiB column pins the formula;
 # its accuracy against measured peaks is checked by benchmarks/plan_accuracy.py (docs/distributed.md)
 KNOWN = [
-    ("llama2-7b qlora", LLAMA2_7B, settings(), 6.74, 40.0, 7.1),
-    ("mistral-7b qlora", MISTRAL_7B, settings(), 7.24, 41.9, 7.5),
-    ("mistral-7b lora bf16", MISTRAL_7B, settings(quantization="none"), 7.24, 41.9, 16.5),
-    ("mistral-7b qlora no-gc b4", MISTRAL_7B, settings(gradient_checkpointing=False, batch=4), 7.24, 41.9, 76.3),
-    ("llama3-70b qlora fsdp x2", LLAMA3_70B, settings(strategy="fsdp", nproc=2), 70.6, 207.1, 29.6),
+    ("llama2-7b qlora", LLAMA2_7B, settings(), 6.74, 40.0, 7.36),
+    ("mistral-7b qlora", MISTRAL_7B, settings(), 7.24, 41.9, 7.7),
+    ("mistral-7b lora bf16", MISTRAL_7B, settings(quantization="none"), 7.24, 41.9, 16.75),
+    ("mistral-7b qlora no-gc b4", MISTRAL_7B, settings(gradient_checkpointing=False, batch=4), 7.24, 41.9, 77.2),
+    ("llama3-70b qlora fsdp x2", LLAMA3_70B, settings(strategy="fsdp", nproc=2), 70.6, 207.1, 30.6),
 ]
 
 
@@ -42,6 +52,60 @@ def test_known_estimates(name, cfg, s, params_b, lora_m, gib):
     assert est.total_params / 1e9 == pytest.approx(params_b, rel=0.01)
     assert est.trainable / 1e6 == pytest.approx(lora_m, rel=0.01)
     assert est.total / GIB == pytest.approx(gib, rel=0.02), est.parts
+
+
+TINYLLAMA = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+             "num_key_value_heads": 4, "vocab_size": 32000}  # fmt: skip
+
+
+def cpu_settings(**kw) -> Settings:
+    """What benchmarks/plan_accuracy.py runs: fp32 compute, batch 1 x 256, no LoRA dropout."""
+    base = {"compute_bytes": 4, "weight_bytes": 4, "seq": 256, "lora_dropout": False, "accumulation": 1}
+    return settings(**{**base, **kw})
+
+
+def test_logits_term_counts_four_live_copies():
+    shape = ModelShape.from_config(MISTRAL_7B)
+    for compute_bytes, per_logit in ((2, 14), (4, 16)):
+        est = estimate(shape, settings(compute_bytes=compute_bytes, batch=2, seq=512))
+        assert est.parts["logits + loss"] == 2 * 512 * 32000 * per_logit
+
+
+def test_cpu_estimate_adds_heap_slack_and_runtime_instead_of_cuda_context():
+    shape = ModelShape.from_config(TINYLLAMA)
+    s = cpu_settings()
+    gpu, cpu = estimate(shape, s, cuda_context=False), estimate(shape, s, device="cpu")
+    assert "CUDA context" not in cpu.parts and "CPU heap slack" not in gpu.parts
+    assert {k: v for k, v in cpu.parts.items() if not k.startswith("CPU")} == gpu.parts
+    no_gc = replace(s, gradient_checkpointing=False)
+    all_layers = estimate(shape, no_gc, cuda_context=False).parts["activations"]
+    assert cpu.parts["CPU heap slack"] == pytest.approx(CPU_HEAP_SLACK * all_layers)
+    assert cpu.total - gpu.total == pytest.approx(CPU_HEAP_SLACK * all_layers + CPU_RUNTIME)
+    # the slack follows all layers' activations even with checkpointing on: glibc keeps each layer's buffers
+    assert estimate(shape, no_gc, device="cpu").parts["CPU heap slack"] == cpu.parts["CPU heap slack"]
+    assert 0.5 * GIB < cpu.total - gpu.total < 0.7 * GIB
+    assert estimate(shape, s, device="cpu", cuda_context=True).parts.keys() == cpu.parts.keys()
+
+
+# peak RSS increase of two AdamW steps on CPU, measured by benchmarks/plan_accuracy.py (MiB; docs/distributed.md)
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 500}  # fmt: skip
+LLAMA_150M = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
+              "num_key_value_heads": 4, "vocab_size": 32000}  # fmt: skip
+MEASURED_CPU = [
+    ("tiny 4bit b4x128", TINY, cpu_settings(batch=4, seq=128, gradient_checkpointing=False), 24),
+    ("llama-150m 4bit gc b2x256", LLAMA_150M, cpu_settings(batch=2), 788),
+    ("tinyllama-1.1b 4bit gc", TINYLLAMA, cpu_settings(), 2070),
+    ("tinyllama-1.1b fp32 gc", TINYLLAMA, cpu_settings(quantization="none"), 5168),
+]
+
+
+@pytest.mark.parametrize(("name", "cfg", "s", "mib"), MEASURED_CPU, ids=[m[0] for m in MEASURED_CPU])
+def test_cpu_estimate_within_15_percent_of_measured(name, cfg, s, mib):
+    shape = ModelShape.from_config(cfg)
+    assert estimate(shape, s, device="cpu").total / 2**20 == pytest.approx(mib, rel=0.15)
+    # the GPU formula alone (live tensors only) misses the heap glibc keeps
+    assert estimate(shape, s, cuda_context=False).total / 2**20 < 0.9 * mib
 
 
 def test_sharding_divides_weights_and_states():
@@ -89,6 +153,26 @@ def test_cli_reads_local_config_json(tmp_path, capsys):
     assert main(["plan", str(_config(tmp_path, model, gradient_checkpointing=False, per_device_train_batch_size=8)), "--gpu", "8GB"]) == 1
     out = capsys.readouterr().out
     assert "does NOT fit on a 8GB GPU" in out and "to fit: set training.gradient_checkpointing: true" in out
+
+
+def test_cli_plans_a_cpu_run_against_ram(tmp_path, capsys):
+    """--ram: peak RSS of a CPU run (no CUDA context, heap slack), dtypes as this CPU's device plan resolves them."""
+    model = tmp_path / "mistral"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(MISTRAL_7B))
+    short = _config(tmp_path, model)
+    raw = yaml.safe_load(short.read_text())
+    raw["data"]["max_seq_length"] = 512
+    short.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert main(["plan", str(short), "--ram", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "peak RSS increase per process (CPU" in out and "fits in 24GB of RAM" in out
+    assert "CPU heap slack" in out and "CUDA context" not in out
+    assert main(["plan", str(short), "--ram", "4GB", "--nproc", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "does NOT fit in 4GB of RAM" in out and "deepspeed_zero3" in out and "fsdp" not in out
+    assert main(["plan", str(short), "--ram", "lots"]) == 2
+    assert "lots: give the memory size like 8GB" in capsys.readouterr().err
 
 
 def test_cli_offline_hub_error_is_one_line(tmp_path, capsys, monkeypatch):

@@ -3,7 +3,9 @@
 The estimate adds, per GPU: frozen base weights (4-bit NF4 / 8-bit / 16/32-bit; FSDP and ZeRO-3 split them
 across GPUs), the LoRA adapter with its fp32 gradients and AdamW states, activations for the configured
 batch and sequence length (with or without gradient checkpointing), the logits of the loss, and a fixed CUDA
-context. ``benchmarks/plan_accuracy.py`` checks it against measured peaks (docs/distributed.md).
+context. ``estimate(..., device="cpu")`` sizes a CPU run's peak RSS instead: no CUDA context, plus the heap
+that glibc's malloc keeps after freeing activations and a small fixed runtime term.
+``benchmarks/plan_accuracy.py`` checks it against measured peaks (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ logger = logging.getLogger(__name__)
 
 GIB = 2**30
 CUDA_CONTEXT = 0.75 * GIB  # CUDA context + cuBLAS workspaces + allocator slack, measured on recent drivers
+# CPU only, fitted to benchmarks/plan_accuracy.py (150M-1.1B Llama shapes, glibc malloc defaults): freed
+# activation and dequantization buffers stay in the heap, ~0.6x the activations of all layers without
+# gradient checkpointing (glibc raises its mmap threshold to 32 MiB, so smaller buffers come from the heap);
+# plus first-step buffers (autograd, optimizer, OpenMP) of a few MiB.
+CPU_HEAP_SLACK = 0.6
+CPU_RUNTIME = 12 * 2**20
 _LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -119,8 +127,12 @@ class Estimate:
         return self.total - self.parts.get("CUDA context", 0.0)
 
 
-def estimate(shape: ModelShape, s: Settings, *, cuda_context: bool = True) -> Estimate:
-    """Bytes per GPU for one training step of ``shape`` under settings ``s``."""
+def estimate(shape: ModelShape, s: Settings, *, cuda_context: bool = True, device: str = "cuda") -> Estimate:
+    """Bytes per GPU for one training step of ``shape`` under settings ``s``.
+
+    ``device="cpu"``: peak RSS increase of a CPU process instead (no CUDA context; heap slack and runtime
+    terms added). The Python process with torch/transformers/peft loaded (~0.4 GiB) is not included.
+    """
     n = max(1, s.nproc)
     shard_weights = s.strategy in ("fsdp", "deepspeed_zero3")
     shard_states = s.strategy in ("fsdp", "deepspeed_zero3", "deepspeed_zero2")
@@ -146,7 +158,9 @@ def estimate(shape: ModelShape, s: Settings, *, cuda_context: bool = True) -> Es
         activations = shape.layers * tokens * h * d + per_layer  # layer inputs + one layer recomputed
     else:
         activations = shape.layers * per_layer
-    logits = tokens * shape.vocab * (d + 8)  # logits, their fp32 copy for the loss, its gradient
+    # alive together at the loss's peak: the logits plus three fp32 tensors of their size (fp32 copy or
+    # log-softmax output, and gradients); measured with transformers' loss: 14 bytes/logit in bf16, 16 in fp32
+    logits = tokens * shape.vocab * (d + 12)
     dequant = max(a * b for a, b in linears.values()) * d if quantized else 0  # one dequantized weight at a time
 
     parts = {
@@ -157,7 +171,10 @@ def estimate(shape: ModelShape, s: Settings, *, cuda_context: bool = True) -> Es
         "logits + loss": logits,
         "dequant buffer": dequant,
     }
-    if cuda_context:
+    if device == "cpu":
+        parts["CPU heap slack"] = CPU_HEAP_SLACK * shape.layers * per_layer
+        parts["CPU runtime"] = CPU_RUNTIME
+    elif cuda_context:
         parts["CUDA context"] = CUDA_CONTEXT
     return Estimate(parts=parts, trainable=lora, total_params=shape.total_params)
 
@@ -168,7 +185,7 @@ def parse_gpu_size(text: str) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise WronAIError(f"--gpu {text}: give the GPU memory like 8GB, 24GB or 80GB") from None
+        raise WronAIError(f"{text}: give the memory size like 8GB, 24GB or 80GB") from None
     return value * GIB
 
 
@@ -211,13 +228,14 @@ class Plan:
     estimate: Estimate
     gpu_bytes: float
     advice: list[str]
+    device: str = "cuda"  # "cpu": estimate is peak RSS, gpu_bytes is RAM
 
     @property
     def fits(self) -> bool:
         return self.estimate.total <= self.gpu_bytes
 
 
-def _variants(s: Settings) -> list[tuple[str, Settings]]:
+def _variants(s: Settings, device: str = "cuda") -> list[tuple[str, Settings]]:
     out = []
     if not s.gradient_checkpointing:
         out.append(("set training.gradient_checkpointing: true", replace(s, gradient_checkpointing=True)))
@@ -231,53 +249,76 @@ def _variants(s: Settings) -> list[tuple[str, Settings]]:
     if s.seq > 512:
         out.append((f"set data.max_seq_length: {s.seq // 2}", replace(s, seq=s.seq // 2)))
     if s.strategy not in ("fsdp", "deepspeed_zero3") and s.nproc > 1:
-        out.append((f"set hardware.distributed: fsdp (shard the weights over {s.nproc} GPUs)", replace(s, strategy="fsdp")))
+        if device == "cpu":  # accelerate turns FSDP on only for GPUs; ZeRO-3 shards on CPU too
+            out.append((f"set hardware.distributed: deepspeed_zero3 (shard the weights over {s.nproc} processes)", replace(s, strategy="deepspeed_zero3")))
+        else:
+            out.append((f"set hardware.distributed: fsdp (shard the weights over {s.nproc} GPUs)", replace(s, strategy="fsdp")))
     if s.lora_r > 16:
         out.append(("set lora.r: 16", replace(s, lora_r=16)))
     return out
 
 
-def make_plan(shape: ModelShape, settings: Settings, gpu_bytes: float) -> Plan:
-    est = estimate(shape, settings)
+def make_plan(shape: ModelShape, settings: Settings, gpu_bytes: float, device: str = "cuda") -> Plan:
+    est = estimate(shape, settings, device=device)
     advice: list[str] = []
     if est.total > gpu_bytes:
         current = settings
         for _ in range(6):  # greedy: the change that saves most, until it fits
-            options = [(estimate(shape, v).total, text, v) for text, v in _variants(current)]
+            options = [(estimate(shape, v, device=device).total, text, v) for text, v in _variants(current, device)]
             if not options:
                 break
             total, text, current = min(options, key=lambda o: o[0])
             advice.append(f"{text} -> {total / GIB:.1f} GiB")
             if total <= gpu_bytes:
                 break
-        if estimate(shape, current).total > gpu_bytes:
-            advice.append("still too large: use a GPU with more memory, more GPUs with hardware.distributed: fsdp, or a smaller model")
-    return Plan(shape, settings, est, gpu_bytes, advice)
+        if estimate(shape, current, device=device).total > gpu_bytes:
+            where = "more RAM" if device == "cpu" else "a GPU with more memory, more GPUs with hardware.distributed: fsdp"
+            advice.append(f"still too large: use {where}, or a smaller model")
+    return Plan(shape, settings, est, gpu_bytes, advice, device)
 
 
 def render(plan: Plan, model_name: str, gpu_label: str) -> str:
     s, e = plan.settings, plan.estimate
+    cpu = plan.device == "cpu"
     lines = [
         f"model: {model_name} — {_count(e.total_params)} parameters ({plan.shape.layers} layers, hidden {plan.shape.hidden}, vocab {plan.shape.vocab})",
         f"run: {s.quantization} weights, LoRA r={s.lora_r} on {len(s.lora_targets)} module types ({_count(e.trainable)} trainable), "
         f"batch {s.batch} × seq {s.seq}, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}, "
-        f"{s.nproc} GPU(s), strategy {s.strategy}",
-        "memory per GPU:",
+        f"{s.nproc} {'process' if cpu else 'GPU'}(s), strategy {s.strategy}",
+        "peak RSS increase per process (CPU; + ~0.4 GiB for Python and the libraries):" if cpu else "memory per GPU:",
         *[f"  {name:<20} {value / GIB:7.2f} GiB" for name, value in e.parts.items()],
         f"  {'total':<20} {e.total / GIB:7.2f} GiB",
     ]
     verdict = "fits" if plan.fits else "does NOT fit"
-    lines.append(f"{verdict} on a {gpu_label} GPU ({plan.gpu_bytes / GIB:.0f} GiB): {100 * e.total / plan.gpu_bytes:.0f}% used")
+    target = f"in {gpu_label} of RAM" if cpu else f"on a {gpu_label} GPU"
+    lines.append(f"{verdict} {target} ({plan.gpu_bytes / GIB:.0f} GiB): {100 * e.total / plan.gpu_bytes:.0f}% used")
     lines += [f"  to fit: {a}" for a in plan.advice]
     return "\n".join(lines) + "\n"
+
+
+def _on_this_cpu(settings: Settings, config: Any) -> Settings:
+    """Dtypes and quantization as the device plan resolves them on this machine's CPU (fp32 without native bf16)."""
+    import torch
+
+    from wronai.hardware import plan_device
+
+    hardware = config.hardware.model_copy(update={"device": "cpu"})
+    dp = plan_device(hardware, config.training, config.quantization, config.model)
+    weight_bytes = 4 if dp.model_dtype == torch.float32 else 2
+    quant = "4bit" if dp.quantization.startswith("4bit") else "none"
+    compute = (4 if dp.compute_dtype == torch.float32 else 2) if quant == "4bit" else weight_bytes
+    return replace(settings, weight_bytes=weight_bytes, compute_bytes=compute, quantization=quant)
 
 
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-def plan_config(config: Any, gpu: str = "24GB", nproc: int = 1) -> tuple[Plan, str]:
+def plan_config(config: Any, gpu: str = "24GB", nproc: int = 1, device: str = "cuda") -> tuple[Plan, str]:
+    """``device="cpu"``: size a CPU run's peak RSS against ``gpu`` bytes of RAM."""
     shape = ModelShape.from_config(read_model_config(config))
     settings = Settings.from_config(config, nproc=nproc)
-    plan = make_plan(shape, settings, parse_gpu_size(gpu))
+    if device == "cpu":
+        settings = _on_this_cpu(settings, config)
+    plan = make_plan(shape, settings, parse_gpu_size(gpu), device)
     return plan, render(plan, config.model.name, gpu)

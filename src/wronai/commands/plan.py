@@ -1,4 +1,4 @@
-"""`wronai plan CONFIG [--gpu 24GB] [--nproc N]`: will this run fit? Reads only the model's config.json."""
+"""`wronai plan CONFIG [--gpu 24GB | --ram 24GB] [--nproc N]`: will this run fit? Reads only the model's config.json."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value by dotted key")
     p.add_argument("--gpu", default="24GB", help="GPU memory, e.g. 8GB, 24GB, 80GB (default 24GB)")
     p.add_argument("--nproc", type=int, default=1, metavar="N", help="GPUs the run uses (FSDP/ZeRO-3 split the weights over them)")
+    p.add_argument("--ram", metavar="SIZE", help="plan a CPU run instead: peak RSS per process against this much RAM, e.g. 24GB")
     p.set_defaults(func=cmd_plan)
 
 
@@ -27,6 +28,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise WronAIError(f"--nproc {args.nproc}: use 1 or more GPUs")
-    plan, text = plan_config(load_config(args.config, args.overrides), gpu=args.gpu, nproc=args.nproc)
+    config = load_config(args.config, args.overrides)
+    if args.ram:
+        plan, text = plan_config(config, gpu=args.ram, nproc=args.nproc, device="cpu")
+    else:
+        plan, text = plan_config(config, gpu=args.gpu, nproc=args.nproc)
     sys.stdout.write(text)
     return 0 if plan.fits else 1
