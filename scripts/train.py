@@ -16,8 +16,12 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 
 def parse(argv: list[str]) -> list[str]:
-    parser = argparse.ArgumentParser(description="WronAI training (classic entry point; same as `wronai train CONFIG`)")
-    parser.add_argument("--config", default="configs/default.yaml", help="path to the training configuration file")
+    parser = argparse.ArgumentParser(
+        description="WronAI training (classic entry point; same as `wronai train CONFIG`)"
+    )
+    parser.add_argument(
+        "--config", default="configs/default.yaml", help="path to the training configuration file"
+    )
     args, rest = parser.parse_known_args(argv)
     return ["train", args.config, *rest]
 

@@ -28,7 +28,18 @@ POLISH_TEXT = [
     "Uczenie maszynowe pozwala komputerom uczyć się na podstawie danych.",
 ]
 
-CITIES = ["Warszawa", "Kraków", "Gdańsk", "Wrocław", "Poznań", "Łódź", "Szczecin", "Lublin", "Toruń", "Rzeszów"]
+CITIES = [
+    "Warszawa",
+    "Kraków",
+    "Gdańsk",
+    "Wrocław",
+    "Poznań",
+    "Łódź",
+    "Szczecin",
+    "Lublin",
+    "Toruń",
+    "Rzeszów",
+]
 
 
 def alpaca_rows(n: int = 40) -> list[dict]:
@@ -39,7 +50,8 @@ def alpaca_rows(n: int = 40) -> list[dict]:
             {
                 "instruction": f"Napisz jedno zdanie o mieście {city}.",
                 "input": "" if i % 3 else f"Kontekst numer {i}.",
-                "output": f"{city} to piękne polskie miasto z bogatą historią." + " Warto je odwiedzić." * (i % 4),
+                "output": f"{city} to piękne polskie miasto z bogatą historią."
+                + " Warto je odwiedzić." * (i % 4),
             }
         )
     return rows
@@ -56,7 +68,9 @@ def corpus_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     rows = alpaca_rows(40)
     paragraphs = POLISH_TEXT * 4 + [r["instruction"] + " " + r["output"] for r in rows]
-    paragraphs += ["### Instrukcja:\n### Odpowiedź:\n### Dane wejściowe:\n<|im_start|>user <|im_end|> assistant"] * 5
+    paragraphs += [
+        "### Instrukcja:\n### Odpowiedź:\n### Dane wejściowe:\n<|im_start|>user <|im_end|> assistant"
+    ] * 5
     path.write_text("\n\n".join(paragraphs), encoding="utf-8")
     return path
 

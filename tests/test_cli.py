@@ -33,7 +33,9 @@ def write_config(tmp_path: Path, raw: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["validate"], ["init-model"], ["data", "preview"], ["data", "prepare"]])
+@pytest.mark.parametrize(
+    "command", [[], ["train"], ["validate"], ["init-model"], ["data", "preview"], ["data", "prepare"]]
+)
 def test_help_is_complete(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([*command, "--help"])
@@ -57,8 +59,14 @@ def test_validate_prints_resolved_config_and_device_plan(capsys):
 BAD_RUNS = [
     (["--set", "lora.rnak=4"], "unknown key `lora.rnak`"),
     (["--set", "training.learning_rate=abc"], "'abc' is not a number"),
-    (["--set", "data.dataset_name=/nonexistent/file.jsonl"], "data.dataset_name: file /nonexistent/file.jsonl not found"),
-    (["--set", "model.name=/nonexistent/model"], "model.name: local directory /nonexistent/model does not exist"),
+    (
+        ["--set", "data.dataset_name=/nonexistent/file.jsonl"],
+        "data.dataset_name: file /nonexistent/file.jsonl not found",
+    ),
+    (
+        ["--set", "model.name=/nonexistent/model"],
+        "model.name: local directory /nonexistent/model does not exist",
+    ),
     (["--set", "extensions.data_hook=no_such_module_xyz:fn"], "extensions.data_hook: cannot import module"),
     (["--set", "extensions.callbacks=[missing_file.py:Cb]"], "extensions.callbacks[0]: file"),
     (["--set", "data.dataset_name=/etc/hostname"], "unsupported extension"),
@@ -67,7 +75,9 @@ BAD_RUNS = [
 
 @pytest.mark.parametrize(("extra", "fragment"), BAD_RUNS, ids=[b[1][:30] for b in BAD_RUNS])
 @pytest.mark.parametrize("command", ["train", "validate"])
-def test_bad_input_is_one_line_no_traceback(tmp_path, tiny_model_dir, alpaca_file, capsys, command, extra, fragment):
+def test_bad_input_is_one_line_no_traceback(
+    tmp_path, tiny_model_dir, alpaca_file, capsys, command, extra, fragment
+):
     cfg = write_config(tmp_path, make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out"))
     code = main([command, str(cfg), *extra])
     err = capsys.readouterr().err
@@ -84,7 +94,9 @@ def test_missing_config_file(capsys, tmp_path):
 
 def test_bad_data_row_names_file_and_line(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "bad.jsonl"
-    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": ""}\n', encoding="utf-8")
+    data.write_text(
+        '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": ""}\n', encoding="utf-8"
+    )
     cfg = write_config(tmp_path, make_config_dict(tiny_model_dir, data, tmp_path / "out"))
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
@@ -99,7 +111,9 @@ def finished_run(tmp_path_factory, tiny_model_dir):
 
     root = tmp_path_factory.mktemp("run")
     data = write_jsonl(root / "train.jsonl", alpaca_rows(60))
-    raw = make_config_dict(tiny_model_dir, data, root / "out", training={"max_steps": 12, "save_steps": 4, "eval_steps": 4})
+    raw = make_config_dict(
+        tiny_model_dir, data, root / "out", training={"max_steps": 12, "save_steps": 4, "eval_steps": 4}
+    )
     raw["data"]["cache_dir"] = str(root / "cache")
     cfg = write_config(root, raw)
     code = main(["train", str(cfg)])
@@ -221,5 +235,7 @@ def test_classic_entry_point_script(tmp_path, tiny_model_dir, alpaca_file):
 
 
 def test_python_module_entry_point():
-    result = subprocess.run([sys.executable, "-m", "wronai", "--version"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "wronai", "--version"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and result.stdout.startswith("wronai ")

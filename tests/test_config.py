@@ -129,12 +129,21 @@ def test_classic_config_loads_with_old_keys_mapped(tmp_path):
     assert cfg.hardware.pin_memory is False
     assert cfg.model.torch_dtype == "bfloat16"
     notes = "\n".join(loaded.notes)
-    for fragment in ("evaluation_strategy", "safety", "evaluation", "remove_unused_columns", "polish_stopwords"):
+    for fragment in (
+        "evaluation_strategy",
+        "safety",
+        "evaluation",
+        "remove_unused_columns",
+        "polish_stopwords",
+    ):
         assert fragment in notes
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(data=BASE, overrides=["training.max_steps=7", "lora.target_modules=[q_proj, v_proj]", "data.packing=true"])
+    cfg = load_config(
+        data=BASE,
+        overrides=["training.max_steps=7", "lora.target_modules=[q_proj, v_proj]", "data.packing=true"],
+    )
     assert cfg.training.max_steps == 7
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.data.packing is True
@@ -147,21 +156,39 @@ BAD = [
     (with_(training={"learning_rate": "fast"}), "`training.learning_rate`: 'fast' is not a number"),
     (with_(training={"max_steps": "ten"}), "`training.max_steps`: 'ten' is not a whole number"),
     (with_(training={"eval_strategy": "sometimes"}), "`training.eval_strategy`: 'sometimes' is not allowed"),
-    (with_(training={"optim": "adamw"}), "`training.optim`: unknown optimizer 'adamw' — did you mean adamw_torch"),
-    (with_(training={"lr_scheduler_type": "cosin"}), "`training.lr_scheduler_type`: unknown scheduler 'cosin'"),
+    (
+        with_(training={"optim": "adamw"}),
+        "`training.optim`: unknown optimizer 'adamw' — did you mean adamw_torch",
+    ),
+    (
+        with_(training={"lr_scheduler_type": "cosin"}),
+        "`training.lr_scheduler_type`: unknown scheduler 'cosin'",
+    ),
     (with_(training={"fp16": True, "bf16": True}), "fp16 and bf16 are both true"),
     (with_(training={"warmup_steps": 10, "warmup_ratio": 0.1}), "warmup_steps and warmup_ratio are both set"),
-    (with_(training={"load_best_model_at_end": True, "eval_strategy": "no"}), "load_best_model_at_end needs evaluation"),
+    (
+        with_(training={"load_best_model_at_end": True, "eval_strategy": "no"}),
+        "load_best_model_at_end needs evaluation",
+    ),
     (
         with_(training={"load_best_model_at_end": True, "save_steps": 50, "eval_steps": 20}),
         "save_steps (50) to be a multiple of eval_steps (20)",
     ),
-    (with_(training={"per_device_train_batch_size": 0}), "`training.per_device_train_batch_size`: 0 is out of range"),
+    (
+        with_(training={"per_device_train_batch_size": 0}),
+        "`training.per_device_train_batch_size`: 0 is out of range",
+    ),
     (with_(lora={"r": 0}), "`lora.r`: 0 is out of range"),
     (with_(lora={"lora_dropout": 1.5}), "`lora.lora_dropout`: 1.5 is out of range"),
     (with_(lora={"bias": "some"}), "`lora.bias`: 'some' is not allowed"),
-    (with_(quantization={"load_in_4bit": True, "load_in_8bit": True}), "load_in_4bit and load_in_8bit are both true"),
-    (with_(quantization={"bnb_4bit_quant_type": "int4"}), "`quantization.bnb_4bit_quant_type`: 'int4' is not allowed"),
+    (
+        with_(quantization={"load_in_4bit": True, "load_in_8bit": True}),
+        "load_in_4bit and load_in_8bit are both true",
+    ),
+    (
+        with_(quantization={"bnb_4bit_quant_type": "int4"}),
+        "`quantization.bnb_4bit_quant_type`: 'int4' is not allowed",
+    ),
     (with_(quantization={"load_in_4bit": "maybe"}), "`quantization.load_in_4bit`: 'maybe' is not true/false"),
     (with_(data={"format": "xml"}), "`data.format`: 'xml' is not allowed"),
     (with_(data={"eval_fraction": 1.5}), "`data.eval_fraction`: 1.5 is out of range"),
@@ -174,7 +201,18 @@ BAD = [
     (with_(model={"torch_dtype": "int8"}), "`model.torch_dtype`: 'int8' is not allowed"),
     (with_(logging={"report_to": ["mlflow"]}), "`logging.report_to[0]`: 'mlflow' is not allowed"),
     (with_(hardware={"device": "tpu"}), "`hardware.device`: 'tpu' is not allowed"),
-    (with_(model={"create_if_missing": {"tokenizer_data": ["a.txt"], "hidden_size": 100, "num_attention_heads": 3}}), "not divisible"),
+    (
+        with_(
+            model={
+                "create_if_missing": {
+                    "tokenizer_data": ["a.txt"],
+                    "hidden_size": 100,
+                    "num_attention_heads": 3,
+                }
+            }
+        ),
+        "not divisible",
+    ),
 ]
 
 
@@ -224,7 +262,9 @@ def test_relative_paths_resolve_against_config_dir(tmp_path):
     (tmp_path / "cfg").mkdir()
     (tmp_path / "data.jsonl").write_text('{"text": "a"}\n')
     path = tmp_path / "cfg" / "c.yaml"
-    path.write_text(yaml.safe_dump({"model": {"name": "org/model"}, "data": {"dataset_name": "../data.jsonl"}}))
+    path.write_text(
+        yaml.safe_dump({"model": {"name": "org/model"}, "data": {"dataset_name": "../data.jsonl"}})
+    )
     cfg = load_config(path)
     assert cfg.data.dataset_name == str((tmp_path / "data.jsonl").resolve())
     assert cfg.model.name == "org/model"  # Hub ids stay as written
@@ -232,4 +272,6 @@ def test_relative_paths_resolve_against_config_dir(tmp_path):
 
 def test_configuration_docs_are_current():
     text = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
-    assert text == render_reference(), "docs/configuration.md is stale — run `wronai config-docs --out docs/configuration.md`"
+    assert text == render_reference(), (
+        "docs/configuration.md is stale — run `wronai config-docs --out docs/configuration.md`"
+    )

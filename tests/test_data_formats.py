@@ -93,7 +93,10 @@ MULTI_TURN = [
     {"role": "user", "content": "Jak się masz?"},
     {"role": "assistant", "content": "Dobrze, dziękuję."},
 ]
-SHAREGPT = [{"from": t["role"].replace("user", "human").replace("assistant", "gpt"), "value": t["content"]} for t in MULTI_TURN]
+SHAREGPT = [
+    {"from": t["role"].replace("user", "human").replace("assistant", "gpt"), "value": t["content"]}
+    for t in MULTI_TURN
+]
 
 
 CHAT_CASES = [

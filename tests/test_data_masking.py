@@ -37,8 +37,16 @@ def _runs(ids, labels):
 
 ALPACA_ROWS = [
     {"instruction": "Podaj stolicę Polski.", "output": "Warszawa jest stolicą Polski."},
-    {"instruction": "Napisz zdanie o mieście Kraków.", "input": "Kontekst numer 3.", "output": "Kraków leży nad Wisłą."},
-    {"instruction": "Zażółć gęślą jaźń?", "output": "Tak — to zdanie zawiera wszystkie polskie znaki.", "system": "Bądź miły."},
+    {
+        "instruction": "Napisz zdanie o mieście Kraków.",
+        "input": "Kontekst numer 3.",
+        "output": "Kraków leży nad Wisłą.",
+    },
+    {
+        "instruction": "Zażółć gęślą jaźń?",
+        "output": "Tak — to zdanie zawiera wszystkie polskie znaki.",
+        "system": "Bądź miły.",
+    },
 ]
 
 
@@ -118,7 +126,9 @@ def test_multi_turn_chat_every_assistant_turn_trained(tiny_tokenizer, template, 
     example = ExampleTokenizer(tok, 1024).encode([segments])[0]
     runs = _runs(example["input_ids"], example["labels"])
     assert [tok.decode(r) for r in runs] == answers[:-1] + [answers[-1] + tok.eos_token]
-    untrained = tok.decode([t for t, lab in zip(example["input_ids"], example["labels"], strict=True) if lab == IGNORE_INDEX])
+    untrained = tok.decode(
+        [t for t, lab in zip(example["input_ids"], example["labels"], strict=True) if lab == IGNORE_INDEX]
+    )
     for m in MESSAGES:
         if m["role"] != "assistant":
             assert m["content"] in untrained
@@ -135,7 +145,9 @@ def test_mistral_closes_every_answer_with_one_eos(tiny_tokenizer):
     assert eos_positions[-1] == len(ids) - 1
     assert all(labels[i] == tok.eos_token_id for i in eos_positions)
     runs = _runs(ids, labels)
-    assert [tok.decode(r) for r in runs] == [" " + m["content"] + "</s>" for m in MESSAGES if m["role"] == "assistant"]
+    assert [tok.decode(r) for r in runs] == [
+        " " + m["content"] + "</s>" for m in MESSAGES if m["role"] == "assistant"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +168,9 @@ def test_token_merging_across_prompt_answer_boundary_carries_loss(merging_tokeni
     assert len(straddling) == 1, "the test tokenizer must merge across the boundary"
     assert tok.convert_ids_to_tokens(enc["input_ids"][straddling[0]]) == "ĠWarszawa"
 
-    example = ExampleTokenizer(tok, 64).encode([format_completion({"prompt": prompt, "completion": answer})])[0]
+    example = ExampleTokenizer(tok, 64).encode([format_completion({"prompt": prompt, "completion": answer})])[
+        0
+    ]
     labels = example["labels"]
     for i, (_, e) in enumerate(enc["offset_mapping"]):
         if e <= boundary:

@@ -25,7 +25,10 @@ def _synthetic(lengths: list[int]) -> list[dict[str, list[int]]]:
 def _split_row(row):
     """A packed row cut back into its examples at every position 0."""
     starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
-    return [{k: row[k][a:b] for k in ("input_ids", "labels", "position_ids")} for a, b in zip(starts, starts[1:], strict=False)]
+    return [
+        {k: row[k][a:b] for k in ("input_ids", "labels", "position_ids")}
+        for a, b in zip(starts, starts[1:], strict=False)
+    ]
 
 
 _rng = random.Random(0)
@@ -59,7 +62,10 @@ def test_pack_examples_invariants(lengths, max_len):
     assert len(rows) >= -(-sum(lengths) // max_len)
 
 
-@pytest.mark.parametrize(("lengths", "max_len", "n_rows"), [([5] * 8, 10, 4), ([9, 1, 8, 2, 7, 3], 10, 3), ([10] * 3, 10, 3), ([3] * 9, 10, 3)])
+@pytest.mark.parametrize(
+    ("lengths", "max_len", "n_rows"),
+    [([5] * 8, 10, 4), ([9, 1, 8, 2, 7, 3], 10, 3), ([10] * 3, 10, 3), ([3] * 9, 10, 3)],
+)
 def test_pack_examples_best_fit_row_count(lengths, max_len, n_rows):
     assert len(pack_examples(_synthetic(lengths), max_len)) == n_rows
 
@@ -80,13 +86,18 @@ def test_padding_fraction_lower_when_packed():
 @pytest.mark.parametrize("multiple", [None, 8])
 def test_padding_collator_pads_labels_by_position_even_when_pad_is_eos(multiple):
     eos = 1
-    features = [{"input_ids": [5, 6, 7, eos], "labels": [IGNORE_INDEX, 6, 7, eos]}, {"input_ids": [9, eos], "labels": [9, eos]}]
+    features = [
+        {"input_ids": [5, 6, 7, eos], "labels": [IGNORE_INDEX, 6, 7, eos]},
+        {"input_ids": [9, eos], "labels": [9, eos]},
+    ]
     batch = PaddingCollator(pad_token_id=eos, pad_to_multiple_of=multiple)(features)
     width = 8 if multiple else 4
     assert set(batch) == {"input_ids", "labels", "attention_mask"}
     assert all(t.shape == (2, width) and t.dtype == torch.long for t in batch.values())
     assert batch["input_ids"][1].tolist() == [9, eos] + [eos] * (width - 2)
-    assert batch["labels"][1].tolist() == [9, eos] + [IGNORE_INDEX] * (width - 2)  # the real EOS stays trained
+    assert batch["labels"][1].tolist() == [9, eos] + [IGNORE_INDEX] * (
+        width - 2
+    )  # the real EOS stays trained
     assert batch["labels"][0].tolist()[:4] == [IGNORE_INDEX, 6, 7, eos]
     assert batch["attention_mask"][1].tolist() == [1, 1] + [0] * (width - 2)
 
@@ -94,7 +105,11 @@ def test_padding_collator_pads_labels_by_position_even_when_pad_is_eos(multiple)
 def test_packed_collator_shapes_and_padding_block():
     rows = pack_examples(_synthetic([3, 2, 4]), 5)
     batch = PackedCollator(pad_token_id=1, pad_to_multiple_of=4)(rows)
-    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: the mask comes from positions
+    assert set(batch) == {
+        "input_ids",
+        "labels",
+        "position_ids",
+    }  # no attention_mask: the mask comes from positions
     assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (len(rows), 8)
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
@@ -108,7 +123,10 @@ def test_packed_collator_shapes_and_padding_block():
 
 def _summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
 
 
@@ -143,19 +161,23 @@ def test_packed_loss_equals_unpacked_loss(tiny_model_dir, tiny_tokenizer, packed
     model = _model(tiny_model_dir, attn)
     with torch.no_grad():
         unpacked = sum(
-            _summed_loss(model(input_ids=torch.tensor([e["input_ids"]])).logits, torch.tensor([e["labels"]])) for e in examples
+            _summed_loss(model(input_ids=torch.tensor([e["input_ids"]])).logits, torch.tensor([e["labels"]]))
+            for e in examples
         )
         n_trained = sum(sum(x != IGNORE_INDEX for x in e["labels"][1:]) for e in examples)
 
         packed_batch = PackedCollator(pad_token_id=tiny_tokenizer.pad_token_id)(rows)
         packed = _summed_loss(
-            model(input_ids=packed_batch["input_ids"], position_ids=packed_batch["position_ids"]).logits, packed_batch["labels"]
+            model(input_ids=packed_batch["input_ids"], position_ids=packed_batch["position_ids"]).logits,
+            packed_batch["labels"],
         )
         assert int((packed_batch["labels"][:, 1:] != IGNORE_INDEX).sum()) == n_trained
         assert packed.item() == pytest.approx(unpacked.item(), rel=1e-4)
 
         padded_batch = PaddingCollator(pad_token_id=tiny_tokenizer.pad_token_id)(examples)
-        padded = _summed_loss(model(**{k: v for k, v in padded_batch.items() if k != "labels"}).logits, padded_batch["labels"])
+        padded = _summed_loss(
+            model(**{k: v for k, v in padded_batch.items() if k != "labels"}).logits, padded_batch["labels"]
+        )
         assert padded.item() == pytest.approx(unpacked.item(), rel=1e-4)
 
         # negative control: a full attention mask lets packed examples attend to each other
@@ -167,4 +189,6 @@ def test_packed_loss_equals_unpacked_loss(tiny_model_dir, tiny_tokenizer, packed
             ).logits,
             packed_batch["labels"],
         )
-        assert abs(crosstalk.item() - unpacked.item()) > 1e-3 * abs(unpacked.item())  # 10x the tolerance above
+        assert abs(crosstalk.item() - unpacked.item()) > 1e-3 * abs(
+            unpacked.item()
+        )  # 10x the tolerance above

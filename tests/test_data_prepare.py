@@ -25,7 +25,9 @@ def _cfg(path, **kw) -> DataSection:
 
 
 def _trained_text(tok, example) -> str:
-    return tok.decode([t for t, lab in zip(example["input_ids"], example["labels"], strict=True) if lab != IGNORE_INDEX])
+    return tok.decode(
+        [t for t, lab in zip(example["input_ids"], example["labels"], strict=True) if lab != IGNORE_INDEX]
+    )
 
 
 def test_text_chunking_drops_nothing(tmp_path, tiny_tokenizer):
@@ -104,7 +106,9 @@ def test_each_format_end_to_end(tmp_path, tiny_tokenizer, fmt, rows, extra, answ
 def test_chat_with_the_tokenizers_own_template(tmp_path, tiny_tokenizer):
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = CHATML_JINJA
-    rows = [{"messages": [{"role": "user", "content": "Cześć"}, {"role": "assistant", "content": "Dzień dobry."}]}]
+    rows = [
+        {"messages": [{"role": "user", "content": "Cześć"}, {"role": "assistant", "content": "Dzień dobry."}]}
+    ]
     prepared = build_datasets(_cfg(write_jsonl(tmp_path / "c.jsonl", rows)), tok, use_cache=False)
     example = prepared.train[0]
     # the template already ends the turn: no extra EOS, no added special tokens

@@ -31,7 +31,9 @@ def _write(path: Path, kind: str) -> Path:
     elif kind == "json-lines":
         write_jsonl(path, ROWS)
     elif kind == "jsonl-bom-crlf":
-        path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in ROWS).encode())
+        path.write_bytes(
+            b"\xef\xbb\xbf" + "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in ROWS).encode()
+        )
     elif kind == "csv":
         lines = ["instruction,output"] + [f'"{r["instruction"]}",{r["output"]}' for r in ROWS]
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -68,7 +70,9 @@ def test_read_each_local_format(tmp_path, kind, suffix, row_numbers):
 
 def test_read_text_documents_and_first_line_numbers(tmp_path):
     path = tmp_path / "corpus.txt"
-    path.write_bytes("\ufeffPierwszy akapit,\r\ndruga linia.\r\n\r\n\r\nDrugi akapit.\r\n\r\nTrzeci\n".encode())
+    path.write_bytes(
+        "\ufeffPierwszy akapit,\r\ndruga linia.\r\n\r\n\r\nDrugi akapit.\r\n\r\nTrzeci\n".encode()
+    )
     rows = read_raw(str(path), None, None, BadRowPolicy("error")).splits["train"]
     assert [r["text"] for r in rows] == ["Pierwszy akapit,\ndruga linia.", "Drugi akapit.", "Trzeci"]
     assert [r["_row"] for r in rows] == [1, 5, 7]
@@ -106,10 +110,16 @@ def test_split_of(name, split):
     [
         (lambda p: p / "missing.xml", "unsupported extension"),
         (lambda p: (p / "empty").mkdir() or p / "empty", "holds no"),
-        (lambda p: (p / "broken.json").write_text('[{"a": 1},') and p / "broken.json", "broken.json:1: broken JSON"),
+        (
+            lambda p: (p / "broken.json").write_text('[{"a": 1},') and p / "broken.json",
+            "broken.json:1: broken JSON",
+        ),
         (lambda p: (p / "scalar.json").write_text("3") and p / "scalar.json", "expected a JSON list"),
         (lambda p: (p / "bad.json").write_bytes(b'[{"a": "\xff"}]') and p / "bad.json", "invalid UTF-8"),
-        (lambda p: (p / "bad.parquet").write_bytes(b"not parquet") and p / "bad.parquet", "cannot read .parquet"),
+        (
+            lambda p: (p / "bad.parquet").write_bytes(b"not parquet") and p / "bad.parquet",
+            "cannot read .parquet",
+        ),
     ],
 )
 def test_unreadable_sources(tmp_path, setup, match):
@@ -127,8 +137,12 @@ def test_unknown_hub_dataset_offline_is_a_data_error():
 
 # --- bad rows through the whole data stage -----------------------------------------------------------------------
 
-GOOD = json.dumps({"instruction": "Podaj stolicę Polski.", "output": "Warszawa."}, ensure_ascii=False).encode()
-TOO_LONG = json.dumps({"instruction": "Opowiedz.", "output": "Warszawa jest stolicą Polski. " * 40}, ensure_ascii=False).encode()
+GOOD = json.dumps(
+    {"instruction": "Podaj stolicę Polski.", "output": "Warszawa."}, ensure_ascii=False
+).encode()
+TOO_LONG = json.dumps(
+    {"instruction": "Opowiedz.", "output": "Warszawa jest stolicą Polski. " * 40}, ensure_ascii=False
+).encode()
 
 BAD_LINES = [
     pytest.param(b'{"instruction": "x", "output": ', "broken_json", "(line)", id="broken-json"),
@@ -172,9 +186,18 @@ def test_bad_rows_skipped_and_counted(tmp_path, tiny_tokenizer):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n\n")
     # 1 too-long row of 12 is over the default max_truncated_share (5%): allow it here (tests/test_data_checks.py covers the check)
-    prepared = build_datasets(_cfg(path, on_bad_row="skip", max_truncated_share=0.2), tiny_tokenizer, use_cache=False)
+    prepared = build_datasets(
+        _cfg(path, on_bad_row="skip", max_truncated_share=0.2), tiny_tokenizer, use_cache=False
+    )
     stats = prepared.stats
-    expected = {"broken_json": 1, "invalid_utf8": 1, "wrong_type": 2, "empty_field": 1, "missing_field": 1, "too_long": 1}
+    expected = {
+        "broken_json": 1,
+        "invalid_utf8": 1,
+        "wrong_type": 2,
+        "empty_field": 1,
+        "missing_field": 1,
+        "too_long": 1,
+    }
     assert stats.skipped == expected
     assert set(stats.skipped_examples) == set(expected)
     assert str(path) in stats.skipped_examples["too_long"]
@@ -198,7 +221,9 @@ def test_json_list_non_object_rows_skipped(tmp_path, tiny_tokenizer):
 @pytest.mark.parametrize("policy", ["skip", "error"])
 def test_json_file_holding_json_lines_counts_non_objects(tmp_path, tiny_tokenizer, policy):
     path = tmp_path / "rows.json"
-    path.write_text(json.dumps(ROWS[0]) + "\n[1, 2]\n" + json.dumps(ROWS[1]) + "\n{broken\n", encoding="utf-8")
+    path.write_text(
+        json.dumps(ROWS[0]) + "\n[1, 2]\n" + json.dumps(ROWS[1]) + "\n{broken\n", encoding="utf-8"
+    )
     if policy == "error":
         with pytest.raises(DataError, match=r"rows\.json:2: field `\(line\)`: expected a JSON object"):
             build_datasets(_cfg(path), tiny_tokenizer, use_cache=False)

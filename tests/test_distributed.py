@@ -41,8 +41,14 @@ def _write(tmp_path: Path, name: str, raw: dict) -> Path:
 
 
 def _torchrun(args: list[str], cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WRONAI_CACHE_DIR": str(cache), "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO / "src")]))}
-    return subprocess.run([sys.executable, "-m", "wronai", *args], env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "WRONAI_CACHE_DIR": str(cache),
+        "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO / "src")])),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "wronai", *args], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +83,21 @@ def test_two_processes_match_one(ddp_runs):
 def test_checkpoints_and_outputs_written_once(ddp_runs):
     tmp, _ = ddp_runs
     out = tmp / "two"
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint-", ".tmp"))) == ["checkpoint-3", "checkpoint-6"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint-", ".tmp"))) == [
+        "checkpoint-3",
+        "checkpoint-6",
+    ]
     assert not list(out.glob(".wronai_write_test*"))
     for ckpt in ("checkpoint-3", "checkpoint-6"):
         manifest = json.loads((out / ckpt / "wronai_checkpoint.json").read_text())
         assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors"} <= set(manifest["files"])
-    for name in ("adapter_model.safetensors", "train_results.json", "wronai_config.yaml", "provenance.json", "tokenizer.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "train_results.json",
+        "wronai_config.yaml",
+        "provenance.json",
+        "tokenizer.json",
+    ):
         assert (out / name).is_file(), name
 
 
@@ -93,7 +108,9 @@ def test_resume_with_same_world_size(ddp_runs):
     shutil.copytree(tmp / "two" / "checkpoint-3", resumed / "checkpoint-3")
     cfg = yaml.safe_load((tmp / "two.yaml").read_text())
     cfg["training"]["output_dir"] = str(resumed)
-    proc = _torchrun(["train", str(_write(tmp, "resumed", cfg)), "--nproc", "2", "--resume"], tmp / "cache-two")
+    proc = _torchrun(
+        ["train", str(_write(tmp, "resumed", cfg)), "--nproc", "2", "--resume"], tmp / "cache-two"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     full, again = _losses(tmp / "two"), _losses(resumed)
     for step in (4, 5, 6):
@@ -111,13 +128,17 @@ def test_launch_command_and_threads(monkeypatch):
 
 
 def _cfg(**hardware):
-    return load_config(data={"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"}, "hardware": hardware})
+    return load_config(
+        data={"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"}, "hardware": hardware}
+    )
 
 
 def test_strategy_maps_to_training_arguments(tmp_path):
     cfg = _cfg(distributed="ddp")
     plan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    kwargs = training_arguments_kwargs(cfg.training, cfg.hardware, plan, report_to=["none"], run_name="r", has_eval=False)
+    kwargs = training_arguments_kwargs(
+        cfg.training, cfg.hardware, plan, report_to=["none"], run_name="r", has_eval=False
+    )
     assert kwargs["ddp_backend"] == "gloo" and kwargs["ddp_find_unused_parameters"] is False
     fsdp = distributed.training_kwargs(_cfg(distributed="fsdp").hardware, "cuda")
     assert fsdp["ddp_backend"] == "nccl" and fsdp["fsdp"] == "full_shard auto_wrap"
@@ -126,7 +147,9 @@ def test_strategy_maps_to_training_arguments(tmp_path):
     assert zero3["zero_optimization"]["stage"] == 3
     import torch
 
-    assert distributed.quant_storage_dtype(_cfg(distributed="fsdp").hardware, torch.bfloat16) == torch.bfloat16
+    assert (
+        distributed.quant_storage_dtype(_cfg(distributed="fsdp").hardware, torch.bfloat16) == torch.bfloat16
+    )
     assert distributed.quant_storage_dtype(_cfg(distributed="ddp").hardware, torch.bfloat16) == torch.uint8
     assert distributed.device_map(_cfg(distributed="fsdp").hardware, "cuda") is None
     ds = tmp_path / "ds.json"
@@ -136,7 +159,9 @@ def test_strategy_maps_to_training_arguments(tmp_path):
     acc.write_text("distributed_type: FSDP\nfsdp_config:\n  fsdp_state_dict_type: SHARDED_STATE_DICT\n")
     hw = _cfg(distributed_config=str(acc)).hardware
     assert distributed.strategy(hw) == "fsdp"
-    assert distributed.training_kwargs(hw, "cuda")["fsdp_config"]["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    assert (
+        distributed.training_kwargs(hw, "cuda")["fsdp_config"]["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    )
 
 
 def test_fsdp_needs_cuda_and_says_why():

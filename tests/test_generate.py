@@ -44,7 +44,9 @@ def test_run_loads_4bit_with_resized_embeddings_and_saved_template(loaded, tiny_
 
     assert loaded.quantization.startswith("4bit")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.modules())
-    assert loaded.model.get_input_embeddings().weight.shape[0] == len(loaded.tokenizer) == 510  # 500 + 10 Polish tokens
+    assert (
+        loaded.model.get_input_embeddings().weight.shape[0] == len(loaded.tokenizer) == 510
+    )  # 500 + 10 Polish tokens
     assert loaded.prompt.describe() == "alpaca prompt template (polish)"
     prompt = loaded.prompt.single(PROMPT, input="Kontekst.")
     expected = format_alpaca({"instruction": PROMPT, "input": "Kontekst.", "output": "x"}, "polish")[0][0]
@@ -63,7 +65,10 @@ def test_generate_streams_the_same_text_it_returns(loaded):
 
 
 def test_generate_cli_single_prompt(run_dir, capsys):
-    assert main(["generate", str(run_dir), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "10"]) == 0
+    assert (
+        main(["generate", str(run_dir), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "10"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.strip(), "no text generated"
     assert "###" not in out  # only the answer, not the template
@@ -76,17 +81,48 @@ def test_generate_batch_mode_writes_one_line_per_prompt(run_dir, loaded, tmp_pat
     txt = tmp_path / "prompts.txt"
     txt.write_text("\n".join(prompts) + "\n\n", encoding="utf-8")
     out = tmp_path / "answers.jsonl"
-    args = ["generate", str(run_dir), "--prompts-file", str(txt), "--out", str(out), "--temperature", "0", "--max-new-tokens", "8"]
+    args = [
+        "generate",
+        str(run_dir),
+        "--prompts-file",
+        str(txt),
+        "--out",
+        str(out),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+    ]
     assert main([*args, "--batch-size", "2"]) == 0
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["prompt"] for r in rows] == prompts
     assert all(isinstance(r["answer"], str) for r in rows)
     # left padding: a batched greedy answer equals the answer to the prompt alone
-    [alone] = generate(loaded, [loaded.prompt.single(prompts[2])], GenerationOptions(max_new_tokens=8, temperature=0))
+    [alone] = generate(
+        loaded, [loaded.prompt.single(prompts[2])], GenerationOptions(max_new_tokens=8, temperature=0)
+    )
     assert rows[2]["answer"] == alone
 
-    jsonl = write_jsonl(tmp_path / "prompts.jsonl", [{"instruction": "Popraw błędy.", "input": "Wczoraj poszłem do sklepu."}])
-    assert main(["generate", str(run_dir), "--prompts-file", str(jsonl), "--out", str(out), "--max-new-tokens", "4", "--seed", "1"]) == 0
+    jsonl = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"instruction": "Popraw błędy.", "input": "Wczoraj poszłem do sklepu."}]
+    )
+    assert (
+        main(
+            [
+                "generate",
+                str(run_dir),
+                "--prompts-file",
+                str(jsonl),
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "4",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     [row] = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert row["input"] == "Wczoraj poszłem do sklepu." and "answer" in row
 
@@ -144,7 +180,9 @@ def test_chat_format_prompts_match_training_rendering(tiny_tokenizer):
         full = "".join(text for text, _ in format_chat({"messages": convo}, name))
         prompt = fmt.conversation(convo[:-1])
         assert full.startswith(prompt.text) and full[len(prompt.text) :].lstrip().startswith("Praga."), name
-    assert PromptFormat("chat", DataSection(dataset_name="x", chat_template="chatml"), tiny_tokenizer).stop_strings == ["<|im_end|>"]
+    assert PromptFormat(
+        "chat", DataSection(dataset_name="x", chat_template="chatml"), tiny_tokenizer
+    ).stop_strings == ["<|im_end|>"]
 
     own = copy.deepcopy(tiny_tokenizer)
     own.chat_template = (
@@ -154,7 +192,11 @@ def test_chat_format_prompts_match_training_rendering(tiny_tokenizer):
     fmt = PromptFormat("chat", DataSection(dataset_name="x", chat_template="auto"), own)
     full = "".join(text for text, _ in TokenizerChatRenderer(own)(convo))
     prompt = fmt.conversation(convo[:-1])
-    assert prompt.add_special_tokens is False and full.startswith(prompt.text) and full[len(prompt.text) :].startswith("Praga.")
+    assert (
+        prompt.add_special_tokens is False
+        and full.startswith(prompt.text)
+        and full[len(prompt.text) :].startswith("Praga.")
+    )
     assert fmt.stop_strings == ["<|im_end|>"]
 
 
@@ -196,7 +238,9 @@ def test_chat_loop_ctrl_c_handling():
     from wronai.commands.generate import chat_loop
 
     out = io.StringIO()
-    assert chat_loop(_FakeSession(), "run", _InterruptingStdin(), out) == 0  # Ctrl-C at the prompt: clean exit
+    assert (
+        chat_loop(_FakeSession(), "run", _InterruptingStdin(), out) == 0
+    )  # Ctrl-C at the prompt: clean exit
     session = _FakeSession(fail_with=KeyboardInterrupt)
     out = io.StringIO()
     assert chat_loop(session, "run", io.StringIO("pytanie\n/exit\n"), out) == 0  # Ctrl-C during an answer
@@ -208,7 +252,9 @@ def _read_until(fd: int, buf: bytearray, marker: bytes, count: int, timeout: flo
     while buf.count(marker) < count:
         ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.time()))
         if not ready:
-            raise AssertionError(f"timed out waiting for {marker!r} #{count}; output so far:\n{buf.decode(errors='replace')[-3000:]}")
+            raise AssertionError(
+                f"timed out waiting for {marker!r} #{count}; output so far:\n{buf.decode(errors='replace')[-3000:]}"
+            )
         try:
             chunk = os.read(fd, 4096)
         except OSError:
@@ -235,7 +281,17 @@ def _drain(fd: int, buf: bytearray) -> None:
 def _spawn_chat(run_dir: Path) -> tuple[subprocess.Popen, int]:
     master, slave = os.openpty()
     env = {**os.environ, "TERM": "dumb", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "wronai", "chat", str(run_dir), "--temperature", "0", "--max-new-tokens", "6"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "wronai",
+        "chat",
+        str(run_dir),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "6",
+    ]
     proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, close_fds=True, env=env)
     os.close(slave)
     return proc, master
@@ -270,7 +326,9 @@ def test_chat_loop_commands_and_exit():
     from wronai.commands.generate import chat_loop
 
     session, out = _FakeSession(), io.StringIO()
-    assert chat_loop(session, "run", io.StringIO("pierwsze\n\n/reset\n/pomoc\ndrugie\n/exit\nnigdy\n"), out) == 0
+    assert (
+        chat_loop(session, "run", io.StringIO("pierwsze\n\n/reset\n/pomoc\ndrugie\n/exit\nnigdy\n"), out) == 0
+    )
     assert session.replies == ["pierwsze", "drugie"] and session.resets == 1
     assert "commands: /reset, /exit" in out.getvalue()
     assert chat_loop(_FakeSession(), "run", io.StringIO(""), io.StringIO()) == 0  # EOF straight away

@@ -11,7 +11,9 @@ from wronai.config import load_config
 
 def plan_for(monkeypatch, device: str, bf16_ok: bool, **training):
     # load (and import transformers/bitsandbytes) before pretending to have a GPU
-    cfg = load_config(data={"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"}, "training": training})
+    cfg = load_config(
+        data={"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"}, "training": training}
+    )
     monkeypatch.setattr(hardware, "detect_device", lambda requested="auto": device)
     monkeypatch.setattr(hardware, "_bf16_ok", lambda d: bf16_ok)
     monkeypatch.setattr(hardware, "_device_name", lambda d: "test")
@@ -24,13 +26,49 @@ def plan_for(monkeypatch, device: str, bf16_ok: bool, **training):
 
 CASES = [
     # device, native bf16, training settings, expected (precision, optimizer, quantization, compute dtype), note fragment
-    ("cuda", True, {"bf16": True, "optim": "paged_adamw_8bit"}, ("bf16", "paged_adamw_8bit", "4bit-nf4", torch.bfloat16), None),
-    ("cuda", False, {"fp16": True, "optim": "paged_adamw_32bit"}, ("fp16", "paged_adamw_32bit", "4bit-nf4", torch.float32), None),
-    ("cpu", False, {"bf16": True, "optim": "paged_adamw_8bit"}, ("fp32", "adamw_torch", "4bit-nf4", torch.float32), "needs CUDA"),
+    (
+        "cuda",
+        True,
+        {"bf16": True, "optim": "paged_adamw_8bit"},
+        ("bf16", "paged_adamw_8bit", "4bit-nf4", torch.bfloat16),
+        None,
+    ),
+    (
+        "cuda",
+        False,
+        {"fp16": True, "optim": "paged_adamw_32bit"},
+        ("fp16", "paged_adamw_32bit", "4bit-nf4", torch.float32),
+        None,
+    ),
+    (
+        "cpu",
+        False,
+        {"bf16": True, "optim": "paged_adamw_8bit"},
+        ("fp32", "adamw_torch", "4bit-nf4", torch.float32),
+        "needs CUDA",
+    ),
     ("cpu", True, {"bf16": True}, ("bf16", "adamw_torch", "4bit-nf4", torch.bfloat16), None),
-    ("cpu", True, {"fp16": True}, ("bf16", "adamw_torch", "4bit-nf4", torch.bfloat16), "training.fp16 needs a GPU"),
-    ("cpu", False, {"fp16": True}, ("fp32", "adamw_torch", "4bit-nf4", torch.float32), "training.fp16 needs a GPU"),
-    ("mps", False, {"bf16": True, "optim": "adamw_bnb_8bit"}, ("fp32", "adamw_torch", "none", torch.float32), "does not run on mps"),
+    (
+        "cpu",
+        True,
+        {"fp16": True},
+        ("bf16", "adamw_torch", "4bit-nf4", torch.bfloat16),
+        "training.fp16 needs a GPU",
+    ),
+    (
+        "cpu",
+        False,
+        {"fp16": True},
+        ("fp32", "adamw_torch", "4bit-nf4", torch.float32),
+        "training.fp16 needs a GPU",
+    ),
+    (
+        "mps",
+        False,
+        {"bf16": True, "optim": "adamw_bnb_8bit"},
+        ("fp32", "adamw_torch", "none", torch.float32),
+        "does not run on mps",
+    ),
 ]
 
 
@@ -47,7 +85,11 @@ def test_plan(monkeypatch, device, bf16_ok, training, expected, note):
 def test_8bit_on_cpu_falls_back_with_note(monkeypatch):
     monkeypatch.setattr(hardware, "detect_device", lambda requested="auto": "cpu")
     cfg = load_config(
-        data={"model": {"name": "m/m"}, "data": {"dataset_name": "d/d"}, "quantization": {"load_in_4bit": False, "load_in_8bit": True}}
+        data={
+            "model": {"name": "m/m"},
+            "data": {"dataset_name": "d/d"},
+            "quantization": {"load_in_4bit": False, "load_in_8bit": True},
+        }
     )
     plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
     assert plan.quantization == "none"
@@ -56,7 +98,12 @@ def test_8bit_on_cpu_falls_back_with_note(monkeypatch):
 
 def test_flash_attention_needs_cuda(monkeypatch):
     monkeypatch.setattr(hardware, "detect_device", lambda requested="auto": "cpu")
-    cfg = load_config(data={"model": {"name": "m/m", "attn_implementation": "flash_attention_2"}, "data": {"dataset_name": "d/d"}})
+    cfg = load_config(
+        data={
+            "model": {"name": "m/m", "attn_implementation": "flash_attention_2"},
+            "data": {"dataset_name": "d/d"},
+        }
+    )
     plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
     assert plan.attn_implementation == "sdpa"
     assert any("flash_attention_2" in n for n in plan.notes)
@@ -70,7 +117,9 @@ def test_describe_names_everything_validate_prints(monkeypatch):
 
 
 def test_real_machine_plan_is_consistent():
-    cfg = load_config(data={"model": {"name": "m/m"}, "data": {"dataset_name": "d/d"}, "training": {"bf16": True}})
+    cfg = load_config(
+        data={"model": {"name": "m/m"}, "data": {"dataset_name": "d/d"}, "training": {"bf16": True}}
+    )
     plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
     if plan.device == "cpu":
         assert plan.bf16 == hardware.cpu_supports_bf16()

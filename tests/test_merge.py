@@ -22,7 +22,12 @@ TEXT = "### Instrukcja:\nNapisz jedno zdanie o mieście Kraków.\n\n### Odpowied
 def run_dir(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("mergerun")
     data = write_jsonl(root / "train.jsonl", alpaca_rows(40))
-    raw = make_config_dict(tiny_model_dir, data, root / "out", training={"max_steps": 10, "eval_strategy": "no", "save_strategy": "no"})
+    raw = make_config_dict(
+        tiny_model_dir,
+        data,
+        root / "out",
+        training={"max_steps": 10, "eval_strategy": "no", "save_strategy": "no"},
+    )
     raw["data"]["cache_dir"] = str(root / "cache")
     cfg = root / "run.yaml"
     cfg.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
@@ -61,8 +66,17 @@ def test_merged_logits_match_base_plus_adapter(run_dir, merged_dir, tiny_model_d
 
 def test_merged_folder_has_weights_tokenizer_config_and_card(merged_dir, run_dir):
     names = {p.name for p in merged_dir.iterdir()}
-    assert {"model.safetensors", "config.json", "tokenizer.json", "wronai_config.yaml", "wronai_merge.json", "README.md"} <= names
-    assert "adapter_config.json" not in names and "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "wronai_config.yaml",
+        "wronai_merge.json",
+        "README.md",
+    } <= names
+    assert "adapter_config.json" not in names and "quantization_config" not in json.loads(
+        (merged_dir / "config.json").read_text()
+    )
     card = (merged_dir / "README.md").read_text(encoding="utf-8")
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["library_name"] == "transformers" and meta["language"] == ["pl"] and meta["base_model"]
@@ -109,7 +123,10 @@ def _gguf_logits(path, ids: list[int]) -> np.ndarray:
         return f.parts[f.data[0]][0]
 
     n_layers, n_head = int(field("llama.block_count")), int(field("llama.attention.head_count"))
-    n_kv, eps = int(field("llama.attention.head_count_kv")), float(field("llama.attention.layer_norm_rms_epsilon"))
+    n_kv, eps = (
+        int(field("llama.attention.head_count_kv")),
+        float(field("llama.attention.layer_norm_rms_epsilon")),
+    )
     theta, n = float(field("llama.rope.freq_base")), len(ids)
 
     def rms(x, weight):
@@ -153,7 +170,9 @@ def test_export_gguf_reads_back_and_computes_the_same_logits(run_dir, merged_dir
     with safe_open(str(merged_dir / "model.safetensors"), framework="pt") as f:
         hf_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     assert len(reader.tensors) == len(hf_shapes) == 21
-    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}  # GGUF lists dims fastest-first
+    shapes = {
+        t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors
+    }  # GGUF lists dims fastest-first
     assert shapes["token_embd.weight"] == hf_shapes["model.embed_tokens.weight"] == (500, 64)
     assert shapes["blk.1.attn_k.weight"] == hf_shapes["model.layers.1.self_attn.k_proj.weight"] == (32, 64)
     assert shapes["blk.0.ffn_down.weight"] == hf_shapes["model.layers.0.mlp.down_proj.weight"] == (64, 128)
@@ -175,7 +194,10 @@ def test_export_gguf_reads_back_and_computes_the_same_logits(run_dir, merged_dir
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
     q8_logits = _gguf_logits(q8, ids)
-    assert np.abs(q8_logits - expected).max() < 0.1 and (q8_logits.argmax(-1) == expected.argmax(-1)).mean() > 0.9
+    assert (
+        np.abs(q8_logits - expected).max() < 0.1
+        and (q8_logits.argmax(-1) == expected.argmax(-1)).mean() > 0.9
+    )
 
 
 def test_export_of_other_architectures_says_what_to_run(merged_dir, tmp_path, capsys):
@@ -190,7 +212,12 @@ def test_export_of_other_architectures_says_what_to_run(merged_dir, tmp_path, ca
     (other / "config.json").write_text(json.dumps(config))
     assert main(["export", str(other), "--format", "gguf"]) == 2
     err = capsys.readouterr().err
-    assert "not supported" in err and "convert_hf_to_gguf.py" in err and "wronai merge" in err and "Traceback" not in err
+    assert (
+        "not supported" in err
+        and "convert_hf_to_gguf.py" in err
+        and "wronai merge" in err
+        and "Traceback" not in err
+    )
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     assert "convert_hf_to_gguf.py" in capsys.readouterr().out

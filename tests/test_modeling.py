@@ -40,7 +40,11 @@ def test_lora_trains_only_adapters(tiny_model_dir, tmp_path, alpaca_file, four_b
     has_4bit = any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert has_4bit is four_bit
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    frozen = {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if not p.requires_grad and p.dtype.is_floating_point
+    }
     assert trainable and all("lora_" in n for n in trainable)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = pipeline.tokenizer(["Warszawa jest stolicą Polski."], return_tensors="pt")

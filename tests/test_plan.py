@@ -41,7 +41,14 @@ KNOWN = [
     ("llama2-7b qlora", LLAMA2_7B, settings(), 6.74, 40.0, 7.36),
     ("mistral-7b qlora", MISTRAL_7B, settings(), 7.24, 41.9, 7.7),
     ("mistral-7b lora bf16", MISTRAL_7B, settings(quantization="none"), 7.24, 41.9, 16.75),
-    ("mistral-7b qlora no-gc b4", MISTRAL_7B, settings(gradient_checkpointing=False, batch=4), 7.24, 41.9, 77.2),
+    (
+        "mistral-7b qlora no-gc b4",
+        MISTRAL_7B,
+        settings(gradient_checkpointing=False, batch=4),
+        7.24,
+        41.9,
+        77.2,
+    ),
     ("llama3-70b qlora fsdp x2", LLAMA3_70B, settings(strategy="fsdp", nproc=2), 70.6, 207.1, 30.6),
 ]
 
@@ -116,7 +123,10 @@ def test_sharding_divides_weights_and_states():
     assert fsdp.parts["base weights"] < 0.6 * one.parts["base weights"]
     assert zero2.parts["base weights"] == one.parts["base weights"]
     assert zero2.parts["LoRA grads + AdamW"] == pytest.approx(one.parts["LoRA grads + AdamW"] / 2)
-    assert estimate(shape, settings(gradient_checkpointing=False)).parts["activations"] > 10 * one.parts["activations"]
+    assert (
+        estimate(shape, settings(gradient_checkpointing=False)).parts["activations"]
+        > 10 * one.parts["activations"]
+    )
 
 
 def test_fits_and_advice():
@@ -150,7 +160,17 @@ def test_cli_reads_local_config_json(tmp_path, capsys):
     assert main(["plan", str(_config(tmp_path, model)), "--gpu", "24GB"]) == 0
     out = capsys.readouterr().out
     assert "7.24B parameters" in out and "fits on a 24GB GPU" in out
-    assert main(["plan", str(_config(tmp_path, model, gradient_checkpointing=False, per_device_train_batch_size=8)), "--gpu", "8GB"]) == 1
+    assert (
+        main(
+            [
+                "plan",
+                str(_config(tmp_path, model, gradient_checkpointing=False, per_device_train_batch_size=8)),
+                "--gpu",
+                "8GB",
+            ]
+        )
+        == 1
+    )
     out = capsys.readouterr().out
     assert "does NOT fit on a 8GB GPU" in out and "to fit: set training.gradient_checkpointing: true" in out
 

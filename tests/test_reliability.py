@@ -43,7 +43,11 @@ def losses(out: Path) -> dict[int, float]:
 def cli(cfg_path: Path, *extra: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, "-m", "wronai", "train", str(cfg_path), *extra], capture_output=True, text=True, timeout=600, env=env
+        [sys.executable, "-m", "wronai", "train", str(cfg_path), *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
 
 
@@ -53,7 +57,9 @@ def write(root: Path, raw: dict, name: str = "cfg.yaml") -> Path:
     return path
 
 
-def resume_from_reference(tmp_path: Path, ref_raw: dict, ref_out: Path, steps: tuple[int, ...]) -> tuple[Path, dict]:
+def resume_from_reference(
+    tmp_path: Path, ref_raw: dict, ref_out: Path, steps: tuple[int, ...]
+) -> tuple[Path, dict]:
     """A new output dir holding copies of the reference run's checkpoints, and a config pointing at it."""
     out = tmp_path / "out"
     out.mkdir()
@@ -102,8 +108,16 @@ def test_rotation_keeps_newest_complete_and_best(tmp_path):
 
 
 def test_resume_differences_list_result_affecting_keys():
-    a = {"lora": {"r": 8}, "data": {"max_seq_length": 128}, "training": {"per_device_train_batch_size": 4, "logging_steps": 1}}
-    b = {"lora": {"r": 16}, "data": {"max_seq_length": 128}, "training": {"per_device_train_batch_size": 4, "logging_steps": 50}}
+    a = {
+        "lora": {"r": 8},
+        "data": {"max_seq_length": 128},
+        "training": {"per_device_train_batch_size": 4, "logging_steps": 1},
+    }
+    b = {
+        "lora": {"r": 16},
+        "data": {"max_seq_length": 128},
+        "training": {"per_device_train_batch_size": 4, "logging_steps": 50},
+    }
     assert resume_differences(a, b) == ["`lora.r`: 8 in the checkpoint, 16 now"]
 
 
@@ -191,7 +205,9 @@ def test_kill_9_during_save_keeps_previous_checkpoint(tmp_path, tiny_model_dir, 
     script = tmp_path / "killer.py"
     script.write_text(KILL_DURING_SAVE)
     env = {**os.environ, "WRONAI_CACHE_DIR": str(tmp_path / "c")}
-    died = subprocess.run([sys.executable, str(script), str(cfg)], capture_output=True, text=True, timeout=600, env=env)
+    died = subprocess.run(
+        [sys.executable, str(script), str(cfg)], capture_output=True, text=True, timeout=600, env=env
+    )
     assert died.returncode == -signal.SIGKILL
     out = tmp_path / "out"
     assert (out / ".tmp-checkpoint-4").exists() and not (out / "checkpoint-4").exists()
@@ -267,7 +283,9 @@ def test_nan_skip_step_skips_the_update_and_counts(tmp_path, tiny_model_dir):
 
     class Snap(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            snapshots[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            snapshots[state.global_step] = {
+                n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+            }
 
     pipeline.trainer.add_callback(Snap())
     metrics = pipeline.train()
@@ -277,7 +295,9 @@ def test_nan_skip_step_skips_the_update_and_counts(tmp_path, tiny_model_dir):
 
 
 def test_nan_skip_step_stops_after_consecutive_limit(tmp_path, tiny_model_dir):
-    raw = run_config(tiny_model_dir, tmp_path, "out", on_nan="skip_step", max_consecutive_nan_steps=2, save_strategy="no")
+    raw = run_config(
+        tiny_model_dir, tmp_path, "out", on_nan="skip_step", max_consecutive_nan_steps=2, save_strategy="no"
+    )
     pipeline = WronAITrainer(load_config(data=raw))
     pipeline.build_trainer()
     nan_at(pipeline.trainer, {2, 3, 4})
@@ -315,4 +335,3 @@ def test_unwritable_output_dir(tmp_path, tiny_model_dir):
     raw["training"]["output_dir"] = str(blocker / "out")
     with pytest.raises(WronAIError, match="cannot write to"):
         run(load_config(data=raw))
-

@@ -54,7 +54,9 @@ def test_token_counting_skips_padding_and_eval_passes():
 
     model = torch.nn.Linear(2, 2)
     callback = ThroughputMemoryCallback()
-    callback.on_train_begin(None, None, None, model=model, processing_class=type("T", (), {"pad_token_id": 0})())
+    callback.on_train_begin(
+        None, None, None, model=model, processing_class=type("T", (), {"pad_token_id": 0})()
+    )
     forward = model.forward
     model.forward = lambda input_ids=None, attention_mask=None: forward(torch.zeros(1, 2))
     model(input_ids=torch.ones(1, 3), attention_mask=torch.ones(1, 3))
@@ -124,7 +126,13 @@ def test_model_card_front_matter_and_code_run_with_stock_peft(run_dir):
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["library_name"] == "peft" and meta["language"] == ["pl"] and meta["base_model"]
     assert {"wronai", "lora", "qlora", "polish"} <= set(meta["tags"])
-    for fragment in ("## Training data", "## Training procedure", "## Results", "r=4, alpha=8", "## How to use"):
+    for fragment in (
+        "## Training data",
+        "## Training procedure",
+        "## Results",
+        "r=4, alpha=8",
+        "## How to use",
+    ):
         assert fragment in card
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     assert "from peft import PeftModel" in code and "### Instrukcja:" in code  # the run's own template
@@ -138,7 +146,9 @@ def test_attach_puts_one_callback_first(run_dir):
     from wronai.pipeline import WronAITrainer
     from wronai.run_metrics import ThroughputMemoryCallback, attach
 
-    pipeline = WronAITrainer(load_config(run_dir.parent / "run.yaml"))  # lists the callback in extensions.callbacks
+    pipeline = WronAITrainer(
+        load_config(run_dir.parent / "run.yaml")
+    )  # lists the callback in extensions.callbacks
     trainer = pipeline.build_trainer()
     callback = attach(trainer)
     found = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ThroughputMemoryCallback)]

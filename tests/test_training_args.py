@@ -13,11 +13,24 @@ from wronai.training import training_arguments_kwargs
 RAW = {
     "model": {"name": "org/m"},
     "data": {"dataset_name": "org/d"},
-    "training": {"warmup_ratio": 0.1, "group_by_length": True, "eval_strategy": "steps", "optim": "paged_adamw_8bit"},
+    "training": {
+        "warmup_ratio": 0.1,
+        "group_by_length": True,
+        "eval_strategy": "steps",
+        "optim": "paged_adamw_8bit",
+    },
 }
 
 # transformers 4.x names vs 5.x names
-OLD = {"eval_strategy", "evaluation_strategy", "warmup_ratio", "warmup_steps", "group_by_length", "output_dir", "optim"}
+OLD = {
+    "eval_strategy",
+    "evaluation_strategy",
+    "warmup_ratio",
+    "warmup_steps",
+    "group_by_length",
+    "output_dir",
+    "optim",
+}
 NEW = {"eval_strategy", "warmup_steps", "train_sampling_strategy", "use_cache", "output_dir", "optim"}
 
 
@@ -25,7 +38,13 @@ def kwargs_for(accepted: set[str], has_eval: bool = True) -> dict:
     cfg = load_config(data=RAW)
     plan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
     return training_arguments_kwargs(
-        cfg.training, cfg.hardware, plan, report_to=["none"], run_name="r", has_eval=has_eval, accepted=accepted
+        cfg.training,
+        cfg.hardware,
+        plan,
+        report_to=["none"],
+        run_name="r",
+        has_eval=has_eval,
+        accepted=accepted,
     )
 
 

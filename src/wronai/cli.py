@@ -71,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wronai {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="run the training pipeline", description="Run the whole pipeline: config -> model -> data -> train -> save.")
+    p = sub.add_parser(
+        "train",
+        help="run the training pipeline",
+        description="Run the whole pipeline: config -> model -> data -> train -> save.",
+    )
     _add_config_args(p)
     p.add_argument(
         "--resume",
@@ -83,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in training.output_dir")
     p.add_argument(
-        "--force-resume", action="store_true", help="resume even though result-affecting config values changed since the checkpoint"
+        "--force-resume",
+        action="store_true",
+        help="resume even though result-affecting config values changed since the checkpoint",
     )
     p.add_argument(
         "--nproc", type=int, default=1, metavar="N",
@@ -98,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Exits 2 and lists the problems if there are any.",
     )
     _add_config_args(p)
-    p.add_argument("--quiet", action="store_true", help="print only the device plan and problems, not the resolved config")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print only the device plan and problems, not the resolved config",
+    )
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser(
@@ -108,15 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
         "usable as model.name. Needs no network.",
     )
     p.add_argument("out_dir", help="directory to create")
-    p.add_argument("--data", nargs="+", required=True, help="text/JSONL files to train the tokenizer (and pre-training) on")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        help="text/JSONL files to train the tokenizer (and pre-training) on",
+    )
     p.add_argument("--vocab-size", type=int, default=2000)
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--pretrain-steps", type=int, default=0, help="quick full-weight pre-training steps on --data")
+    p.add_argument(
+        "--pretrain-steps", type=int, default=0, help="quick full-weight pre-training steps on --data"
+    )
     p.set_defaults(func=cmd_init_model)
 
-    p = sub.add_parser("data", help="inspect the training data", description="Inspect what the model will see.")
+    p = sub.add_parser(
+        "data", help="inspect the training data", description="Inspect what the model will see."
+    )
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")
     pp = data_sub.add_parser(
         "preview",
@@ -128,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("-n", type=int, default=3, help="examples to show")
     pp.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     pp.set_defaults(func=cmd_data_preview)
-    pp = data_sub.add_parser("prepare", help="prepare and cache the data now", description="Run data preparation once and cache it.")
+    pp = data_sub.add_parser(
+        "prepare",
+        help="prepare and cache the data now",
+        description="Run data preparation once and cache it.",
+    )
     _add_config_args(pp)
     pp.set_defaults(func=cmd_data_prepare)
     pp = data_sub.add_parser(
@@ -141,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser(
-        "config-docs", help="write docs/configuration.md from the schema", description="Generate the configuration reference."
+        "config-docs",
+        help="write docs/configuration.md from the schema",
+        description="Generate the configuration reference.",
     )
     p.add_argument("--out", default=None, help="file to write (default: print)")
     p.set_defaults(func=cmd_config_docs)

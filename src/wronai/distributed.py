@@ -112,13 +112,19 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
-        raise WronAIError(f"hardware.distributed_config: cannot read {path} ({err.strerror}) — fix the path") from None
+        raise WronAIError(
+            f"hardware.distributed_config: cannot read {path} ({err.strerror}) — fix the path"
+        ) from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as err:
-        raise WronAIError(f"hardware.distributed_config: {path} is not valid JSON/YAML ({str(err).splitlines()[0]})") from None
+        raise WronAIError(
+            f"hardware.distributed_config: {path} is not valid JSON/YAML ({str(err).splitlines()[0]})"
+        ) from None
     if not isinstance(data, dict):
-        raise WronAIError(f"hardware.distributed_config: {path} must hold a mapping — an accelerate config or a DeepSpeed JSON")
+        raise WronAIError(
+            f"hardware.distributed_config: {path} must hold a mapping — an accelerate config or a DeepSpeed JSON"
+        )
     return data
 
 
@@ -135,7 +141,9 @@ def _strategy_from_file(path: Path) -> str:
         return "deepspeed_zero3" if stage == 3 else "deepspeed_zero2"
     if kind in ("MULTI_GPU", "MULTI_CPU", "NO", ""):
         return "ddp"
-    raise WronAIError(f"hardware.distributed_config: distributed_type {kind} in {path} is not supported — use FSDP, DEEPSPEED or MULTI_GPU")
+    raise WronAIError(
+        f"hardware.distributed_config: distributed_type {kind} in {path} is not supported — use FSDP, DEEPSPEED or MULTI_GPU"
+    )
 
 
 def preflight_problems(config: Any, device: str) -> list[str]:
@@ -165,7 +173,9 @@ def preflight_problems(config: Any, device: str) -> list[str]:
             "(or pip install deepspeed), or use distributed: ddp"
         )
     if name in SHARDED and config.quantization.load_in_8bit:
-        problems.append(f"hardware.distributed={name} cannot shard 8-bit weights — use quantization.load_in_4bit (QLoRA) or ddp")
+        problems.append(
+            f"hardware.distributed={name} cannot shard 8-bit weights — use quantization.load_in_4bit (QLoRA) or ddp"
+        )
     return problems
 
 
@@ -347,7 +357,16 @@ def omp_threads(nproc: int) -> int:
 
 def launch_command(nproc: int, cli_args: list[str]) -> list[str]:
     """``python -m torch.distributed.run --standalone --nproc_per_node N -m wronai <cli_args>``."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "wronai", *cli_args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "wronai",
+        *cli_args,
+    ]
 
 
 def launch(nproc: int, cli_args: list[str], device: str) -> int:
@@ -355,12 +374,22 @@ def launch(nproc: int, cli_args: list[str], device: str) -> int:
     import torch
 
     if device == "cuda" and nproc > torch.cuda.device_count():
-        raise WronAIError(f"--nproc {nproc}: only {torch.cuda.device_count()} CUDA GPU(s) visible — use --nproc {torch.cuda.device_count()} or fewer")
+        raise WronAIError(
+            f"--nproc {nproc}: only {torch.cuda.device_count()} CUDA GPU(s) visible — use --nproc {torch.cuda.device_count()} or fewer"
+        )
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(omp_threads(nproc)))  # N ranks x all cores would oversubscribe the CPU
+    env.setdefault(
+        "OMP_NUM_THREADS", str(omp_threads(nproc))
+    )  # N ranks x all cores would oversubscribe the CPU
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if device == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator (gloo), without auto-detection
     cmd = launch_command(nproc, cli_args)
-    logger.info("launching %d processes (%s backend, OMP_NUM_THREADS=%s): %s", nproc, backend_for(device), env["OMP_NUM_THREADS"], " ".join(cmd[1:]))
+    logger.info(
+        "launching %d processes (%s backend, OMP_NUM_THREADS=%s): %s",
+        nproc,
+        backend_for(device),
+        env["OMP_NUM_THREADS"],
+        " ".join(cmd[1:]),
+    )
     return subprocess.call(cmd, env=env)

@@ -70,7 +70,9 @@ def eval_data_section(run_data: DataSection | None, files: list[str]) -> DataSec
     base = run_data or DataSection(dataset_name=files[0])
     return base.model_copy(
         update={
-            "dataset_name": [str(Path(f).expanduser().resolve()) for f in files] if len(files) > 1 else str(Path(files[0]).expanduser().resolve()),
+            "dataset_name": [str(Path(f).expanduser().resolve()) for f in files]
+            if len(files) > 1
+            else str(Path(files[0]).expanduser().resolve()),
             "format": "auto",
             "train_split": "train",
             "eval_split": None,
@@ -88,12 +90,22 @@ def build_eval_dataset(run: LoadedRun, files: list[str] | None) -> tuple[Any, st
     from wronai.extensions import load_object
 
     cfg = run.dir.config
-    hook = load_object(cfg.extensions.data_hook, "extensions.data_hook") if cfg and cfg.extensions.data_hook else None
+    hook = (
+        load_object(cfg.extensions.data_hook, "extensions.data_hook")
+        if cfg and cfg.extensions.data_hook
+        else None
+    )
     seed = cfg.training.seed if cfg else 42
     if files:
-        prepared = build_datasets(eval_data_section(cfg.data if cfg else None, files), run.tokenizer, seed, hook)
+        prepared = build_datasets(
+            eval_data_section(cfg.data if cfg else None, files), run.tokenizer, seed, hook
+        )
         if prepared.stats.skipped:
-            logger.warning("--data: skipped rows: %s (first: %s)", prepared.stats.skipped, next(iter(prepared.stats.skipped_examples.values()), ""))
+            logger.warning(
+                "--data: skipped rows: %s (first: %s)",
+                prepared.stats.skipped,
+                next(iter(prepared.stats.skipped_examples.values()), ""),
+            )
         return prepared.train, ", ".join(files)
     if cfg is None:
         raise WronAIError(f"{run.path} has no {CONFIG_FILE}, so its eval split is unknown — pass --data FILE")
@@ -114,7 +126,9 @@ def score(model: Any, dataset: Any, pad_token_id: int, batch_size: int = 8) -> t
     from wronai.data.tokenize import IGNORE_INDEX
 
     collate = PaddingCollator(pad_token_id=pad_token_id)
-    lengths = dataset["length"] if "length" in dataset.column_names else [len(x) for x in dataset["input_ids"]]
+    lengths = (
+        dataset["length"] if "length" in dataset.column_names else [len(x) for x in dataset["input_ids"]]
+    )
     ordered = dataset.select(sorted(range(len(dataset)), key=lengths.__getitem__))  # less padding per batch
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -122,18 +136,30 @@ def score(model: Any, dataset: Any, pad_token_id: int, batch_size: int = 8) -> t
     with torch.inference_mode():
         for b, start in enumerate(range(0, len(ordered), batch_size)):
             part = ordered[start : start + batch_size]
-            batch = collate([{"input_ids": i, "labels": lab} for i, lab in zip(part["input_ids"], part["labels"], strict=True)])
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+            batch = collate(
+                [
+                    {"input_ids": i, "labels": lab}
+                    for i, lab in zip(part["input_ids"], part["labels"], strict=True)
+                ]
+            )
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits
             labels = batch["labels"][:, 1:].to(device)
             nll = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
             )
             total += float(nll)
             count += int((labels != IGNORE_INDEX).sum())
             if n_batches >= 10 and (b + 1) % max(1, n_batches // 5) == 0:
                 logger.info("eval: batch %d/%d", b + 1, n_batches)
     if count == 0:
-        raise WronAIError("the evaluation data has no scored tokens (every label is masked) — check the data format")
+        raise WronAIError(
+            "the evaluation data has no scored tokens (every label is masked) — check the data format"
+        )
     loss = total / count
     return Score(loss=loss, perplexity=math.exp(min(loss, 700.0))), count
 
@@ -156,7 +182,13 @@ def evaluate(
         dataset = dataset.select(range(min(limit, len(dataset))))
     cfg = run.dir.config
     size = batch_size or (cfg.training.per_device_eval_batch_size if cfg else 8)
-    report = EvalReport(data=described, examples=len(dataset), tokens=0, model=str(run.dir.base_name), quantization=run.quantization)
+    report = EvalReport(
+        data=described,
+        examples=len(dataset),
+        tokens=0,
+        model=str(run.dir.base_name),
+        quantization=run.quantization,
+    )
     pad = run.tokenizer.pad_token_id
     if run.dir.is_adapter:
         if base:

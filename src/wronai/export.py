@@ -31,7 +31,9 @@ LLAMA_CPP_HINT = (
 )
 _LLAMA3_REGEX_PARTS = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)", r"\p{N}{1,3}")
 
-TensorSource = dict[str, tuple[tuple[int, ...], Callable[[], Any]]]  # HF name -> (shape, loader of a torch tensor)
+TensorSource = dict[
+    str, tuple[tuple[int, ...], Callable[[], Any]]
+]  # HF name -> (shape, loader of a torch tensor)
 
 
 @dataclass
@@ -46,7 +48,9 @@ def _gguf() -> Any:
     try:
         import gguf
     except ImportError:
-        raise WronAIError(f"--format gguf needs the gguf package — pip install gguf (or convert by hand: {LLAMA_CPP_HINT})") from None
+        raise WronAIError(
+            f"--format gguf needs the gguf package — pip install gguf (or convert by hand: {LLAMA_CPP_HINT})"
+        ) from None
     return gguf
 
 
@@ -54,7 +58,11 @@ def permute_qk(weights: Any, n_head: int, n_head_kv: int | None = None) -> Any:
     """HF's rotary layout (halves) -> llama.cpp's (interleaved pairs), as in convert_hf_to_gguf.py."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
-    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def _rope(cfg: Any) -> tuple[float, dict[str, Any]]:
@@ -91,7 +99,10 @@ def _llama3_rope_freqs(params: dict[str, Any], theta: float, head_dim: int) -> A
 
 
 def _add_hparams(w: Any, gguf: Any, cfg: Any, name: str, ftype: Any, extra: TensorSource) -> None:
-    n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    n_head, n_kv = (
+        cfg.num_attention_heads,
+        getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+    )
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     w.add_name(name)
     w.add_context_length(cfg.max_position_embeddings)
@@ -116,7 +127,9 @@ def _add_hparams(w: Any, gguf: Any, cfg: Any, name: str, ftype: Any, extra: Tens
         freqs = _llama3_rope_freqs(rope, theta, head_dim)
         extra["rope_freqs.weight"] = (tuple(freqs.shape), lambda: torch.from_numpy(freqs))
     elif rope["rope_type"] != "default":
-        raise WronAIError(f"rope scaling {rope['rope_type']!r} is not handled by WronAI's GGUF writer — convert with: {LLAMA_CPP_HINT}")
+        raise WronAIError(
+            f"rope scaling {rope['rope_type']!r} is not handled by WronAI's GGUF writer — convert with: {LLAMA_CPP_HINT}"
+        )
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(ftype)
 
@@ -137,7 +150,10 @@ def _bpe_pre(tokenizer_json: dict[str, Any]) -> str:
         return "gpt-2"
     if any(all(part in regex for part in _LLAMA3_REGEX_PARTS) for regex in _regexes(pre)):
         return "llama-bpe"
-    logger.warning("unknown pre-tokenizer — llama.cpp will split text its default way; for an exact match use: %s", LLAMA_CPP_HINT)
+    logger.warning(
+        "unknown pre-tokenizer — llama.cpp will split text its default way; for an exact match use: %s",
+        LLAMA_CPP_HINT,
+    )
     return "default"
 
 
@@ -149,7 +165,11 @@ def _add_vocab(w: Any, gguf: Any, tok_dir: Path, n_vocab: int) -> str:
     tj = json.loads(tj_path.read_text(encoding="utf-8")) if tj_path.is_file() else {}
     hf_tok = AutoTokenizer.from_pretrained(str(tok_dir))
     model = tj.get("model", {})
-    byte_level = model.get("type") == "BPE" and not model.get("byte_fallback") and (tj.get("decoder") or {}).get("type") == "ByteLevel"
+    byte_level = (
+        model.get("type") == "BPE"
+        and not model.get("byte_fallback")
+        and (tj.get("decoder") or {}).get("type") == "ByteLevel"
+    )
     if byte_level:
         vocab = dict(model["vocab"])
         added = {t["content"]: t for t in tj.get("added_tokens", [])}
@@ -162,7 +182,9 @@ def _add_vocab(w: Any, gguf: Any, tok_dir: Path, n_vocab: int) -> str:
                 types.append(gguf.TokenType.UNUSED)
             elif tok in added:
                 tokens.append(tok)
-                types.append(gguf.TokenType.CONTROL if added[tok].get("special") else gguf.TokenType.USER_DEFINED)
+                types.append(
+                    gguf.TokenType.CONTROL if added[tok].get("special") else gguf.TokenType.USER_DEFINED
+                )
             else:
                 tokens.append(tok)
                 types.append(gguf.TokenType.NORMAL)
@@ -173,11 +195,17 @@ def _add_vocab(w: Any, gguf: Any, tok_dir: Path, n_vocab: int) -> str:
         w.add_token_types(types)
         described = f"gpt2 (byte-level BPE), pre-tokenizer {pre}"
     else:
-        vocab_cls = gguf.vocab.SentencePieceVocab if (tok_dir / "tokenizer.model").is_file() else gguf.vocab.LlamaHfVocab
+        vocab_cls = (
+            gguf.vocab.SentencePieceVocab
+            if (tok_dir / "tokenizer.model").is_file()
+            else gguf.vocab.LlamaHfVocab
+        )
         try:
             spm = vocab_cls(tok_dir)
         except (FileNotFoundError, ValueError, RuntimeError, TypeError) as err:
-            raise WronAIError(f"{tok_dir}: tokenizer not supported by WronAI's GGUF writer ({err}) — convert with: {LLAMA_CPP_HINT}") from None
+            raise WronAIError(
+                f"{tok_dir}: tokenizer not supported by WronAI's GGUF writer ({err}) — convert with: {LLAMA_CPP_HINT}"
+            ) from None
         pieces: list[bytes] = []
         scores: list[float] = []
         piece_types: list[Any] = []
@@ -197,8 +225,12 @@ def _add_vocab(w: Any, gguf: Any, tok_dir: Path, n_vocab: int) -> str:
         described = f"llama (SentencePiece, {vocab_cls.__name__})"
     special = gguf.SpecialVocab(tok_dir, load_merges=byte_level, n_vocab=n_vocab)
     probe = hf_tok("a")["input_ids"]
-    special.add_special_token["bos"] = bool(hf_tok.bos_token_id is not None and probe[:1] == [hf_tok.bos_token_id])
-    special.add_special_token["eos"] = bool(hf_tok.eos_token_id is not None and probe[-1:] == [hf_tok.eos_token_id])
+    special.add_special_token["bos"] = bool(
+        hf_tok.bos_token_id is not None and probe[:1] == [hf_tok.bos_token_id]
+    )
+    special.add_special_token["eos"] = bool(
+        hf_tok.eos_token_id is not None and probe[-1:] == [hf_tok.eos_token_id]
+    )
     if "pad" not in special.special_token_ids and hf_tok.pad_token_id is not None:
         special.special_token_ids["pad"] = hf_tok.pad_token_id
     special.add_to_gguf(w, quiet=True)
@@ -226,16 +258,22 @@ def _convert(gguf: Any, data: Any, qtype: Any) -> Any:
     return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
 
 
-def write_gguf(out_path: Path, hf_config: Any, tensors: TensorSource, tok_dir: Path, outtype: str, name: str) -> GgufSummary:
+def write_gguf(
+    out_path: Path, hf_config: Any, tensors: TensorSource, tok_dir: Path, outtype: str, name: str
+) -> GgufSummary:
     """Write a Llama-architecture GGUF from HF tensors (loaded one at a time) and the tokenizer in ``tok_dir``."""
     import numpy as np
 
     gguf = _gguf()
     archs = list(getattr(hf_config, "architectures", None) or [])
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise WronAIError(f"architecture {archs or '?'} is not supported by WronAI's GGUF writer (Llama, Mistral) — instead run: {LLAMA_CPP_HINT}")
+        raise WronAIError(
+            f"architecture {archs or '?'} is not supported by WronAI's GGUF writer (Llama, Mistral) — instead run: {LLAMA_CPP_HINT}"
+        )
     if outtype not in OUTTYPES:
-        raise WronAIError(f"--outtype {outtype}: use one of {', '.join(OUTTYPES)} (k-quants: llama.cpp's llama-quantize on an f16 file)")
+        raise WronAIError(
+            f"--outtype {outtype}: use one of {', '.join(OUTTYPES)} (k-quants: llama.cpp's llama-quantize on an f16 file)"
+        )
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]  # fmt: skip
     n_head = hf_config.num_attention_heads
@@ -251,7 +289,11 @@ def write_gguf(out_path: Path, hf_config: Any, tensors: TensorSource, tok_dir: P
     for hf_name, (shape, load) in {**tensors, **extra}.items():
         if hf_name.endswith(("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")):
             continue
-        gguf_name = hf_name if hf_name == "rope_freqs.weight" else tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        gguf_name = (
+            hf_name
+            if hf_name == "rope_freqs.weight"
+            else tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        )
         if gguf_name is None:
             raise WronAIError(f"tensor {hf_name} has no GGUF name for llama — convert with: {LLAMA_CPP_HINT}")
         fix: Callable[[Any], Any] = lambda a: a  # noqa: E731
@@ -280,7 +322,9 @@ def _safetensors_source(folder: Path) -> TensorSource:
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise WronAIError(f"{folder}: no *.safetensors weights — pass a run directory or a merged model saved by wronai merge")
+        raise WronAIError(
+            f"{folder}: no *.safetensors weights — pass a run directory or a merged model saved by wronai merge"
+        )
     source: TensorSource = {}
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
@@ -301,20 +345,32 @@ def _read_one(file: Path, key: str) -> Any:
         return handle.get_tensor(key)
 
 
-def export_gguf(target: str | Path, out_file: str | Path | None = None, *, outtype: str = "f16", base_model: str | None = None) -> GgufSummary:
+def export_gguf(
+    target: str | Path,
+    out_file: str | Path | None = None,
+    *,
+    outtype: str = "f16",
+    base_model: str | None = None,
+) -> GgufSummary:
     """RUN_DIR (adapter: merged in memory first) or a merged/plain Llama model dir -> one .gguf file."""
     import torch
     from transformers import AutoConfig
 
     _gguf()
     run = locate_run(target)
-    out = Path(out_file) if out_file else run.path / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', run.path.resolve().name)}-{outtype}.gguf"
+    out = (
+        Path(out_file)
+        if out_file
+        else run.path / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', run.path.resolve().name)}-{outtype}.gguf"
+    )
     if run.is_adapter:
         from wronai.merge import load_merged
 
         model, _ = load_merged(run, torch.float32, base_model)
         state = model.state_dict()
-        source: TensorSource = {k: (tuple(v.shape), functools.partial(_identity, v)) for k, v in state.items()}
+        source: TensorSource = {
+            k: (tuple(v.shape), functools.partial(_identity, v)) for k, v in state.items()
+        }
         config = model.config
     else:
         source = _safetensors_source(run.path)

@@ -15,7 +15,9 @@ def load_object(spec: str, key: str) -> Any:
     """Import the object a hook spec names; errors name the config key and the fix."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
-        raise WronAIError(f"{key}: {spec!r} is not an import path — write package.module:function or file.py:function")
+        raise WronAIError(
+            f"{key}: {spec!r} is not an import path — write package.module:function or file.py:function"
+        )
     if target.endswith(".py"):
         path = Path(target)
         if not path.exists():
@@ -37,7 +39,9 @@ def load_object(spec: str, key: str) -> Any:
         try:
             module = importlib.import_module(target)
         except ImportError as err:
-            raise WronAIError(f"{key}: cannot import module {target!r} ({err}) — is it installed or on PYTHONPATH?") from None
+            raise WronAIError(
+                f"{key}: cannot import module {target!r} ({err}) — is it installed or on PYTHONPATH?"
+            ) from None
     try:
         obj = getattr(module, attr)
     except AttributeError:

@@ -95,7 +95,10 @@ def _bf16_ok(device: str) -> bool:
 
 
 def plan_device(
-    hardware: HardwareSection, training: TrainingSection, quantization: QuantizationSection, model: ModelConfig
+    hardware: HardwareSection,
+    training: TrainingSection,
+    quantization: QuantizationSection,
+    model: ModelConfig,
 ) -> DevicePlan:
     """Resolve device, precision, quantization, optimizer and attention for this machine."""
     notes: list[str] = []
@@ -125,13 +128,17 @@ def plan_device(
     elif quantization.load_in_8bit:
         quant = "8bit"
     if quant != "none" and importlib.util.find_spec("bitsandbytes") is None:
-        notes.append("quantization needs bitsandbytes, which is not installed — loading unquantized (pip install bitsandbytes)")
+        notes.append(
+            "quantization needs bitsandbytes, which is not installed — loading unquantized (pip install bitsandbytes)"
+        )
         quant = "none"
     if quant != "none" and device == "mps":
         notes.append("bitsandbytes quantization does not run on mps — loading unquantized")
         quant = "none"
     if quant == "8bit" and device == "cpu":
-        notes.append("8-bit (LLM.int8) training needs CUDA — loading unquantized on cpu (use load_in_4bit for QLoRA on CPU)")
+        notes.append(
+            "8-bit (LLM.int8) training needs CUDA — loading unquantized on cpu (use load_in_4bit for QLoRA on CPU)"
+        )
         quant = "none"
 
     compute = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
@@ -139,17 +146,23 @@ def plan_device(
     ]
     if device != "cuda" and compute == torch.float16:
         compute = torch.bfloat16 if bf16_ok else torch.float32
-        notes.append(f"quantization.bnb_4bit_compute_dtype=float16 is for GPUs — using {_dtype_name(compute)}")
+        notes.append(
+            f"quantization.bnb_4bit_compute_dtype=float16 is for GPUs — using {_dtype_name(compute)}"
+        )
     elif compute == torch.bfloat16 and not bf16_ok:
         compute = torch.float32
         if quant.startswith("4bit"):
-            notes.append(f"quantization.bnb_4bit_compute_dtype=bfloat16 is not supported on this {device} — using float32")
+            notes.append(
+                f"quantization.bnb_4bit_compute_dtype=bfloat16 is not supported on this {device} — using float32"
+            )
 
     model_dtype = _model_dtype(model.torch_dtype, precision, bf16_ok, device, notes)
 
     optimizer = training.optim
     if device != "cuda" and any(tag in optimizer for tag in _CUDA_ONLY_OPTIMIZERS):
-        notes.append(f"training.optim={optimizer} needs CUDA (bitsandbytes paged/8-bit) — using adamw_torch on {device}")
+        notes.append(
+            f"training.optim={optimizer} needs CUDA (bitsandbytes paged/8-bit) — using adamw_torch on {device}"
+        )
         optimizer = "adamw_torch"
     if optimizer == "adamw_torch_fused" and device == "cpu":
         optimizer = "adamw_torch"
@@ -158,7 +171,9 @@ def plan_device(
     if attn == "auto":
         attn = "flash_attention_2" if device == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
     elif attn == "flash_attention_2" and (device != "cuda" or importlib.util.find_spec("flash_attn") is None):
-        notes.append("model.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package — using sdpa")
+        notes.append(
+            "model.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package — using sdpa"
+        )
         attn = "sdpa"
 
     pin = hardware.pin_memory if hardware.pin_memory is not None else device == "cuda"
@@ -190,7 +205,9 @@ def _model_dtype(requested: str, precision: str, bf16_ok: bool, device: str, not
         notes.append(f"model.torch_dtype=float16 is for GPUs — using float32 weights on {device}")
         return torch.float32
     if dtype == torch.bfloat16 and not bf16_ok:
-        notes.append(f"model.torch_dtype=bfloat16 is not supported natively on this {device} — using float32 weights")
+        notes.append(
+            f"model.torch_dtype=bfloat16 is not supported natively on this {device} — using float32 weights"
+        )
         return torch.float32
     return dtype
 

@@ -27,7 +27,16 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "wronai_config.yaml"
 ADAPTER_FILE = "adapter_config.json"
 
-__all__ = ["GenerationOptions", "LoadedRun", "Prompt", "PromptFormat", "RunDir", "generate", "load_run", "locate_run"]
+__all__ = [
+    "GenerationOptions",
+    "LoadedRun",
+    "Prompt",
+    "PromptFormat",
+    "RunDir",
+    "generate",
+    "load_run",
+    "locate_run",
+]
 
 
 @dataclass
@@ -98,15 +107,23 @@ def locate_run(path: str | Path) -> RunDir:
     """
     run = Path(path).expanduser()
     if not run.is_dir():
-        raise WronAIError(f"{run}: no such directory — pass a finished run's training.output_dir (or a model directory)")
+        raise WronAIError(
+            f"{run}: no such directory — pass a finished run's training.output_dir (or a model directory)"
+        )
     is_adapter = (run / ADAPTER_FILE).is_file()
     folders = [run, run.parent] if is_adapter else [run]
     config_file = next((d / CONFIG_FILE for d in folders if (d / CONFIG_FILE).is_file()), None)
     config = _read_config(config_file) if config_file else None
     if is_adapter:
-        base = config.model.name if config else json.loads((run / ADAPTER_FILE).read_text()).get("base_model_name_or_path")
+        base = (
+            config.model.name
+            if config
+            else json.loads((run / ADAPTER_FILE).read_text()).get("base_model_name_or_path")
+        )
         if not base:
-            raise WronAIError(f"{run}: the adapter names no base model and there is no {CONFIG_FILE} — pass --base-model")
+            raise WronAIError(
+                f"{run}: the adapter names no base model and there is no {CONFIG_FILE} — pass --base-model"
+            )
         tok_dir = next((d for d in folders if (d / "tokenizer_config.json").is_file()), Path(base))
         return RunDir(run, True, config, _data_format(folders, config), tok_dir, base)
     if (run / "config.json").is_file():
@@ -126,7 +143,9 @@ def load_tokenizer(run: RunDir) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(run.tokenizer_dir), trust_remote_code=trust)
     except (OSError, ValueError) as err:
-        raise WronAIError(f"{run.tokenizer_dir}: cannot load the tokenizer ({str(err).splitlines()[0]}) — is the run complete?") from None
+        raise WronAIError(
+            f"{run.tokenizer_dir}: cannot load the tokenizer ({str(err).splitlines()[0]}) — is the run complete?"
+        ) from None
     set_pad_token(tokenizer)
     tokenizer.padding_side = "left"  # generation pads on the left so every row ends at its prompt
     return tokenizer
@@ -152,17 +171,25 @@ def load_run(
     tokenizer = load_tokenizer(run)
     cfg = run.config
     name = base_model or run.base_name
-    model_cfg = (cfg.model if cfg else ModelConfig(name=name)).model_copy(update={"name": name, "create_if_missing": None})
+    model_cfg = (cfg.model if cfg else ModelConfig(name=name)).model_copy(
+        update={"name": name, "create_if_missing": None}
+    )
     if not run.is_adapter:
         model_cfg = model_cfg.model_copy(update={"name": str(run.path)})
-    hardware = (cfg.hardware if cfg else HardwareSection()).model_copy(update={"device": device} if device else {})
-    quant = cfg.quantization if (cfg and run.is_adapter and quantize) else QuantizationSection(load_in_4bit=False)
+    hardware = (cfg.hardware if cfg else HardwareSection()).model_copy(
+        update={"device": device} if device else {}
+    )
+    quant = (
+        cfg.quantization if (cfg and run.is_adapter and quantize) else QuantizationSection(load_in_4bit=False)
+    )
     plan = plan_device(hardware, cfg.training if cfg else TrainingSection(), quant, model_cfg)
     if dtype is not None:
         plan = dataclasses.replace(plan, model_dtype=dtype, compute_dtype=dtype)
     model = _load_base(model_cfg, quant, hardware, plan, run)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        modeling.resize_embeddings(model, len(tokenizer))  # tokens added in training: rows restored by the adapter
+        modeling.resize_embeddings(
+            model, len(tokenizer)
+        )  # tokens added in training: rows restored by the adapter
     if run.is_adapter:
         from peft import PeftModel
 
@@ -171,8 +198,20 @@ def load_run(
     model.eval()
     is_quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     quantized = plan.quantization if is_quantized else "none"
-    logger.info("loaded %s%s (%s, weights %s)", name, " + adapter" if run.is_adapter else "", quantized, plan.model_dtype)
-    return LoadedRun(run, model, tokenizer, PromptFormat.for_run(run.data_format, cfg.data if cfg else None, tokenizer), quantized)
+    logger.info(
+        "loaded %s%s (%s, weights %s)",
+        name,
+        " + adapter" if run.is_adapter else "",
+        quantized,
+        plan.model_dtype,
+    )
+    return LoadedRun(
+        run,
+        model,
+        tokenizer,
+        PromptFormat.for_run(run.data_format, cfg.data if cfg else None, tokenizer),
+        quantized,
+    )
 
 
 def _load_base(model_cfg: ModelConfig, quant: Any, hardware: Any, plan: Any, run: RunDir) -> Any:
@@ -186,8 +225,12 @@ def _load_base(model_cfg: ModelConfig, quant: Any, hardware: Any, plan: Any, run
     except (ImportError, RuntimeError) as err:
         if plan.quantization == "none":
             raise
-        logger.warning("4-bit loading failed (%s) — loading the base in full precision", str(err).splitlines()[0])
-        return modeling.load_base_model(model_cfg, quant, hardware, dataclasses.replace(plan, quantization="none"))
+        logger.warning(
+            "4-bit loading failed (%s) — loading the base in full precision", str(err).splitlines()[0]
+        )
+        return modeling.load_base_model(
+            model_cfg, quant, hardware, dataclasses.replace(plan, quantization="none")
+        )
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -211,7 +254,9 @@ class PromptFormat:
         self.tokenizer = tokenizer
         self.template = data_cfg.prompt_template if data_cfg else "polish"
         chat = data_cfg.chat_template if data_cfg else "auto"
-        self.own_chat_template = fmt == "chat" and chat == "auto" and bool(getattr(tokenizer, "chat_template", None))
+        self.own_chat_template = (
+            fmt == "chat" and chat == "auto" and bool(getattr(tokenizer, "chat_template", None))
+        )
         self.chat_name = "chatml" if chat == "auto" else chat
         self.stop_strings = self._stop_strings()
 
@@ -226,26 +271,36 @@ class PromptFormat:
             name = self.template if self.template in formats.ALPACA_TEMPLATES else "custom"
             return f"alpaca prompt template ({name})"
         if self.fmt == "chat":
-            return "chat template (the tokenizer's own)" if self.own_chat_template else f"chat template ({self.chat_name})"
+            return (
+                "chat template (the tokenizer's own)"
+                if self.own_chat_template
+                else f"chat template ({self.chat_name})"
+            )
         return f"{self.fmt} format (prompt sent as written)"
 
     def single(self, text: str, *, input: str = "", system: str = "") -> Prompt:
         """One instruction/question (``input`` = the alpaca input block, ``system`` = a system message)."""
         if not text.strip():
-            raise WronAIError("the prompt is empty — pass some text with --prompt (or a non-empty line in --prompts-file)")
+            raise WronAIError(
+                "the prompt is empty — pass some text with --prompt (or a non-empty line in --prompts-file)"
+            )
         if self.fmt == "alpaca":
             row = {"instruction": text, "input": input, "system": system, "output": "."}
             return Prompt(formats.format_alpaca(row, self.template)[0][0])
         if self.fmt == "chat":
             messages = [{"role": "system", "content": system}] if system else []
-            return self.conversation([*messages, {"role": "user", "content": text if not input else f"{text}\n\n{input}"}])
+            return self.conversation(
+                [*messages, {"role": "user", "content": text if not input else f"{text}\n\n{input}"}]
+            )
         return Prompt(text if not input else f"{text}\n{input}")
 
     def conversation(self, messages: list[dict[str, str]]) -> Prompt:
         """A multi-turn history ending with the user's message, rendered for the next answer."""
         if self.fmt == "chat":
             if self.own_chat_template:
-                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                text = self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
                 return Prompt(text, add_special_tokens=False)
             probe = {"messages": [*messages, {"role": "assistant", "content": "x"}]}
             segments = formats.format_chat(probe, self.chat_name)
@@ -255,7 +310,9 @@ class PromptFormat:
         last = turns[-1]["content"]
         if self.fmt == "alpaca":
             user, bot = HISTORY_LABELS.get(self.template, POLISH_LABELS)
-            history = "\n".join(f"{user if m['role'] == 'user' else bot}: {m['content'].strip()}" for m in turns[:-1])
+            history = "\n".join(
+                f"{user if m['role'] == 'user' else bot}: {m['content'].strip()}" for m in turns[:-1]
+            )
             return self.single(last, input=history, system=system)
         return Prompt("\n\n".join(m["content"] for m in turns))
 
@@ -304,7 +361,10 @@ class GenerationOptions:
         return self
 
     def generate_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+        }
         if self.temperature == 0:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
@@ -358,7 +418,10 @@ def make_streamer(tokenizer: Any, stream: TextIO, stop_strings: list[str]) -> An
                 self.pending = ""
             else:
                 # keep back a tail that could still grow into a stop string
-                keep = max((k for s in stop_strings for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+                keep = max(
+                    (k for s in stop_strings for k in range(1, len(s)) if self.pending.endswith(s[:k])),
+                    default=0,
+                )
                 self._emit(self.pending[: len(self.pending) - keep])
                 self.pending = self.pending[len(self.pending) - keep :]
             if stream_end:
@@ -401,9 +464,15 @@ def generate(
     for start in range(0, len(prompts), batch_size):
         part = prompts[start : start + batch_size]
         texts = [p.text for p in part]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=part[0].add_special_tokens).to(device)
+        enc = tokenizer(
+            texts, return_tensors="pt", padding=True, add_special_tokens=part[0].add_special_tokens
+        ).to(device)
         kwargs = options.generate_kwargs()
-        criteria = StoppingCriteriaList([_stop_criteria(tokenizer, stops, enc["input_ids"].shape[1])]) if stops else None
+        criteria = (
+            StoppingCriteriaList([_stop_criteria(tokenizer, stops, enc["input_ids"].shape[1])])
+            if stops
+            else None
+        )
         streamer = make_streamer(tokenizer, stream, stops) if stream is not None else None
         out = model.generate(
             **enc, **kwargs, stopping_criteria=criteria, streamer=streamer,
@@ -448,7 +517,9 @@ class ChatSession:
     def prompt_for(self, message: str) -> Prompt:
         while True:
             prompt = self.run.prompt.conversation(self.messages(message))
-            n = len(self.run.tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens)["input_ids"])
+            n = len(
+                self.run.tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
+            )
             if n <= self.max_prompt_tokens or not self.history:
                 return prompt
             logger.info("chat: dropping the oldest turn (%d prompt tokens > %d)", n, self.max_prompt_tokens)

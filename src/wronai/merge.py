@@ -28,15 +28,21 @@ def _torch_dtype(name: str, base_dir: str) -> Any:
     if name == "auto":
         try:
             saved = json.loads((Path(base_dir) / "config.json").read_text())
-            name = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(saved.get("dtype") or saved.get("torch_dtype"), "bf16")
+            name = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(
+                saved.get("dtype") or saved.get("torch_dtype"), "bf16"
+            )
         except (OSError, ValueError):
             name = "bf16"
     if name not in DTYPES:
-        raise WronAIError(f"--dtype {name}: use one of bf16, fp16, fp32 (or auto = the base checkpoint's dtype)")
+        raise WronAIError(
+            f"--dtype {name}: use one of bf16, fp16, fp32 (or auto = the base checkpoint's dtype)"
+        )
     return getattr(torch, DTYPES[name])
 
 
-def load_merged(run: RunDir, dtype: Any, base_model: str | None = None, device: str = "cpu") -> tuple[Any, Any]:
+def load_merged(
+    run: RunDir, dtype: Any, base_model: str | None = None, device: str = "cpu"
+) -> tuple[Any, Any]:
     """(merged model, tokenizer): the base in ``dtype`` (never quantized) with the run's adapter merged in."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -44,15 +50,21 @@ def load_merged(run: RunDir, dtype: Any, base_model: str | None = None, device: 
     from wronai.modeling import _from_pretrained_error, resize_embeddings
 
     if not run.is_adapter:
-        raise WronAIError(f"{run.path}: no adapter_config.json — merge needs a LoRA run directory (training.output_dir)")
+        raise WronAIError(
+            f"{run.path}: no adapter_config.json — merge needs a LoRA run directory (training.output_dir)"
+        )
     name = base_model or run.base_name
     trust = bool(run.config and run.config.model.trust_remote_code)
     tokenizer = load_tokenizer(run)
     tokenizer.padding_side = "right"
     try:
-        base = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map={"": device}, trust_remote_code=trust)
+        base = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, device_map={"": device}, trust_remote_code=trust
+        )
     except (OSError, ValueError) as err:
-        raise WronAIError(f"{_from_pretrained_error('model', name, err)} (base of {run.path}; pass --base-model PATH if it moved)") from None
+        raise WronAIError(
+            f"{_from_pretrained_error('model', name, err)} (base of {run.path}; pass --base-model PATH if it moved)"
+        ) from None
     embeddings: Any = base.get_input_embeddings()
     if embeddings.weight.shape[0] < len(tokenizer):
         resize_embeddings(base, len(tokenizer))
@@ -77,10 +89,14 @@ def merge_run(
     run = locate_run(run_dir)
     out = Path(out_dir)
     if out.resolve() == run.path.resolve():
-        raise WronAIError(f"OUT_DIR {out} is the run directory — choose another folder, e.g. {run.path}/merged")
+        raise WronAIError(
+            f"OUT_DIR {out} is the run directory — choose another folder, e.g. {run.path}/merged"
+        )
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise WronAIError(f"OUT_DIR {out} is not empty — pass --overwrite to replace it, or choose another folder")
+            raise WronAIError(
+                f"OUT_DIR {out} is not empty — pass --overwrite to replace it, or choose another folder"
+            )
         shutil.rmtree(out)
     torch_dtype = _torch_dtype(dtype, base_model or run.base_name)
     merged, tokenizer = load_merged(run, torch_dtype, base_model, device)
@@ -88,7 +104,10 @@ def merge_run(
     merged.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     if run.config is not None:
-        shutil.copyfile(next(p for p in (run.path / CONFIG_FILE, run.path.parent / CONFIG_FILE) if p.is_file()), out / CONFIG_FILE)
+        shutil.copyfile(
+            next(p for p in (run.path / CONFIG_FILE, run.path.parent / CONFIG_FILE) if p.is_file()),
+            out / CONFIG_FILE,
+        )
     for name in ("data_stats.json",):
         if (run.path / name).is_file():
             shutil.copyfile(run.path / name, out / name)

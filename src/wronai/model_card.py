@@ -36,7 +36,9 @@ def _front_matter(meta: dict[str, Any]) -> str:
 
 
 def _is_hub_id(name: str) -> bool:
-    return not Path(name).expanduser().exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    return (
+        not Path(name).expanduser().exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    )
 
 
 def _example_prompt(run_dir: Path) -> tuple[str, bool, str]:
@@ -71,7 +73,9 @@ def _results_section(folder: Path, history: list[dict[str, Any]], train: dict[st
 
     lines = ["## Results", ""]
     if train:
-        lines.append(f"- final training loss (mean over the run): {train.get('train_loss', float('nan')):.4f}")
+        lines.append(
+            f"- final training loss (mean over the run): {train.get('train_loss', float('nan')):.4f}"
+        )
     evals = [h for h in history if "eval_loss" in h]
     if evals:
         lines.append(f"- eval loss at step {evals[-1].get('step')}: {evals[-1]['eval_loss']:.4f}")
@@ -83,7 +87,9 @@ def _results_section(folder: Path, history: list[dict[str, Any]], train: dict[st
             base = s.get("base", {}).get("perplexity")
             tuned = s.get("tuned", s.get("model", {})).get("perplexity")
             fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "—"  # noqa: E731
-            lines.append(f"| {r.get('data')} | {r.get('examples')} | {r.get('tokens')} | {fmt(base)} | {fmt(tuned)} |")
+            lines.append(
+                f"| {r.get('data')} | {r.get('examples')} | {r.get('tokens')} | {fmt(base)} | {fmt(tuned)} |"
+            )
         lines += ["", "Perplexity = exp(token-weighted mean loss over trained tokens), from `wronai eval`."]
     elif not train and not evals:
         lines.append("No results recorded yet — run `wronai eval RUN_DIR --base`.")
@@ -108,12 +114,28 @@ def run_card(run_dir: str | Path) -> str:
     train = _json(run / "train_results.json")
     history = (_json(run / "trainer_state.json") or {}).get("log_history", [])
     prov = _json(run / "provenance.json") or {}
-    plan = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in prov.get("device_plan", []) if ":" in line}
+    plan = {
+        line.split(":", 1)[0]: line.split(":", 1)[1].strip()
+        for line in prov.get("device_plan", [])
+        if ":" in line
+    }
     quant = plan.get("quantization", "4bit" if cfg.quantization.load_in_4bit else "none")
     base = cfg.model.name
     datasets = cfg.data.dataset_name if isinstance(cfg.data.dataset_name, list) else [cfg.data.dataset_name]
-    meta: dict[str, Any] = {"base_model": base, "library_name": "peft", "pipeline_tag": "text-generation", "language": ["pl"]}
-    meta["tags"] = ["wronai", "lora", *(["qlora"] if quant.startswith("4bit") else []), "polish", "transformers", f"base_model:adapter:{base}"]
+    meta: dict[str, Any] = {
+        "base_model": base,
+        "library_name": "peft",
+        "pipeline_tag": "text-generation",
+        "language": ["pl"],
+    }
+    meta["tags"] = [
+        "wronai",
+        "lora",
+        *(["qlora"] if quant.startswith("4bit") else []),
+        "polish",
+        "transformers",
+        f"base_model:adapter:{base}",
+    ]
     hub_data = [d for d in datasets if _is_hub_id(d)]
     if hub_data:
         meta["datasets"] = hub_data
@@ -167,7 +189,12 @@ def merged_card(out_dir: str | Path, info: dict[str, Any]) -> str:
     """The README.md for a merged (standalone) model written by ``wronai merge``."""
     out = Path(out_dir)
     base = info.get("base_model", "?")
-    meta = {"base_model": base, "library_name": "transformers", "pipeline_tag": "text-generation", "language": ["pl"]}
+    meta = {
+        "base_model": base,
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "language": ["pl"],
+    }
     meta["tags"] = ["wronai", "lora", "merged", "polish", f"base_model:finetune:{base}"]
     prompt, add_special, described = _example_prompt(out)
     history = (_json(out / "trainer_state.json") or {}).get("log_history", [])

@@ -54,7 +54,9 @@ def _from_pretrained_error(what: str, name: str, err: Exception) -> WronAIError:
             f"model.name: cannot load the {what} for {name!r} from the Hugging Face Hub ({text}) — "
             "check the id and your network, or point model.name at a local directory"
         )
-    return WronAIError(f"model.name: {name} does not hold a loadable {what} ({text}) — it needs config.json and weights/tokenizer files")
+    return WronAIError(
+        f"model.name: {name} does not hold a loadable {what} ({text}) — it needs config.json and weights/tokenizer files"
+    )
 
 
 def load_tokenizer(model_cfg: ModelConfig, polish_cfg: PolishSection) -> tuple[Any, list[int]]:
@@ -72,7 +74,9 @@ def load_tokenizer(model_cfg: ModelConfig, polish_cfg: PolishSection) -> tuple[A
     if polish_cfg.add_polish_tokens:
         fresh = [t for t in polish_cfg.special_tokens if t not in tokenizer.get_vocab()]
         if fresh:
-            tokenizer.add_special_tokens({"additional_special_tokens": fresh}, replace_extra_special_tokens=False)
+            tokenizer.add_special_tokens(
+                {"additional_special_tokens": fresh}, replace_extra_special_tokens=False
+            )
             added = [int(tokenizer.convert_tokens_to_ids(token)) for token in fresh]  # type: ignore[arg-type]  # one token → one id
             logger.info("added %d Polish special tokens: %s", len(fresh), " ".join(fresh))
     set_pad_token(tokenizer)
@@ -93,12 +97,18 @@ def set_pad_token(tokenizer: Any) -> None:
         logger.info("tokenizer has no pad token — using %s (unk) for padding", tokenizer.unk_token)
     elif tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-        logger.info("tokenizer has no pad token — using EOS for padding (labels are masked by position, EOS still trained)")
+        logger.info(
+            "tokenizer has no pad token — using EOS for padding (labels are masked by position, EOS still trained)"
+        )
     else:
-        raise WronAIError("the tokenizer has no pad, unk or eos token — set one with extensions.tokenizer_hook")
+        raise WronAIError(
+            "the tokenizer has no pad, unk or eos token — set one with extensions.tokenizer_hook"
+        )
 
 
-def quantization_config(quant_cfg: QuantizationSection, plan: DevicePlan, hardware: HardwareSection | None = None):
+def quantization_config(
+    quant_cfg: QuantizationSection, plan: DevicePlan, hardware: HardwareSection | None = None
+):
     """The ``BitsAndBytesConfig`` for the plan, or None when the plan loads unquantized."""
     if plan.quantization == "none":
         return None
@@ -113,7 +123,9 @@ def quantization_config(quant_cfg: QuantizationSection, plan: DevicePlan, hardwa
         bnb_4bit_quant_type=quant_cfg.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=quant_cfg.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=plan.compute_dtype,
-        bnb_4bit_quant_storage=distributed.quant_storage_dtype(hardware, plan.model_dtype) if hardware else torch.uint8,
+        bnb_4bit_quant_storage=distributed.quant_storage_dtype(hardware, plan.model_dtype)
+        if hardware
+        else torch.uint8,
     )
 
 
@@ -186,7 +198,12 @@ def resize_embeddings(model: Any, vocab_size: int) -> list[int]:
     return list(range(old, vocab_size))
 
 
-def apply_lora(model: Any, lora_cfg: LoraSection, new_token_ids: list[int] | None = None, gradient_checkpointing: bool = True):
+def apply_lora(
+    model: Any,
+    lora_cfg: LoraSection,
+    new_token_ids: list[int] | None = None,
+    gradient_checkpointing: bool = True,
+):
     """k-bit preparation (when quantized), gradient checkpointing and the LoRA adapter."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -223,7 +240,12 @@ def apply_lora(model: Any, lora_cfg: LoraSection, new_token_ids: list[int] | Non
             f"lora.target_modules: {err} — list module names that exist in this model, or use all-linear"
         ) from None
     trainable, total = peft_model.get_nb_trainable_parameters()
-    logger.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    logger.info(
+        "trainable parameters: %s of %s (%.3f%%)",
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / max(total, 1),
+    )
     return peft_model
 
 
@@ -233,6 +255,8 @@ def _embedding_module_names(model: Any) -> list[str]:
     input_emb = model.get_input_embeddings()
     output_emb = model.get_output_embeddings()
     for module_name, module in model.named_modules():
-        if module is input_emb or (output_emb is not None and module is output_emb and output_emb.weight is not input_emb.weight):
+        if module is input_emb or (
+            output_emb is not None and module is output_emb and output_emb.weight is not input_emb.weight
+        ):
             names.append(module_name.split(".")[-1])
     return names

@@ -37,10 +37,18 @@ def _wandb_has_key() -> bool:
 def check_trackers(logging_cfg: LoggingSection) -> None:
     """Fail early, with the fix, when a configured tracker is not installed."""
     wanted = logging_cfg.report_to
-    if "tensorboard" in wanted and importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-        raise WronAIError("logging.report_to: tensorboard is not installed — pip install tensorboard, or remove it from report_to")
+    if (
+        "tensorboard" in wanted
+        and importlib.util.find_spec("tensorboard") is None
+        and importlib.util.find_spec("tensorboardX") is None
+    ):
+        raise WronAIError(
+            "logging.report_to: tensorboard is not installed — pip install tensorboard, or remove it from report_to"
+        )
     if "wandb" in wanted and importlib.util.find_spec("wandb") is None:
-        raise WronAIError("logging.report_to: wandb is not installed — pip install 'wronai[wandb]', or remove it from report_to")
+        raise WronAIError(
+            "logging.report_to: wandb is not installed — pip install 'wronai[wandb]', or remove it from report_to"
+        )
 
 
 def resolve_report_to(logging_cfg: LoggingSection, output_dir: str) -> list[str]:
@@ -52,7 +60,9 @@ def resolve_report_to(logging_cfg: LoggingSection, output_dir: str) -> list[str]
         if mode == "auto":
             mode = "online" if _wandb_has_key() else "offline"
             if mode == "offline":
-                logger.info("W&B: no API key found — logging offline to %s (sync later with `wandb sync`)", output_dir)
+                logger.info(
+                    "W&B: no API key found — logging offline to %s (sync later with `wandb sync`)", output_dir
+                )
         if mode == "disabled":
             wanted.remove("wandb")
         os.environ["WANDB_MODE"] = mode

@@ -61,7 +61,9 @@ class WronAITrainer:
         self.signals = reliability.SignalState()
         self.base_tokenizer: Any = None  # the tokenizer before polish.extend_vocab
         self.vocab_tokens: list[Any] = []  # tokens added by polish.extend_vocab
-        self._zero3_load: Any = None  # HfDeepSpeedConfig while a ZeRO-3 model loads (distributed.prepare_for_sharded_load)
+        self._zero3_load: Any = (
+            None  # HfDeepSpeedConfig while a ZeRO-3 model loads (distributed.prepare_for_sharded_load)
+        )
 
     @staticmethod
     def load_config(path: str | Path, overrides: list[str] | None = None) -> WronAIConfig:
@@ -92,7 +94,9 @@ class WronAITrainer:
 
         set_seed(self.config.training.seed)  # LoRA's random init happens before the Trainer seeds anything
         # ZeRO-3: load each weight straight into its partition; kept alive until the Trainer exists
-        self._zero3_load = distributed.prepare_for_sharded_load(self.config.hardware, self.plan, self.config.training)
+        self._zero3_load = distributed.prepare_for_sharded_load(
+            self.config.hardware, self.plan, self.config.training
+        )
         try:
             base = modeling.load_base_model(
                 self.config.model, self.config.quantization, self.config.hardware, self.plan
@@ -375,7 +379,10 @@ def run(
             from wronai.report import write_report
 
             # ZeRO-3 keeps every weight split across ranks: rank 0 alone cannot generate samples in-process
-            sharded = distributed.strategy(config.hardware) == "deepspeed_zero3" and distributed.world().is_distributed
+            sharded = (
+                distributed.strategy(config.hardware) == "deepspeed_zero3"
+                and distributed.world().is_distributed
+            )
             samples = config.logging.report_samples and not sharded
             write_report(out, model=pipeline.model, tokenizer=pipeline.tokenizer, samples=samples)
         except Exception as err:  # the report must never fail a finished run

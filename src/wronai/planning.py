@@ -53,7 +53,9 @@ class ModelShape:
                 head_dim=int(cfg.get("head_dim") or hidden // heads), tied=bool(cfg.get("tie_word_embeddings", False)),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as err:
-            raise WronAIError(f"model.name: config.json lacks {err} — wronai plan supports decoder-only (Llama-style) configs") from None
+            raise WronAIError(
+                f"model.name: config.json lacks {err} — wronai plan supports decoder-only (Llama-style) configs"
+            ) from None
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each projection in one decoder layer."""
@@ -68,7 +70,9 @@ class ModelShape:
 
     @property
     def other_params(self) -> int:  # embeddings, output head, norms: never quantized
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * 2 * self.hidden + self.hidden
+        return (
+            self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * 2 * self.hidden + self.hidden
+        )
 
     @property
     def total_params(self) -> int:
@@ -137,7 +141,11 @@ def estimate(shape: ModelShape, s: Settings, *, cuda_context: bool = True, devic
     shard_weights = s.strategy in ("fsdp", "deepspeed_zero3")
     shard_states = s.strategy in ("fsdp", "deepspeed_zero3", "deepspeed_zero2")
     quantized = s.quantization != "none"
-    per_linear = {"4bit": 0.5 + (0.127 if s.double_quant else 0.5) / 8, "8bit": 1.0 + 4 / 4096, "none": float(s.weight_bytes)}[s.quantization]
+    per_linear = {
+        "4bit": 0.5 + (0.127 if s.double_quant else 0.5) / 8,
+        "8bit": 1.0 + 4 / 4096,
+        "none": float(s.weight_bytes),
+    }[s.quantization]
     other_bytes = 4 if quantized else s.weight_bytes  # prepare_model_for_kbit_training casts them to fp32
     weights = shape.linear_params * per_linear + shape.other_params * other_bytes
     layer_weights = weights / shape.layers if shard_weights else 0.0
@@ -145,7 +153,9 @@ def estimate(shape: ModelShape, s: Settings, *, cuda_context: bool = True, devic
         weights = weights / n + layer_weights  # own shard + one all-gathered layer at a time
 
     linears = shape.linears()
-    lora = shape.layers * sum(s.lora_r * (a + b) for name, (a, b) in linears.items() if name in s.lora_targets)
+    lora = shape.layers * sum(
+        s.lora_r * (a + b) for name, (a, b) in linears.items() if name in s.lora_targets
+    )
     lora_weights = lora * 4 / (n if shard_weights else 1)
     lora_states = lora * (4 + 8) / (n if shard_states else 1)  # fp32 grads + AdamW exp_avg, exp_avg_sq
 
@@ -161,7 +171,9 @@ def estimate(shape: ModelShape, s: Settings, *, cuda_context: bool = True, devic
     # alive together at the loss's peak: the logits plus three fp32 tensors of their size (fp32 copy or
     # log-softmax output, and gradients); measured with transformers' loss: 14 bytes/logit in bf16, 16 in fp32
     logits = tokens * shape.vocab * (d + 12)
-    dequant = max(a * b for a, b in linears.values()) * d if quantized else 0  # one dequantized weight at a time
+    dequant = (
+        max(a * b for a, b in linears.values()) * d if quantized else 0
+    )  # one dequantized weight at a time
 
     parts = {
         "base weights": weights,
@@ -212,8 +224,14 @@ def _hub_config(repo_id: str, revision: str | None) -> dict[str, Any]:
         path = hf_hub_download(repo_id, filename="config.json", revision=revision)
     except Exception as err:  # offline, unknown repo, gated repo: all one line for the user
         kind = type(err).__name__
-        offline = kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or isinstance(err, (ConnectionError, TimeoutError))
-        reason = "offline or the Hub is unreachable" if offline else (str(err).strip().splitlines() or [kind])[0][:120]
+        offline = kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or isinstance(
+            err, (ConnectionError, TimeoutError)
+        )
+        reason = (
+            "offline or the Hub is unreachable"
+            if offline
+            else (str(err).strip().splitlines() or [kind])[0][:120]
+        )
         raise WronAIError(
             f"model.name: cannot fetch config.json of {repo_id!r} from the Hugging Face Hub ({reason}) — "
             "connect to the network, or point model.name at a local directory holding config.json"
@@ -240,7 +258,12 @@ def _variants(s: Settings, device: str = "cuda") -> list[tuple[str, Settings]]:
     if not s.gradient_checkpointing:
         out.append(("set training.gradient_checkpointing: true", replace(s, gradient_checkpointing=True)))
     if s.quantization != "4bit":
-        out.append(("set quantization.load_in_4bit: true (QLoRA)", replace(s, quantization="4bit", double_quant=True)))
+        out.append(
+            (
+                "set quantization.load_in_4bit: true (QLoRA)",
+                replace(s, quantization="4bit", double_quant=True),
+            )
+        )
     if s.batch > 1:
         b = max(1, s.batch // 2)
         acc = s.accumulation * s.batch // b
@@ -250,9 +273,19 @@ def _variants(s: Settings, device: str = "cuda") -> list[tuple[str, Settings]]:
         out.append((f"set data.max_seq_length: {s.seq // 2}", replace(s, seq=s.seq // 2)))
     if s.strategy not in ("fsdp", "deepspeed_zero3") and s.nproc > 1:
         if device == "cpu":  # accelerate turns FSDP on only for GPUs; ZeRO-3 shards on CPU too
-            out.append((f"set hardware.distributed: deepspeed_zero3 (shard the weights over {s.nproc} processes)", replace(s, strategy="deepspeed_zero3")))
+            out.append(
+                (
+                    f"set hardware.distributed: deepspeed_zero3 (shard the weights over {s.nproc} processes)",
+                    replace(s, strategy="deepspeed_zero3"),
+                )
+            )
         else:
-            out.append((f"set hardware.distributed: fsdp (shard the weights over {s.nproc} GPUs)", replace(s, strategy="fsdp")))
+            out.append(
+                (
+                    f"set hardware.distributed: fsdp (shard the weights over {s.nproc} GPUs)",
+                    replace(s, strategy="fsdp"),
+                )
+            )
     if s.lora_r > 16:
         out.append(("set lora.r: 16", replace(s, lora_r=16)))
     return out
@@ -264,7 +297,9 @@ def make_plan(shape: ModelShape, settings: Settings, gpu_bytes: float, device: s
     if est.total > gpu_bytes:
         current = settings
         for _ in range(6):  # greedy: the change that saves most, until it fits
-            options = [(estimate(shape, v, device=device).total, text, v) for text, v in _variants(current, device)]
+            options = [
+                (estimate(shape, v, device=device).total, text, v) for text, v in _variants(current, device)
+            ]
             if not options:
                 break
             total, text, current = min(options, key=lambda o: o[0])
@@ -272,7 +307,11 @@ def make_plan(shape: ModelShape, settings: Settings, gpu_bytes: float, device: s
             if total <= gpu_bytes:
                 break
         if estimate(shape, current, device=device).total > gpu_bytes:
-            where = "more RAM" if device == "cpu" else "a GPU with more memory, more GPUs with hardware.distributed: fsdp"
+            where = (
+                "more RAM"
+                if device == "cpu"
+                else "a GPU with more memory, more GPUs with hardware.distributed: fsdp"
+            )
             advice.append(f"still too large: use {where}, or a smaller model")
     return Plan(shape, settings, est, gpu_bytes, advice, device)
 
@@ -285,13 +324,17 @@ def render(plan: Plan, model_name: str, gpu_label: str) -> str:
         f"run: {s.quantization} weights, LoRA r={s.lora_r} on {len(s.lora_targets)} module types ({_count(e.trainable)} trainable), "
         f"batch {s.batch} × seq {s.seq}, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}, "
         f"{s.nproc} {'process' if cpu else 'GPU'}(s), strategy {s.strategy}",
-        "peak RSS increase per process (CPU; + ~0.4 GiB for Python and the libraries):" if cpu else "memory per GPU:",
+        "peak RSS increase per process (CPU; + ~0.4 GiB for Python and the libraries):"
+        if cpu
+        else "memory per GPU:",
         *[f"  {name:<20} {value / GIB:7.2f} GiB" for name, value in e.parts.items()],
         f"  {'total':<20} {e.total / GIB:7.2f} GiB",
     ]
     verdict = "fits" if plan.fits else "does NOT fit"
     target = f"in {gpu_label} of RAM" if cpu else f"on a {gpu_label} GPU"
-    lines.append(f"{verdict} {target} ({plan.gpu_bytes / GIB:.0f} GiB): {100 * e.total / plan.gpu_bytes:.0f}% used")
+    lines.append(
+        f"{verdict} {target} ({plan.gpu_bytes / GIB:.0f} GiB): {100 * e.total / plan.gpu_bytes:.0f}% used"
+    )
     lines += [f"  to fit: {a}" for a in plan.advice]
     return "\n".join(lines) + "\n"
 

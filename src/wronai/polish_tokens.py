@@ -30,7 +30,11 @@ from wronai.errors import WronAIError
 #: Pre-tokenizer pattern: a word (letters + combining marks) with an optional leading space, one digit,
 #: a run of punctuation/symbols, or whitespace (GPT-2 style: the last space goes with the next word).
 POLISH_SPLIT_PATTERN = r" ?[\p{L}\p{M}]+| ?\p{N}| ?[^\s\p{L}\p{M}\p{N}]+|\s+(?!\S)|\s+"
-SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}  # as wronai.tiny (no torch import here)
+SPECIAL_TOKENS = {
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+}  # as wronai.tiny (no torch import here)
 _WORD = re.compile(r"[^\W_]+")
 _BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
@@ -316,4 +320,6 @@ def train_polish_tokenizer(texts: list[str], vocab_size: int, min_frequency: int
         raise WronAIError("--data: no text to train on — pass .txt/.jsonl files with Polish text")
     from wronai.tiny import train_tokenizer
 
-    return train_tokenizer(texts, vocab_size, pre_tokenizer=polish_pre_tokenizer(), min_frequency=min_frequency)
+    return train_tokenizer(
+        texts, vocab_size, pre_tokenizer=polish_pre_tokenizer(), min_frequency=min_frequency
+    )

@@ -35,7 +35,11 @@ def preview(config: WronAIConfig, n: int = 3, color: bool = False) -> str:
     pipeline.load_tokenizer()
     data = pipeline.load_dataset()
     tok = pipeline.tokenizer
-    lines = ["legend: " + ("dim = masked (no loss), green = trained" if color else "⟦masked, no loss⟧ plain = trained"), ""]
+    lines = [
+        "legend: "
+        + ("dim = masked (no loss), green = trained" if color else "⟦masked, no loss⟧ plain = trained"),
+        "",
+    ]
     for i in range(min(n, len(data.train))):
         row = data.train[i]
         trained = sum(1 for x in row["labels"] if x != IGNORE_INDEX)

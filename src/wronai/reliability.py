@@ -59,7 +59,10 @@ class SignalState:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: abort now
         if self.received is None:
-            logger.warning("%s received — finishing the current step and writing a checkpoint (Ctrl-C again to abort)", name)
+            logger.warning(
+                "%s received — finishing the current step and writing a checkpoint (Ctrl-C again to abort)",
+                name,
+            )
         self.received = name
 
 
@@ -109,7 +112,9 @@ class GradientGuard:
         optimizer.zero_grad(set_to_none=True)
         self.skipped += 1
         self.consecutive += 1
-        logger.warning("non-finite gradient at step %d — update skipped (%d skipped so far)", step, self.skipped)
+        logger.warning(
+            "non-finite gradient at step %d — update skipped (%d skipped so far)", step, self.skipped
+        )
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteLossError(
                 f"{self.consecutive} consecutive steps with non-finite loss/gradient (last at step {step}) — training stopped. "

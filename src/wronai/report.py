@@ -31,7 +31,11 @@ SAMPLE_PROMPTS = [
     "Wyjaśnij krótko, czym jest uczenie maszynowe.",
     "Podaj trzy tradycyjne polskie potrawy.",
 ]
-TEXT_PROMPTS = ["Warszawa jest", "Najważniejszą rzeką w Polsce", "W języku polskim"]  # runs trained on raw text
+TEXT_PROMPTS = [
+    "Warszawa jest",
+    "Najważniejszą rzeką w Polsce",
+    "W języku polskim",
+]  # runs trained on raw text
 PLOTS = {  # file stem -> (title, y label, [(log key, legend label)])
     "loss": ("Loss", "loss", [("loss", "train loss"), ("eval_loss", "eval loss")]),
     "learning_rate": ("Learning rate", "learning rate", [("learning_rate", "learning rate")]),
@@ -49,7 +53,11 @@ def _json(path: Path) -> Any:
 
 
 def series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    points = [(float(h["step"]), float(h[key])) for h in history if key in h and "step" in h and isinstance(h[key], (int, float))]
+    points = [
+        (float(h["step"]), float(h[key]))
+        for h in history
+        if key in h and "step" in h and isinstance(h[key], (int, float))
+    ]
     return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -89,7 +97,9 @@ def plot(history: list[dict[str, Any]], stem: str) -> bytes | None:
     return buf.getvalue()
 
 
-def generate_samples(run_dir: Path, model: Any = None, tokenizer: Any = None, max_new_tokens: int = 64) -> list[dict[str, str]]:
+def generate_samples(
+    run_dir: Path, model: Any = None, tokenizer: Any = None, max_new_tokens: int = 64
+) -> list[dict[str, str]]:
     """Greedy answers to the fixed prompts, rendered in the run's prompt format."""
     from wronai.inference import GenerationOptions, LoadedRun, PromptFormat, generate, load_run, locate_run
 
@@ -123,7 +133,9 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _summary(history: list[dict[str, Any]], train: dict[str, Any], evals: list[dict[str, Any]], state: dict[str, Any]) -> list[tuple[str, Any]]:
+def _summary(
+    history: list[dict[str, Any]], train: dict[str, Any], evals: list[dict[str, Any]], state: dict[str, Any]
+) -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = [("optimizer steps", state.get("global_step", "?"))]
     _, losses = series(history, "loss")
     if losses:
@@ -134,7 +146,12 @@ def _summary(history: list[dict[str, Any]], train: dict[str, Any], evals: list[d
     for r in evals:
         s = r.get("scores", {})
         if "base" in s and "tuned" in s:
-            rows.append((f"perplexity on {r.get('data')}", f"base {s['base']['perplexity']:.3f} → tuned {s['tuned']['perplexity']:.3f}"))
+            rows.append(
+                (
+                    f"perplexity on {r.get('data')}",
+                    f"base {s['base']['perplexity']:.3f} → tuned {s['tuned']['perplexity']:.3f}",
+                )
+            )
         elif s:
             name, score = next(iter(s.items()))
             rows.append((f"perplexity on {r.get('data')} ({name})", f"{score['perplexity']:.3f}"))
@@ -150,7 +167,9 @@ def _summary(history: list[dict[str, Any]], train: dict[str, Any], evals: list[d
     return rows
 
 
-def render_html(run_dir: Path, images: dict[str, bytes], samples: list[dict[str, str]] | None, samples_note: str) -> str:
+def render_html(
+    run_dir: Path, images: dict[str, bytes], samples: list[dict[str, str]] | None, samples_note: str
+) -> str:
     state = _json(run_dir / "trainer_state.json") or {}
     history = state.get("log_history", [])
     train = _json(run_dir / "train_results.json") or {}
@@ -159,8 +178,14 @@ def render_html(run_dir: Path, images: dict[str, bytes], samples: list[dict[str,
     from wronai.evaluate import load_results
 
     evals = load_results(run_dir)
-    config_text = (run_dir / "wronai_config.yaml").read_text(encoding="utf-8") if (run_dir / "wronai_config.yaml").is_file() else ""
-    base = str(((yaml.safe_load(config_text) or {}).get("model") or {}).get("name", "?")) if config_text else "?"
+    config_text = (
+        (run_dir / "wronai_config.yaml").read_text(encoding="utf-8")
+        if (run_dir / "wronai_config.yaml").is_file()
+        else ""
+    )
+    base = (
+        str(((yaml.safe_load(config_text) or {}).get("model") or {}).get("name", "?")) if config_text else "?"
+    )
     missing = [PLOTS[s][0].lower() for s in ("throughput", "memory") if s not in images]
     plots = "".join(
         f"<figure><img alt='{html.escape(PLOTS[stem][0])}' src='data:image/png;base64,{base64.b64encode(png).decode()}'></figure>"
@@ -188,8 +213,15 @@ def render_html(run_dir: Path, images: dict[str, bytes], samples: list[dict[str,
         ("padding (unpacked)", f"{100 * stats.get('padding_fraction_unpacked', 0.0):.1f}%"),
     ]
     if stats.get("packed_rows"):
-        stat_rows.append(("packed rows", f"{stats['packed_rows']} ({100 * (stats.get('padding_fraction_packed') or 0):.1f}% padding)"))
-    env_rows = [(k, v) for k, v in prov.get("versions", {}).items()] + [("device plan", "; ".join(prov.get("device_plan", [])))]
+        stat_rows.append(
+            (
+                "packed rows",
+                f"{stats['packed_rows']} ({100 * (stats.get('padding_fraction_packed') or 0):.1f}% padding)",
+            )
+        )
+    env_rows = [(k, v) for k, v in prov.get("versions", {}).items()] + [
+        ("device plan", "; ".join(prov.get("device_plan", [])))
+    ]
     name = html.escape(run_dir.resolve().name)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>WronAI run report: {name}</title>
@@ -229,7 +261,12 @@ code{background:#eef0f4;padding:1px 5px;border-radius:4px;font-size:90%} pre cod
 
 
 def write_report(
-    run_dir: str | Path, *, model: Any = None, tokenizer: Any = None, samples: bool = True, max_new_tokens: int = 64
+    run_dir: str | Path,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    samples: bool = True,
+    max_new_tokens: int = 64,
 ) -> Path:
     """Write RUN_DIR/report.html (+ report_*.png, samples.json) and the model card RUN_DIR/README.md.
 
@@ -253,7 +290,9 @@ def write_report(
     if samples:
         try:
             sample_rows = generate_samples(run, model, tokenizer, max_new_tokens)
-            (run / SAMPLES_FILE).write_text(json.dumps(sample_rows, indent=2, ensure_ascii=False), encoding="utf-8")
+            (run / SAMPLES_FILE).write_text(
+                json.dumps(sample_rows, indent=2, ensure_ascii=False), encoding="utf-8"
+            )
         except WronAIError as err:
             note = f"Samples could not be generated: {err}"
             logger.warning("report: %s", note)

@@ -27,7 +27,17 @@ logger = logging.getLogger(__name__)
 FINISHED_MARKER = "train_results.json"
 CONFIG_FILE = "wronai_config.yaml"
 PROVENANCE_FILE = "provenance.json"
-LIBRARIES = ("wronai", "torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate", "tokenizers", "trl")
+LIBRARIES = (
+    "wronai",
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "datasets",
+    "accelerate",
+    "tokenizers",
+    "trl",
+)
 
 
 def check_output_dir(output_dir: str | Path, *, overwrite: bool, resume: bool) -> None:
@@ -49,7 +59,9 @@ def check_output_dir(output_dir: str | Path, *, overwrite: bool, resume: bool) -
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise WronAIError(f"training.output_dir: cannot write to {out} ({err.strerror}) — fix permissions or choose another directory") from None
+        raise WronAIError(
+            f"training.output_dir: cannot write to {out} ({err.strerror}) — fix permissions or choose another directory"
+        ) from None
 
 
 def library_versions() -> dict[str, str]:
@@ -64,10 +76,14 @@ def library_versions() -> dict[str, str]:
 
 def git_revision(path: Path) -> dict[str, Any] | None:
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5)
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5
+        )
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=path, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=path, capture_output=True, text=True, timeout=5
+        )
         return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         return None
@@ -90,7 +106,13 @@ def write_config_and_provenance(out: Path, config: WronAIConfig, extra: dict[str
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance(extra), indent=2, default=str), encoding="utf-8")
 
 
-def save_run(trainer: Any, tokenizer: Any, config: WronAIConfig, metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+def save_run(
+    trainer: Any,
+    tokenizer: Any,
+    config: WronAIConfig,
+    metrics: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write the final adapter, tokenizer, config, provenance, state and metrics to the output dir."""
     out = Path(config.training.output_dir)
     trainer.save_model(str(out))  # every rank: FSDP/DeepSpeed gather the shards inside

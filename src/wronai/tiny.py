@@ -28,10 +28,16 @@ def iter_text(paths: list[str]) -> Iterator[str]:
     for name in paths:
         path = Path(name)
         if not path.exists():
-            raise WronAIError(f"model.create_if_missing.tokenizer_data: file not found: {path} — fix the path")
+            raise WronAIError(
+                f"model.create_if_missing.tokenizer_data: file not found: {path} — fix the path"
+            )
         if path.suffix in (".jsonl", ".json"):
             text = path.read_text(encoding="utf-8")
-            rows = json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+            rows = (
+                json.loads(text)
+                if path.suffix == ".json"
+                else [json.loads(x) for x in text.splitlines() if x.strip()]
+            )
             for row in rows:
                 yield from _strings(row)
         else:
@@ -85,7 +91,9 @@ def build_tiny_model(spec: TinyModelSpec, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     texts = list(iter_text(spec.tokenizer_data))
     if not texts:
-        raise WronAIError("model.create_if_missing.tokenizer_data holds no text — point it at .txt/.jsonl files with text")
+        raise WronAIError(
+            "model.create_if_missing.tokenizer_data holds no text — point it at .txt/.jsonl files with text"
+        )
     torch.manual_seed(spec.seed)
     tokenizer = train_tokenizer(texts, spec.vocab_size)
     config = LlamaConfig(
@@ -107,11 +115,15 @@ def build_tiny_model(spec: TinyModelSpec, out_dir: str | Path) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
-    logger.info("built a %.1fM-parameter Llama model and a %d-token tokenizer in %s", n / 1e6, len(tokenizer), out)
+    logger.info(
+        "built a %.1fM-parameter Llama model and a %d-token tokenizer in %s", n / 1e6, len(tokenizer), out
+    )
     return out
 
 
-def _pretrain(model, tokenizer, texts: list[str], spec: TinyModelSpec, seq_len: int = 128, batch: int = 8) -> None:
+def _pretrain(
+    model, tokenizer, texts: list[str], spec: TinyModelSpec, seq_len: int = 128, batch: int = 8
+) -> None:
     """A few full-weight steps of next-token prediction on the given text."""
     ids: list[int] = []
     for text in texts:
@@ -131,5 +143,7 @@ def _pretrain(model, tokenizer, texts: list[str], spec: TinyModelSpec, seq_len: 
         opt.step()
         opt.zero_grad()
         if step % 50 == 0 or step == spec.pretrain_steps - 1:
-            logger.info("base-model pre-training step %d/%d: loss %.3f", step + 1, spec.pretrain_steps, loss.item())
+            logger.info(
+                "base-model pre-training step %d/%d: loss %.3f", step + 1, spec.pretrain_steps, loss.item()
+            )
     model.eval()

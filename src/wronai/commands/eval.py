@@ -25,13 +25,36 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("target", metavar="RUN_DIR|MODEL", help="a run's training.output_dir (or checkpoint), or a plain model directory")
-    p.add_argument("--data", nargs="+", metavar="FILE", help="score these files instead of the eval split (.jsonl/.json/.csv/.parquet/.txt)")
-    p.add_argument("--base", action="store_true", help="also score the base model, printing `base ppl X → tuned ppl Y`")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: training.per_device_eval_batch_size)")
+    p.add_argument(
+        "target",
+        metavar="RUN_DIR|MODEL",
+        help="a run's training.output_dir (or checkpoint), or a plain model directory",
+    )
+    p.add_argument(
+        "--data",
+        nargs="+",
+        metavar="FILE",
+        help="score these files instead of the eval split (.jsonl/.json/.csv/.parquet/.txt)",
+    )
+    p.add_argument(
+        "--base", action="store_true", help="also score the base model, printing `base ppl X → tuned ppl Y`"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="rows per forward pass (default: training.per_device_eval_batch_size)",
+    )
     p.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N examples")
-    p.add_argument("--base-model", default=None, metavar="PATH_OR_ID", help="load this base model instead of the saved model.name")
-    p.add_argument("--full-precision", action="store_true", help="load the base unquantized even if the run was 4-bit")
+    p.add_argument(
+        "--base-model",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="load this base model instead of the saved model.name",
+    )
+    p.add_argument(
+        "--full-precision", action="store_true", help="load the base unquantized even if the run was 4-bit"
+    )
     p.add_argument("--out", default=None, metavar="FILE", help="results file (default: TARGET/eval.json)")
     p.set_defaults(func=cmd_eval)
 
@@ -55,7 +78,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         save_report(report, out)
     except OSError as err:
-        raise WronAIError(f"cannot write {out} ({err.strerror}) — pass --out FILE somewhere writable") from None
+        raise WronAIError(
+            f"cannot write {out} ({err.strerror}) — pass --out FILE somewhere writable"
+        ) from None
     _refresh_card(Path(args.target))
     sys.stdout.write(f"saved to {out}\n")
     return 0

@@ -31,12 +31,21 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s)")
     g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default: %(default)s)")
     g.add_argument("--top-k", type=int, default=50, help="0 = off (default: %(default)s)")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default: %(default)s)")
+    g.add_argument(
+        "--max-new-tokens", type=int, default=256, help="answer length limit (default: %(default)s)"
+    )
     g.add_argument("--repetition-penalty", type=float, default=1.1, help="1 = off (default: %(default)s)")
     g.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
     g = p.add_argument_group("loading")
-    g.add_argument("--base-model", default=None, metavar="PATH_OR_ID", help="load this base model instead of the saved model.name")
-    g.add_argument("--full-precision", action="store_true", help="load the base unquantized even if the run was 4-bit")
+    g.add_argument(
+        "--base-model",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="load this base model instead of the saved model.name",
+    )
+    g.add_argument(
+        "--full-precision", action="store_true", help="load the base unquantized even if the run was 4-bit"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,13 +56,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=GENERATE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("target", metavar="RUN_DIR", help="a run's training.output_dir, a checkpoint, or a merged model directory")
+    p.add_argument(
+        "target",
+        metavar="RUN_DIR",
+        help="a run's training.output_dir, a checkpoint, or a merged model directory",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the instruction / question")
-    src.add_argument("--prompts-file", metavar="FILE", help="batch mode: .txt (one prompt per line) or .jsonl")
+    src.add_argument(
+        "--prompts-file", metavar="FILE", help="batch mode: .txt (one prompt per line) or .jsonl"
+    )
     p.add_argument("--input", default="", help="alpaca input block (the text to work on)")
-    p.add_argument("--out", metavar="FILE", help="write one JSON line per prompt here (default for a prompts file: stdout)")
-    p.add_argument("--raw", action="store_true", help="send the prompt as written, without the run's template")
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write one JSON line per prompt here (default for a prompts file: stdout)",
+    )
+    p.add_argument(
+        "--raw", action="store_true", help="send the prompt as written, without the run's template"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call in batch mode")
     p.add_argument("--no-stream", action="store_true", help="print the answer when it is complete")
     _sampling(p)
@@ -66,7 +87,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=CHAT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    c.add_argument("target", metavar="RUN_DIR", help="a run's training.output_dir, a checkpoint, or a merged model directory")
+    c.add_argument(
+        "target",
+        metavar="RUN_DIR",
+        help="a run's training.output_dir, a checkpoint, or a merged model directory",
+    )
     _sampling(c)
     c.set_defaults(func=cmd_chat)
 
@@ -93,7 +118,9 @@ def read_prompts(path: str) -> list[dict[str, str]]:
 
     file = Path(path)
     if not file.is_file():
-        raise WronAIError(f"--prompts-file: {file} not found — pass a .txt (one prompt per line) or .jsonl file")
+        raise WronAIError(
+            f"--prompts-file: {file} not found — pass a .txt (one prompt per line) or .jsonl file"
+        )
     rows = []
     for number, line in enumerate(file.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
@@ -104,11 +131,17 @@ def read_prompts(path: str) -> list[dict[str, str]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise WronAIError(f"{file}:{number}: not valid JSON ({err.msg}) — one JSON object per line") from None
+            raise WronAIError(
+                f"{file}:{number}: not valid JSON ({err.msg}) — one JSON object per line"
+            ) from None
         text = row.get("prompt", row.get("instruction")) if isinstance(row, dict) else None
         if not isinstance(text, str) or not text.strip():
-            raise WronAIError(f'{file}:{number}: no "prompt" (or "instruction") text — add it, or use a .txt file')
-        rows.append({"prompt": text, "input": str(row.get("input") or ""), "system": str(row.get("system") or "")})
+            raise WronAIError(
+                f'{file}:{number}: no "prompt" (or "instruction") text — add it, or use a .txt file'
+            )
+        rows.append(
+            {"prompt": text, "input": str(row.get("input") or ""), "system": str(row.get("system") or "")}
+        )
     if not rows:
         raise WronAIError(f"--prompts-file: {file} holds no prompts")
     return rows
@@ -118,13 +151,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from wronai.inference import Prompt, generate
 
     options = _options(args)
-    rows = read_prompts(args.prompts_file) if args.prompts_file else [{"prompt": args.prompt, "input": args.input}]
+    rows = (
+        read_prompts(args.prompts_file)
+        if args.prompts_file
+        else [{"prompt": args.prompt, "input": args.input}]
+    )
     run = _load(args)
 
     def render(row: dict[str, str]) -> Prompt:
         if args.raw:
             return Prompt(row["prompt"])
-        return run.prompt.single(row["prompt"], input=row.get("input", ""), system=row.get("system") or args.system)
+        return run.prompt.single(
+            row["prompt"], input=row.get("input", ""), system=row.get("system") or args.system
+        )
 
     prompts = [render(r) for r in rows]
     if args.prompts_file is None:
@@ -174,7 +213,9 @@ def chat_loop(session: Any, name: str, stdin: Any, out: Any) -> int:
     if stdin.isatty():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
-    out.write(f"chat with {name} — {session.run.prompt.describe()}\n/reset clears the history, /exit or Ctrl-D quits.\n")
+    out.write(
+        f"chat with {name} — {session.run.prompt.describe()}\n/reset clears the history, /exit or Ctrl-D quits.\n"
+    )
     while True:
         try:
             line = _read_line(stdin, out)

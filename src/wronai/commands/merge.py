@@ -37,8 +37,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("target", metavar="RUN_DIR", help="a run's training.output_dir (or a checkpoint-N folder)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder for the merged model")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="saved dtype (auto = the base checkpoint's)")
-    p.add_argument("--base-model", default=None, metavar="PATH_OR_ID", help="merge into this base instead of the saved model.name")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="saved dtype (auto = the base checkpoint's)",
+    )
+    p.add_argument(
+        "--base-model",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="merge into this base instead of the saved model.name",
+    )
     p.add_argument("--device", default="cpu", help="where to merge: cpu (default) or cuda")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.set_defaults(func=cmd_merge)
@@ -50,11 +60,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXPORT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    e.add_argument("target", metavar="RUN_DIR", help="a run's training.output_dir, or a folder written by wronai merge")
-    e.add_argument("--format", choices=["gguf"], required=True, help="output format (gguf: llama.cpp, Ollama, LM Studio)")
-    e.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16", help="tensor type of 2-D weights (norms stay f32)")
-    e.add_argument("--out", default=None, metavar="FILE", help="output file (default: RUN_DIR/<name>-<outtype>.gguf)")
-    e.add_argument("--base-model", default=None, metavar="PATH_OR_ID", help="merge into this base instead of the saved model.name")
+    e.add_argument(
+        "target", metavar="RUN_DIR", help="a run's training.output_dir, or a folder written by wronai merge"
+    )
+    e.add_argument(
+        "--format", choices=["gguf"], required=True, help="output format (gguf: llama.cpp, Ollama, LM Studio)"
+    )
+    e.add_argument(
+        "--outtype",
+        choices=["f32", "f16", "bf16", "q8_0"],
+        default="f16",
+        help="tensor type of 2-D weights (norms stay f32)",
+    )
+    e.add_argument(
+        "--out", default=None, metavar="FILE", help="output file (default: RUN_DIR/<name>-<outtype>.gguf)"
+    )
+    e.add_argument(
+        "--base-model",
+        default=None,
+        metavar="PATH_OR_ID",
+        help="merge into this base instead of the saved model.name",
+    )
     e.set_defaults(func=cmd_export)
 
 
@@ -63,7 +89,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from wronai.merge import merge_run
 
     quiet_third_party()
-    out = merge_run(args.target, args.out_dir, dtype=args.dtype, base_model=args.base_model, overwrite=args.overwrite, device=args.device)
+    out = merge_run(
+        args.target,
+        args.out_dir,
+        dtype=args.dtype,
+        base_model=args.base_model,
+        overwrite=args.overwrite,
+        device=args.device,
+    )
     sys.stdout.write(f"merged model saved to {out} (load it with AutoModelForCausalLM.from_pretrained)\n")
     return 0
 
@@ -75,5 +108,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     quiet_third_party()
     summary = export_gguf(args.target, args.out, outtype=args.outtype, base_model=args.base_model)
     size = summary.path.stat().st_size / 2**20
-    sys.stdout.write(f"wrote {summary.path} ({summary.tensors} tensors, {summary.outtype}, {size:.1f} MiB; tokenizer {summary.tokenizer})\n")
+    sys.stdout.write(
+        f"wrote {summary.path} ({summary.tensors} tensors, {summary.outtype}, {size:.1f} MiB; tokenizer {summary.tokenizer})\n"
+    )
     return 0

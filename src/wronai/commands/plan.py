@@ -14,10 +14,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         "say whether it fits the GPU and which settings to change if not. See docs/distributed.md.",
     )
     p.add_argument("config", help="YAML config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value by dotted key")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by dotted key",
+    )
     p.add_argument("--gpu", default="24GB", help="GPU memory, e.g. 8GB, 24GB, 80GB (default 24GB)")
-    p.add_argument("--nproc", type=int, default=1, metavar="N", help="GPUs the run uses (FSDP/ZeRO-3 split the weights over them)")
-    p.add_argument("--ram", metavar="SIZE", help="plan a CPU run instead: peak RSS per process against this much RAM, e.g. 24GB")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="GPUs the run uses (FSDP/ZeRO-3 split the weights over them)",
+    )
+    p.add_argument(
+        "--ram",
+        metavar="SIZE",
+        help="plan a CPU run instead: peak RSS per process against this much RAM, e.g. 24GB",
+    )
     p.set_defaults(func=cmd_plan)
 
 

@@ -22,19 +22,37 @@ def _default(field: Any) -> str:
         return f"`{field.default!r}`" if field.default is not None else "`null`"
     if field.default_factory is not None:
         value = field.default_factory()
-        return f"`{value.model_dump() if isinstance(value, BaseModel) else value!r}`" if not isinstance(value, BaseModel) else "(group)"
+        return (
+            f"`{value.model_dump() if isinstance(value, BaseModel) else value!r}`"
+            if not isinstance(value, BaseModel)
+            else "(group)"
+        )
     return "**required**"
 
 
 def _section(name: str, model: type[BaseModel], lines: list[str]) -> None:
-    lines += [f"## `{name}`", "", inspect.cleandoc(model.__doc__ or ""), "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    lines += [
+        f"## `{name}`",
+        "",
+        inspect.cleandoc(model.__doc__ or ""),
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
     nested = []
     for key, field in model.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             sub: type[BaseModel] | None = annotation
         else:
-            sub = next((a for a in getattr(annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            sub = next(
+                (
+                    a
+                    for a in getattr(annotation, "__args__", ())
+                    if isinstance(a, type) and issubclass(a, BaseModel)
+                ),
+                None,
+            )
         if sub is not None:
             nested.append((f"{name}.{key}", sub))
         kind = _type_name(annotation).replace("|", "\\|")
@@ -52,16 +70,23 @@ def render_reference() -> str:
         "a test fails when this file and the schema disagree. Every key can also be set on the command line:",
         "`wronai train CONFIG --set group.key=value`.",
         "",
-        "Unknown keys are errors (with a *did you mean* hint). Numbers written as strings (`\"2e-4\"`) are accepted.",
+        'Unknown keys are errors (with a *did you mean* hint). Numbers written as strings (`"2e-4"`) are accepted.',
         "",
     ]
     for name, field in WronAIConfig.model_fields.items():
         model = field.annotation
         assert isinstance(model, type) and issubclass(model, BaseModel)
         _section(name, model, lines)
-    lines += ["## Classic WronAI keys", "", "Configs written for the classic `scripts/train.py` load unchanged:", ""]
+    lines += [
+        "## Classic WronAI keys",
+        "",
+        "Configs written for the classic `scripts/train.py` load unchanged:",
+        "",
+    ]
     for (group, old), target in LEGACY_KEYS.items():
-        lines.append(f"- `{group}.{old}` → " + (f"`{target[0]}.{target[1]}`" if target else "ignored (noted at load)"))
+        lines.append(
+            f"- `{group}.{old}` → " + (f"`{target[0]}.{target[1]}`" if target else "ignored (noted at load)")
+        )
     lines.append("- groups " + ", ".join(f"`{g}`" for g in IGNORED_GROUPS) + " → ignored (noted at load)")
     lines.append("")
     return "\n".join(lines)

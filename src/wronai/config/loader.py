@@ -54,7 +54,9 @@ class LoadedConfig:
     source: Path | None = None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, data: dict | None = None) -> WronAIConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, data: dict | None = None
+) -> WronAIConfig:
     """Load, migrate and validate a config file (or an already-parsed ``data`` dict)."""
     loaded = load_config_with_notes(path, overrides, data=data)
     for note in loaded.notes:
@@ -92,7 +94,9 @@ def _read_yaml(path: Path | None) -> dict:
     if path is None:
         raise ConfigError(["no config given — pass a YAML file, e.g. configs/default.yaml"])
     if not path.exists():
-        raise ConfigError([f"config file not found: {path} — check the path (configs/ holds the shipped ones)"])
+        raise ConfigError(
+            [f"config file not found: {path} — check the path (configs/ holds the shipped ones)"]
+        )
     if path.is_dir():
         raise ConfigError([f"{path} is a directory — pass a YAML file inside it"])
     try:
@@ -105,11 +109,16 @@ def _read_yaml(path: Path | None) -> dict:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError([f"YAML syntax error at{where}: {problem} — fix the indentation/quoting there"], str(path)) from None
+        raise ConfigError(
+            [f"YAML syntax error at{where}: {problem} — fix the indentation/quoting there"], str(path)
+        ) from None
     if raw is None:
         raise ConfigError(["the file is empty — start from configs/default.yaml"], str(path))
     if not isinstance(raw, dict):
-        raise ConfigError([f"the top level must be a mapping of groups (model:, data:, ...), got {type(raw).__name__}"], str(path))
+        raise ConfigError(
+            [f"the top level must be a mapping of groups (model:, data:, ...), got {type(raw).__name__}"],
+            str(path),
+        )
     return raw
 
 
@@ -217,9 +226,12 @@ def _suggest(key: str) -> str:
     candidates = list(section.model_fields) if section is not None else []
     group = prefix.split(".")[0] if prefix else ""
     candidates += [old for (g, old) in LEGACY_KEYS if g == group and prefix == g]
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6) or sorted(
-        (c for c in candidates if name.startswith(c) or c.startswith(name)), key=len, reverse=True
-    )[:1]
+    close = (
+        difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+        or sorted((c for c in candidates if name.startswith(c) or c.startswith(name)), key=len, reverse=True)[
+            :1
+        ]
+    )
     if close:
         full = f"{prefix}.{close[0]}" if prefix else close[0]
         return f"did you mean `{full}`?"

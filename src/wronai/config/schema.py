@@ -11,7 +11,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "float": "float32",
+}
 
 
 def _normalize_dtype(value: Any) -> Any:
@@ -68,10 +74,15 @@ class TinyModelSpec(Section):
 class ModelConfig(Section):
     """The base model: where it comes from and how it is loaded."""
 
-    name: str = Field(description="Hugging Face Hub id (`org/name`) or a local directory holding config.json and weights.")
-    revision: str | None = Field(None, description="Hub branch, tag or commit to load (ignored for local directories).")
+    name: str = Field(
+        description="Hugging Face Hub id (`org/name`) or a local directory holding config.json and weights."
+    )
+    revision: str | None = Field(
+        None, description="Hub branch, tag or commit to load (ignored for local directories)."
+    )
     trust_remote_code: bool = Field(
-        False, description="Allow the model repository's own Python code to run (needed by some architectures; only for repos you trust)."
+        False,
+        description="Allow the model repository's own Python code to run (needed by some architectures; only for repos you trust).",
     )
     torch_dtype: DTypeName = Field(
         "auto",
@@ -98,9 +109,15 @@ class LoraSection(Section):
     """LoRA adapter settings (PEFT)."""
 
     r: int = Field(16, ge=1, le=4096, description="LoRA rank: size of the low-rank update. 8–64 is typical.")
-    lora_alpha: float = Field(32, gt=0, description="LoRA scaling numerator; the update is scaled by lora_alpha / r.")
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
-    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained: none, all, lora_only.")
+    lora_alpha: float = Field(
+        32, gt=0, description="LoRA scaling numerator; the update is scaled by lora_alpha / r."
+    )
+    lora_dropout: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="Which biases are trained: none, all, lora_only."
+    )
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
         description="Module names that get adapters (e.g. [q_proj, v_proj]) or `all-linear` for every linear layer except the output head.",
@@ -110,7 +127,9 @@ class LoraSection(Section):
         description="Extra modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head).",
     )
     use_rslora: bool = Field(False, description="Rank-stabilized LoRA scaling (lora_alpha / sqrt(r)).")
-    task_type: Literal["CAUSAL_LM"] = Field("CAUSAL_LM", description="PEFT task type; WronAI trains causal language models only.")
+    task_type: Literal["CAUSAL_LM"] = Field(
+        "CAUSAL_LM", description="PEFT task type; WronAI trains causal language models only."
+    )
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -124,11 +143,18 @@ class QuantizationSection(Section):
     """bitsandbytes quantization of the frozen base weights (QLoRA = 4-bit NF4 + LoRA)."""
 
     load_in_4bit: bool = Field(True, description="Store the frozen base weights in 4 bits (QLoRA).")
-    load_in_8bit: bool = Field(False, description="Store the frozen base weights in 8 bits (LLM.int8). Exclusive with load_in_4bit.")
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (NormalFloat, QLoRA default) or fp4.")
-    bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/parameter).")
+    load_in_8bit: bool = Field(
+        False, description="Store the frozen base weights in 8 bits (LLM.int8). Exclusive with load_in_4bit."
+    )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type: nf4 (NormalFloat, QLoRA default) or fp4."
+    )
+    bnb_4bit_use_double_quant: bool = Field(
+        True, description="Quantize the quantization constants too (saves ~0.4 bit/parameter)."
+    )
     bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "bfloat16", description="dtype the 4-bit weights are dequantized to for matmuls (float32 where bf16 is not supported)."
+        "bfloat16",
+        description="dtype the 4-bit weights are dequantized to for matmuls (float32 where bf16 is not supported).",
     )
 
     _normalize = field_validator("bnb_4bit_compute_dtype", mode="before")(_normalize_dtype)
@@ -151,36 +177,69 @@ class TrainingSection(Section):
     """The training loop (mapped onto Hugging Face `TrainingArguments` for the installed version)."""
 
     output_dir: str = Field("runs/wronai", description="Where checkpoints and the final adapter are written.")
-    num_train_epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
-    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 = use num_train_epochs.")
+    num_train_epochs: float = Field(
+        3.0, gt=0, description="Passes over the training data (ignored when max_steps > 0)."
+    )
+    max_steps: int = Field(
+        -1, ge=-1, description="Stop after this many optimizer steps; -1 = use num_train_epochs."
+    )
     per_device_train_batch_size: int = Field(1, ge=1, description="Rows per device per forward pass.")
-    per_device_eval_batch_size: int = Field(1, ge=1, description="Rows per device per evaluation forward pass.")
+    per_device_eval_batch_size: int = Field(
+        1, ge=1, description="Rows per device per evaluation forward pass."
+    )
     gradient_accumulation_steps: int = Field(16, ge=1, description="Forward passes per optimizer step.")
-    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup in optimizer steps (exclusive with warmup_ratio).")
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Linear warmup as a fraction of all steps (exclusive with warmup_steps).")
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear learning-rate warmup in optimizer steps (exclusive with warmup_ratio)."
+    )
+    warmup_ratio: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Linear warmup as a fraction of all steps (exclusive with warmup_steps).",
+    )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the LoRA parameters.")
-    lr_scheduler_type: str = Field("cosine", description="Scheduler: linear, cosine, constant, constant_with_warmup, ... (transformers names).")
+    lr_scheduler_type: str = Field(
+        "cosine",
+        description="Scheduler: linear, cosine, constant, constant_with_warmup, ... (transformers names).",
+    )
     optim: str = Field(
         "adamw_torch",
         description="Optimizer (transformers names), e.g. adamw_torch, paged_adamw_8bit, paged_adamw_32bit. Paged/8-bit optimizers need CUDA; on CPU/MPS WronAI uses adamw_torch and says so.",
     )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0 disables clipping).")
-    fp16: bool = Field(False, description="float16 mixed precision (CUDA only; on CPU replaced by bf16 or fp32).")
-    bf16: bool = Field(False, description="bfloat16 mixed precision (CUDA with bf16 support, or CPUs with AVX512-BF16/AMX).")
+    fp16: bool = Field(
+        False, description="float16 mixed precision (CUDA only; on CPU replaced by bf16 or fp32)."
+    )
+    bf16: bool = Field(
+        False, description="bfloat16 mixed precision (CUDA with bf16 support, or CPUs with AVX512-BF16/AMX)."
+    )
     logging_steps: int = Field(10, ge=1, description="Log loss and learning rate every N optimizer steps.")
     logging_first_step: bool = Field(True, description="Also log the very first step.")
-    eval_strategy: IntervalName = Field("steps", description="When to evaluate: no, steps, epoch. (Old name: evaluation_strategy.)")
+    eval_strategy: IntervalName = Field(
+        "steps", description="When to evaluate: no, steps, epoch. (Old name: evaluation_strategy.)"
+    )
     eval_steps: int = Field(500, ge=1, description="Evaluate every N optimizer steps (eval_strategy=steps).")
     save_strategy: IntervalName = Field("steps", description="When to write checkpoints: no, steps, epoch.")
-    save_steps: int = Field(500, ge=1, description="Checkpoint every N optimizer steps (save_strategy=steps).")
-    save_total_limit: int | None = Field(3, ge=1, description="Keep at most N checkpoints (the best one is always kept); null = keep all.")
-    load_best_model_at_end: bool = Field(False, description="Reload the best checkpoint (by metric_for_best_model) before the final save.")
+    save_steps: int = Field(
+        500, ge=1, description="Checkpoint every N optimizer steps (save_strategy=steps)."
+    )
+    save_total_limit: int | None = Field(
+        3, ge=1, description="Keep at most N checkpoints (the best one is always kept); null = keep all."
+    )
+    load_best_model_at_end: bool = Field(
+        False, description="Reload the best checkpoint (by metric_for_best_model) before the final save."
+    )
     metric_for_best_model: str = Field("eval_loss", description="Metric that defines the best checkpoint.")
-    greater_is_better: bool | None = Field(None, description="Whether a larger metric is better; null = inferred (false for *loss).")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass: less memory, ~30% more compute.")
+    greater_is_better: bool | None = Field(
+        None, description="Whether a larger metric is better; null = inferred (false for *loss)."
+    )
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: less memory, ~30% more compute."
+    )
     group_by_length: bool = Field(
-        True, description="Batch rows of similar length together to cut padding. (transformers 5: train_sampling_strategy=group_by_length.)"
+        True,
+        description="Batch rows of similar length together to cut padding. (transformers 5: train_sampling_strategy=group_by_length.)",
     )
     trained_logits_only: bool = Field(
         True,
@@ -194,9 +253,12 @@ class TrainingSection(Section):
         "stop",
         description="A non-finite loss/gradient: stop (keep the last good checkpoint) or skip_step (drop that update and go on).",
     )
-    max_consecutive_nan_steps: int = Field(5, ge=1, description="With on_nan: skip_step, stop after this many bad steps in a row.")
+    max_consecutive_nan_steps: int = Field(
+        5, ge=1, description="With on_nan: skip_step, stop after this many bad steps in a row."
+    )
     ignore_data_skip: bool = Field(
-        False, description="On resume, restart the data from the beginning instead of skipping what was seen (not exact; for debugging)."
+        False,
+        description="On resume, restart the data from the beginning instead of skipping what was seen (not exact; for debugging).",
     )
 
     @field_validator("lr_scheduler_type")
@@ -218,7 +280,9 @@ class TrainingSection(Section):
         if value not in names:
             import difflib
 
-            close = [n for n in names if n.startswith(value)][:3] or difflib.get_close_matches(value, names, n=3)
+            close = [n for n in names if n.startswith(value)][:3] or difflib.get_close_matches(
+                value, names, n=3
+            )
             hint = f"did you mean {', '.join(close)}?" if close else "see transformers' OptimizerNames"
             raise ValueError(f"unknown optimizer {value!r} — {hint}")
         return value
@@ -231,7 +295,9 @@ class TrainingSection(Section):
             raise ValueError("warmup_steps and warmup_ratio are both set — keep one and set the other to 0")
         if self.load_best_model_at_end:
             if self.eval_strategy == "no":
-                raise ValueError("load_best_model_at_end needs evaluation — set eval_strategy to steps or epoch")
+                raise ValueError(
+                    "load_best_model_at_end needs evaluation — set eval_strategy to steps or epoch"
+                )
             if self.eval_strategy != self.save_strategy:
                 raise ValueError(
                     f"load_best_model_at_end needs save_strategy == eval_strategy (got {self.save_strategy!r} and "
@@ -254,10 +320,14 @@ class DataSection(Section):
     dataset_config: str | None = Field(None, description="Hub dataset configuration (subset) name.")
     train_split: str = Field("train", description="Split used for training.")
     eval_split: str | None = Field(
-        "validation", description="Split used for evaluation; if the dataset has no such split, eval_fraction of train is held out."
+        "validation",
+        description="Split used for evaluation; if the dataset has no such split, eval_fraction of train is held out.",
     )
     eval_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="Share of training rows held out (seeded) for evaluation when eval_split does not exist; 0 = no eval."
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of training rows held out (seeded) for evaluation when eval_split does not exist; 0 = no eval.",
     )
     format: Literal["auto", "text", "alpaca", "completion", "chat"] = Field(
         "auto",
@@ -273,23 +343,37 @@ class DataSection(Section):
         description="Alpaca prompt template: polish, english, or your own string with {instruction} and {input} placeholders (the answer follows it).",
     )
     chat_template: Literal["auto", "chatml", "llama3", "mistral"] = Field(
-        "auto", description="Chat rendering: auto (tokenizer's own template if it has one, else chatml), chatml, llama3, mistral."
+        "auto",
+        description="Chat rendering: auto (tokenizer's own template if it has one, else chatml), chatml, llama3, mistral.",
     )
     train_on: Literal["answers", "all"] = Field(
-        "answers", description="Compute the loss on answer tokens only (answers) or on every token (all). Raw text always trains on all."
+        "answers",
+        description="Compute the loss on answer tokens only (answers) or on every token (all). Raw text always trains on all.",
     )
-    add_eos: bool = Field(True, description="Append the tokenizer's EOS token to each answer/document so the model learns to stop.")
-    max_seq_length: int = Field(2048, ge=8, description="Longest token sequence; raw text is split into chunks of this length.")
+    add_eos: bool = Field(
+        True,
+        description="Append the tokenizer's EOS token to each answer/document so the model learns to stop.",
+    )
+    max_seq_length: int = Field(
+        2048, ge=8, description="Longest token sequence; raw text is split into chunks of this length."
+    )
     on_bad_row: Literal["error", "skip"] = Field(
         "error",
         description="A malformed, empty or too-long row: error (stop, naming file, row and field) or skip (count it and go on).",
     )
     packing: bool = Field(
-        False, description="Pack several examples into each max_seq_length row (attention kept per example via position_ids)."
+        False,
+        description="Pack several examples into each max_seq_length row (attention kept per example via position_ids).",
     )
-    max_samples: int | None = Field(None, ge=1, description="Use only the first N training rows (quick experiments).")
-    preprocessing_num_workers: int | None = Field(None, ge=1, description="Processes for tokenization; null = 1.")
-    cache_dir: str | None = Field(None, description="Where datasets caches downloads and tokenized data; null = datasets' default.")
+    max_samples: int | None = Field(
+        None, ge=1, description="Use only the first N training rows (quick experiments)."
+    )
+    preprocessing_num_workers: int | None = Field(
+        None, ge=1, description="Processes for tokenization; null = 1."
+    )
+    cache_dir: str | None = Field(
+        None, description="Where datasets caches downloads and tokenized data; null = datasets' default."
+    )
     weights: list[float] | None = Field(
         None,
         description="Mix several datasets: one weight per dataset_name entry; training rows are sampled (seeded) in proportion, "
@@ -302,7 +386,10 @@ class DataSection(Section):
         "the tokenizer's, share of too-long rows; a failed check stops with the reason (see `wronai data check`).",
     )
     max_truncated_share: float = Field(
-        0.05, ge=0.0, le=1.0, description="With checks: stop when more than this share of rows were dropped as longer than max_seq_length."
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="With checks: stop when more than this share of rows were dropped as longer than max_seq_length.",
     )
 
     @field_validator("weights")
@@ -350,27 +437,41 @@ class NormalizeSpec(Section):
     """Polish text hygiene applied to every row before tokenization (counted in the data report)."""
 
     enabled: bool = Field(False, description="Turn text hygiene on.")
-    nfc: bool = Field(True, description="Unicode NFC: a letter plus a combining accent becomes one character (ą, not a + ̨).")
+    nfc: bool = Field(
+        True, description="Unicode NFC: a letter plus a combining accent becomes one character (ą, not a + ̨)."
+    )
     quotes: bool = Field(True, description="Unify typographic quotes („ ” “ « » ‘ ’ ...) to quote_style.")
     quote_style: Literal["straight", "polish"] = Field(
-        "straight", description="straight: \" and '; polish: double quotes as „…” (opening/closing by position), single quotes kept."
+        "straight",
+        description="straight: \" and '; polish: double quotes as „…” (opening/closing by position), single quotes kept.",
     )
-    dashes: bool = Field(True, description="Unify dashes (– — ― ‒) to dash_style and minus/hyphen variants (− ‐ ‑) to -.")
-    dash_style: Literal["en", "hyphen"] = Field("en", description="en: every dash becomes – (półpauza); hyphen: every dash becomes -.")
+    dashes: bool = Field(
+        True, description="Unify dashes (– — ― ‒) to dash_style and minus/hyphen variants (− ‐ ‑) to -."
+    )
+    dash_style: Literal["en", "hyphen"] = Field(
+        "en", description="en: every dash becomes – (półpauza); hyphen: every dash becomes -."
+    )
     spaces: bool = Field(
         True,
         description="No-break/thin/odd spaces to plain spaces, zero-width characters and soft hyphens removed, repeated spaces "
         "collapsed (indentation kept), trailing spaces and 3+ blank lines removed, text trimmed.",
     )
     dedupe: Literal["exact", "near", "none"] = Field(
-        "exact", description="Drop repeated rows: exact (same normalized text), near (also ≥ near_threshold similar), none."
+        "exact",
+        description="Drop repeated rows: exact (same normalized text), near (also ≥ near_threshold similar), none.",
     )
     near_threshold: float = Field(
-        0.9, gt=0.0, le=1.0, description="With dedupe: near, the Jaccard similarity of word-anchored shingles at which rows are duplicates."
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="With dedupe: near, the Jaccard similarity of word-anchored shingles at which rows are duplicates.",
     )
-    min_chars: int = Field(0, ge=0, description="Drop rows whose text (all fields together) is shorter than this; 0 = keep all.")
+    min_chars: int = Field(
+        0, ge=0, description="Drop rows whose text (all fields together) is shorter than this; 0 = keep all."
+    )
     language: Literal["pl"] | None = Field(
-        None, description="pl: drop rows that are clearly not Polish (no Polish letters or stop words); rows under 20 letters are kept."
+        None,
+        description="pl: drop rows that are clearly not Polish (no Polish letters or stop words); rows under 20 letters are kept.",
     )
 
     @field_validator("language", mode="before")
@@ -387,9 +488,12 @@ class PolishSection(Section):
         description="Add `special_tokens` to the tokenizer; embeddings are resized and the new rows are trained and saved with the adapter.",
     )
     special_tokens: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_POLISH_TOKENS), description="Tokens added when add_polish_tokens is true."
+        default_factory=lambda: list(DEFAULT_POLISH_TOKENS),
+        description="Tokens added when add_polish_tokens is true.",
     )
-    tokenizer_vocab_size: int = Field(32000, ge=256, description="Vocabulary size for Polish tokenizers trained by WronAI.")
+    tokenizer_vocab_size: int = Field(
+        32000, ge=256, description="Vocabulary size for Polish tokenizers trained by WronAI."
+    )
     extend_vocab: ExtendVocabSpec | None = Field(
         None,
         description="Add `add` Polish tokens chosen on `data` to the tokenizer before training; their embeddings start as the mean of the base pieces and are trained and saved with the adapter.",
@@ -405,17 +509,25 @@ class LoggingSection(Section):
 
     report_to: list[Literal["none", "tensorboard", "wandb"]] = Field(
         default_factory=lambda: ["tensorboard"],  # type: ignore[arg-type]
-        description="Trackers: tensorboard, wandb, or none (a list or a single name)."
+        description="Trackers: tensorboard, wandb, or none (a list or a single name).",
     )
     wandb_project: str = Field("wronai", description="W&B project name.")
-    wandb_run_name: str = Field("wronai-{timestamp}", description="Run name; `{timestamp}` becomes YYYYmmdd-HHMMSS.")
+    wandb_run_name: str = Field(
+        "wronai-{timestamp}", description="Run name; `{timestamp}` becomes YYYYmmdd-HHMMSS."
+    )
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = Field(
-        "auto", description="auto = online when an API key is configured, else offline (never a login prompt)."
+        "auto",
+        description="auto = online when an API key is configured, else offline (never a login prompt).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Console log level.")
     logging_dir: str | None = Field(None, description="TensorBoard/W&B directory; null = <output_dir>/logs.")
-    report: bool = Field(True, description="Write report.html (loss, learning rate, throughput, memory plots), PNGs and a model card at the end of training.")
-    report_samples: bool = Field(True, description="Include answers generated for a few fixed Polish prompts in the report.")
+    report: bool = Field(
+        True,
+        description="Write report.html (loss, learning rate, throughput, memory plots), PNGs and a model card at the end of training.",
+    )
+    report_samples: bool = Field(
+        True, description="Include answers generated for a few fixed Polish prompts in the report."
+    )
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -433,14 +545,23 @@ class LoggingSection(Section):
 class HardwareSection(Section):
     """Device choice and memory/dataloader settings."""
 
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto = CUDA if present, else Apple MPS, else CPU.")
-    max_memory: str | dict[str, str] | None = Field(
-        None, description="Memory cap per device for loading, e.g. `7GiB` (each GPU) or {0: 7GiB, cpu: 30GiB}. (Old: max_memory_mb.)"
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto = CUDA if present, else Apple MPS, else CPU."
     )
-    cpu_offload: bool = Field(False, description="Let layers that do not fit on the GPU stay on the CPU in fp32 (slow; 8-bit only).")
+    max_memory: str | dict[str, str] | None = Field(
+        None,
+        description="Memory cap per device for loading, e.g. `7GiB` (each GPU) or {0: 7GiB, cpu: 30GiB}. (Old: max_memory_mb.)",
+    )
+    cpu_offload: bool = Field(
+        False, description="Let layers that do not fit on the GPU stay on the CPU in fp32 (slow; 8-bit only)."
+    )
     dataloader_num_workers: int = Field(0, ge=0, description="Background processes loading batches.")
-    pin_memory: bool | None = Field(None, description="Pin host memory for faster GPU copies; null = on for CUDA, off elsewhere.")
-    num_threads: int | None = Field(None, ge=1, description="CPU threads for PyTorch; null = PyTorch's default (all cores).")
+    pin_memory: bool | None = Field(
+        None, description="Pin host memory for faster GPU copies; null = on for CUDA, off elsewhere."
+    )
+    num_threads: int | None = Field(
+        None, ge=1, description="CPU threads for PyTorch; null = PyTorch's default (all cores)."
+    )
     distributed: Literal["none", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = Field(
         "none",
         description="Multi-process strategy under `wronai train --nproc N` / torchrun: none (plain DDP when launched with several processes), ddp, fsdp (shards 4-bit weights; CUDA only), deepspeed_zero2, deepspeed_zero3 (CUDA or CPU; needs deepspeed). See docs/distributed.md.",
@@ -462,13 +583,16 @@ class ExtensionsSection(Section):
     """Your own code, plugged in by import path `package.module:name` (files next to the config work too)."""
 
     tokenizer_hook: str | None = Field(
-        None, description="Function(tokenizer, config) -> tokenizer, applied right after the tokenizer is loaded."
+        None,
+        description="Function(tokenizer, config) -> tokenizer, applied right after the tokenizer is loaded.",
     )
     data_hook: str | None = Field(
-        None, description="Function(row: dict) -> dict | None, applied to each raw row before formatting; return None to drop the row (counted)."
+        None,
+        description="Function(row: dict) -> dict | None, applied to each raw row before formatting; return None to drop the row (counted).",
     )
     callbacks: list[str] = Field(
-        default_factory=list, description="transformers TrainerCallback classes (or factories) added to the Trainer."
+        default_factory=list,
+        description="transformers TrainerCallback classes (or factories) added to the Trainer.",
     )
 
 

@@ -3,4 +3,11 @@
 from wronai.data.collate import PackedCollator, PaddingCollator, pack_examples
 from wronai.data.prepare import DataStats, PreparedData, build_datasets
 
-__all__ = ["DataStats", "PackedCollator", "PaddingCollator", "PreparedData", "build_datasets", "pack_examples"]
+__all__ = [
+    "DataStats",
+    "PackedCollator",
+    "PaddingCollator",
+    "PreparedData",
+    "build_datasets",
+    "pack_examples",
+]

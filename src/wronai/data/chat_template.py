@@ -23,7 +23,9 @@ class TokenizerChatRenderer:
         self.tokenizer = tokenizer
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def __call__(self, messages: list[dict[str, str]]) -> list[Segment]:
         segments: list[Segment] = []

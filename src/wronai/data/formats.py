@@ -38,7 +38,15 @@ CHAT_TEMPLATES: dict[str, dict[str, str]] = {
     "mistral": {"system": "", "user": "[INST] ", "assistant": "", "end": "</s>"},
 }
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system", "bot": "assistant", "model": "assistant"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "bot": "assistant",
+    "model": "assistant",
+}
 
 FORMAT_COLUMNS = {
     "chat": ("messages",),
@@ -144,7 +152,9 @@ def normalize_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
         content = turn.get("content", turn.get("value"))
         role = SHAREGPT_ROLES.get(str(role).lower()) if role is not None else None
         if role is None:
-            raise BadRow(f"{field}[{i}].role", f"unknown role {turn.get('role', turn.get('from'))!r}", "unknown_role")
+            raise BadRow(
+                f"{field}[{i}].role", f"unknown role {turn.get('role', turn.get('from'))!r}", "unknown_role"
+            )
         if not isinstance(content, str):
             raise BadRow(f"{field}[{i}].content", "missing or not text", "wrong_type")
         if role == "assistant" and not content.strip():
@@ -185,7 +195,9 @@ def _format_mistral(messages: list[dict[str, str]]) -> list[Segment]:
     return segments
 
 
-def formatter_for(fmt: str, *, text_column: str, prompt_template: str, chat_template: str) -> Callable[[Mapping[str, Any]], list[Segment]]:
+def formatter_for(
+    fmt: str, *, text_column: str, prompt_template: str, chat_template: str
+) -> Callable[[Mapping[str, Any]], list[Segment]]:
     """The row -> segments function for a format (chat_template here must be a named one)."""
     if fmt == "text":
         return lambda row: format_text(row, text_column)

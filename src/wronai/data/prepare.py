@@ -67,11 +67,20 @@ class DataStats:
         ]
         if self.hygiene:
             h = self.hygiene
-            steps = [f"{k.replace('_', ' ')} {h[k]}" for k in ("normalized", "too_short", "not_polish", "exact_duplicates", "near_duplicates") if h.get(k)]
-            lines.append(f"hygiene: {h.get('rows_in', 0)} rows in, {h.get('rows_out', 0)} kept" + (f" ({', '.join(steps)})" if steps else ""))
+            steps = [
+                f"{k.replace('_', ' ')} {h[k]}"
+                for k in ("normalized", "too_short", "not_polish", "exact_duplicates", "near_duplicates")
+                if h.get(k)
+            ]
+            lines.append(
+                f"hygiene: {h.get('rows_in', 0)} rows in, {h.get('rows_out', 0)} kept"
+                + (f" ({', '.join(steps)})" if steps else "")
+            )
         for m in self.mix:
             repeated = ", rows repeated (with replacement)" if m["with_replacement"] else ""
-            lines.append(f"mix: {m['source']}: weight {m['weight']:g}, {m['sampled']} of {m['rows']} rows ({100 * m['share']:.1f}%){repeated}")
+            lines.append(
+                f"mix: {m['source']}: weight {m['weight']:g}, {m['sampled']} of {m['rows']} rows ({100 * m['share']:.1f}%){repeated}"
+            )
         if self.skipped:
             lines.append("skipped rows: " + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())))
         if self.dropped_by_hook:
@@ -83,7 +92,10 @@ class DataStats:
             pad += f", {100 * self.padding_fraction_packed:.1f}% packed ({self.packed_rows} rows)"
         lines.append(pad)
         if self.checks:
-            lines.append("checks: " + ", ".join(f"{k} {'ok' if v == 'ok' else 'FAILED'}" for k, v in self.checks.items()))
+            lines.append(
+                "checks: "
+                + ", ".join(f"{k} {'ok' if v == 'ok' else 'FAILED'}" for k, v in self.checks.items())
+            )
         return lines
 
 
@@ -110,14 +122,24 @@ def _file_digest(path: Path, h: Any) -> None:
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(
+        backend.to_str().encode()
+        if backend is not None
+        else repr(sorted(tokenizer.get_vocab().items())).encode()
+    )
     h.update(repr(tokenizer.all_special_tokens).encode())
-    h.update(repr((tokenizer.pad_token, tokenizer.eos_token, getattr(tokenizer, "chat_template", None))).encode())
+    h.update(
+        repr((tokenizer.pad_token, tokenizer.eos_token, getattr(tokenizer, "chat_template", None))).encode()
+    )
     return h.hexdigest()[:16]
 
 
 def cache_key(
-    data_cfg: DataSection, tokenizer: Any, seed: int, data_hook: Callable | None, normalize: NormalizeSpec | None = None
+    data_cfg: DataSection,
+    tokenizer: Any,
+    seed: int,
+    data_hook: Callable | None,
+    normalize: NormalizeSpec | None = None,
 ) -> str:
     from wronai.data.sources import is_local, local_files
 
@@ -206,7 +228,17 @@ def build_datasets(
     stats.examples = {"train": len(train), "eval": len(evals)}
     _length_stats(train, stats)
     if data_cfg.checks:
-        results = run_checks(data_cfg, tokenizer, fmt, row_fn, train, wheres, train_rows, policy, len(train_rows) + len(eval_rows))
+        results = run_checks(
+            data_cfg,
+            tokenizer,
+            fmt,
+            row_fn,
+            train,
+            wheres,
+            train_rows,
+            policy,
+            len(train_rows) + len(eval_rows),
+        )
         stats.checks = checks.summarize(results)
         checks.enforce(results)
     packed_rows = pack_examples(train, data_cfg.max_seq_length) if data_cfg.packing else None
@@ -238,9 +270,17 @@ def gather_rows(
     sample = next((s.splits[data_cfg.train_split] for s in sources if s.splits.get(data_cfg.train_split)), [])
     stats.format = resolve_format(data_cfg, sample)
     if normalize is not None and normalize.enabled:
-        keys = [(i, split) for i, s in enumerate(sources) for split in sorted(s.splits, key=lambda k: k != data_cfg.train_split)]
+        keys = [
+            (i, split)
+            for i, s in enumerate(sources)
+            for split in sorted(s.splits, key=lambda k: k != data_cfg.train_split)
+        ]
         cleaned, stats.hygiene = hygiene.clean_rows(
-            [sources[i].splits[split] for i, split in keys], normalize, stats.format, data_cfg.columns, data_cfg.text_column
+            [sources[i].splits[split] for i, split in keys],
+            normalize,
+            stats.format,
+            data_cfg.columns,
+            data_cfg.text_column,
         )
         for (i, split), rows in zip(keys, cleaned, strict=True):
             sources[i].splits[split] = rows
@@ -270,7 +310,11 @@ def split_rows(raw: RawData, data_cfg: DataSection, seed: int) -> tuple[list[dic
     """Train and eval rows of one source: the eval split, else a seeded eval_fraction of train held out."""
     _require_train_split(raw, data_cfg)
     train = raw.splits[data_cfg.train_split]
-    if data_cfg.eval_split and data_cfg.eval_split in raw.splits and data_cfg.eval_split != data_cfg.train_split:
+    if (
+        data_cfg.eval_split
+        and data_cfg.eval_split in raw.splits
+        and data_cfg.eval_split != data_cfg.train_split
+    ):
         evals = raw.splits[data_cfg.eval_split]
     elif data_cfg.eval_fraction > 0 and len(train) > 1:
         order = list(range(len(train)))
@@ -287,7 +331,14 @@ def split_rows(raw: RawData, data_cfg: DataSection, seed: int) -> tuple[list[dic
 def resolve_format(data_cfg: DataSection, rows: list[dict]) -> str:
     if data_cfg.format != "auto":
         return data_cfg.format
-    columns = sorted({k for row in rows[:100] for k in formats.rename_columns(row, data_cfg.columns) if not k.startswith("_")})
+    columns = sorted(
+        {
+            k
+            for row in rows[:100]
+            for k in formats.rename_columns(row, data_cfg.columns)
+            if not k.startswith("_")
+        }
+    )
     fmt = formats.detect_format(columns, data_cfg.text_column)
     if fmt is None:
         raise DataError(
@@ -300,7 +351,9 @@ def resolve_format(data_cfg: DataSection, rows: list[dict]) -> str:
 class RowFormatter:
     """Column mapping + format function for one row (a class, so it pickles for worker processes)."""
 
-    def __init__(self, fmt: str, data_cfg: DataSection, chat_renderer: Callable[[list[dict]], list[Segment]] | None) -> None:
+    def __init__(
+        self, fmt: str, data_cfg: DataSection, chat_renderer: Callable[[list[dict]], list[Segment]] | None
+    ) -> None:
         self.fmt = fmt
         self.columns = dict(data_cfg.columns)
         self.text_column = data_cfg.text_column
@@ -313,7 +366,10 @@ class RowFormatter:
         if self.fmt == "chat" and self.chat_renderer is not None:
             return self.chat_renderer(formats.normalize_messages(row))
         fn = formats.formatter_for(
-            self.fmt, text_column=self.text_column, prompt_template=self.prompt_template, chat_template=self.chat_template
+            self.fmt,
+            text_column=self.text_column,
+            prompt_template=self.prompt_template,
+            chat_template=self.chat_template,
         )
         return fn(row)
 
@@ -357,7 +413,9 @@ def _process(
     examples: list[dict[str, list[int]]] = []
     wheres: list[str] = []
     batches = [kept[i : i + _ENCODE_BATCH] for i in range(0, len(kept), _ENCODE_BATCH)]
-    for part, encoded in zip(batches, _encode_all(encoder, batches, data_cfg.preprocessing_num_workers), strict=True):
+    for part, encoded in zip(
+        batches, _encode_all(encoder, batches, data_cfg.preprocessing_num_workers), strict=True
+    ):
         for (row, _), example in zip(part, encoded, strict=True):
             if fmt == "text" and len(example["input_ids"]) > data_cfg.max_seq_length:
                 stats.chunked_documents += 1
@@ -398,14 +456,22 @@ def run_checks(
                 break
     return {
         "eos": checks.check_eos(train, wheres, tokenizer, fmt, data_cfg.chat_template, data_cfg.add_eos),
-        "chat_template": checks.check_chat_template(fmt, data_cfg.chat_template, tokenizer, samples, row_fn.chat_renderer),
+        "chat_template": checks.check_chat_template(
+            fmt, data_cfg.chat_template, tokenizer, samples, row_fn.chat_renderer
+        ),
         "too_long": checks.check_too_long(
-            policy.skipped.get("too_long", 0), rows_total, data_cfg.max_truncated_share, data_cfg.max_seq_length, policy.first.get("too_long")
+            policy.skipped.get("too_long", 0),
+            rows_total,
+            data_cfg.max_truncated_share,
+            data_cfg.max_seq_length,
+            policy.first.get("too_long"),
         ),
     }
 
 
-def _encode_all(encoder: ExampleTokenizer, batches: list[list[tuple[dict, list[Segment]]]], workers: int | None):
+def _encode_all(
+    encoder: ExampleTokenizer, batches: list[list[tuple[dict, list[Segment]]]], workers: int | None
+):
     """Tokenize batches in order; with data.preprocessing_num_workers > 1, in that many processes."""
     segment_batches = [[segs for _, segs in part] for part in batches]
     if not workers or workers < 2 or len(batches) < 2:
@@ -442,8 +508,12 @@ def _to_dataset(examples: list[dict[str, list[int]]]):
         lengths = np.fromiter((len(e[key]) for e in examples), dtype=np.int64, count=len(examples))
         offsets = np.zeros(len(examples) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        values = np.fromiter(itertools.chain.from_iterable(e[key] for e in examples), dtype=np.int64, count=int(offsets[-1]))
-        columns[key] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)).cast(pa.list_(pa.int64()))
+        values = np.fromiter(
+            itertools.chain.from_iterable(e[key] for e in examples), dtype=np.int64, count=int(offsets[-1])
+        )
+        columns[key] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)).cast(
+            pa.list_(pa.int64())
+        )
         if key == "input_ids":
             length = pa.array(lengths)
     columns["length"] = length
@@ -457,11 +527,15 @@ def _save_cached(prepared: PreparedData, target: Path) -> None:
         prepared.train.save_to_disk(str(tmp / "train"))
         if prepared.eval is not None:
             prepared.eval.save_to_disk(str(tmp / "eval"))
-        (tmp / "stats.json").write_text(json.dumps({"packed": prepared.packed, **asdict(prepared.stats)}, indent=2))
+        (tmp / "stats.json").write_text(
+            json.dumps({"packed": prepared.packed, **asdict(prepared.stats)}, indent=2)
+        )
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     except OSError as err:
-        logger.warning("data: could not write the prepared-data cache at %s (%s) — continuing without it", target, err)
+        logger.warning(
+            "data: could not write the prepared-data cache at %s (%s) — continuing without it", target, err
+        )
         shutil.rmtree(tmp, ignore_errors=True)
 
 

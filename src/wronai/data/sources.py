@@ -19,7 +19,11 @@ from wronai.errors import DataError
 logger = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
-SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "eval", "dev"), "test": ("test",)}
+SPLIT_ALIASES = {
+    "train": ("train",),
+    "validation": ("validation", "valid", "val", "eval", "dev"),
+    "test": ("test",),
+}
 
 
 @dataclass
@@ -40,7 +44,9 @@ class BadRowPolicy:
     def handle(self, where: str, field_name: str, reason: str, code: str) -> None:
         message = f"{where}: field `{field_name}`: {reason}"
         if self.on_bad_row == "error":
-            raise DataError(f"{message} — fix the row, or set data.on_bad_row: skip to skip such rows (they are counted)")
+            raise DataError(
+                f"{message} — fix the row, or set data.on_bad_row: skip to skip such rows (they are counted)"
+            )
         self.skipped[code] += 1
         self.first.setdefault(code, message)
 
@@ -54,7 +60,9 @@ def local_files(name: str) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
         if not files:
-            raise DataError(f"data.dataset_name: directory {path} holds no {'/'.join(LOCAL_SUFFIXES)} files — add data files or fix the path")
+            raise DataError(
+                f"data.dataset_name: directory {path} holds no {'/'.join(LOCAL_SUFFIXES)} files — add data files or fix the path"
+            )
         return files
     if path.suffix not in LOCAL_SUFFIXES:
         raise DataError(
@@ -102,7 +110,9 @@ def _lines(path: Path, policy: BadRowPolicy) -> list[tuple[int, str]]:
             try:
                 out.append((number, raw.decode("utf-8-sig" if number == 1 else "utf-8")))
             except UnicodeDecodeError as err:
-                policy.handle(f"{path}:{number}", "(line)", f"invalid UTF-8 at byte {err.start}", "invalid_utf8")
+                policy.handle(
+                    f"{path}:{number}", "(line)", f"invalid UTF-8 at byte {err.start}", "invalid_utf8"
+                )
     return out
 
 
@@ -118,10 +128,17 @@ def _parse_json_lines(path: Path, lines: list[tuple[int, str]], policy: BadRowPo
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            policy.handle(f"{path}:{number}", "(line)", f"broken JSON ({err.msg} at column {err.colno})", "broken_json")
+            policy.handle(
+                f"{path}:{number}", "(line)", f"broken JSON ({err.msg} at column {err.colno})", "broken_json"
+            )
             continue
         if not isinstance(row, dict):
-            policy.handle(f"{path}:{number}", "(line)", f"expected a JSON object, got {type(row).__name__}", "wrong_type")
+            policy.handle(
+                f"{path}:{number}",
+                "(line)",
+                f"expected a JSON object, got {type(row).__name__}",
+                "wrong_type",
+            )
             continue
         row["_file"], row["_row"] = str(path), number
         rows.append(row)
@@ -150,7 +167,9 @@ def _read_json(path: Path, policy: BadRowPolicy) -> list[dict[str, Any]]:
     rows = []
     for number, row in enumerate(data, start=1):
         if not isinstance(row, dict):
-            policy.handle(f"{path} row {number}", "(row)", f"expected an object, got {type(row).__name__}", "wrong_type")
+            policy.handle(
+                f"{path} row {number}", "(row)", f"expected an object, got {type(row).__name__}", "wrong_type"
+            )
             continue
         row = dict(row)
         row["_file"], row["_row"] = str(path), number
@@ -216,7 +235,9 @@ def read_hub(name: str, config: str | None, cache_dir: str | None) -> RawData:
     return RawData(splits=splits, source=name)
 
 
-def read_raw(names: str | list[str], config: str | None, cache_dir: str | None, policy: BadRowPolicy) -> RawData:
+def read_raw(
+    names: str | list[str], config: str | None, cache_dir: str | None, policy: BadRowPolicy
+) -> RawData:
     """Local files/dirs and Hub ids, merged split by split."""
     names = [names] if isinstance(names, str) else list(names)
     merged = RawData(splits={}, skipped=policy.skipped, source=", ".join(names))

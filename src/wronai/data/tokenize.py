@@ -43,7 +43,12 @@ class ExampleTokenizer:
     """Callable turning segment lists into ``input_ids``/``labels`` (batched, picklable for datasets.map)."""
 
     def __init__(
-        self, tokenizer: Any, max_seq_length: int, train_on: str = "answers", add_eos: bool = True, add_special_tokens: bool = True
+        self,
+        tokenizer: Any,
+        max_seq_length: int,
+        train_on: str = "answers",
+        add_eos: bool = True,
+        add_special_tokens: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
         self.add_special_tokens = add_special_tokens
@@ -57,7 +62,12 @@ class ExampleTokenizer:
         if backend is not None and backend.truncation is None and backend.padding is None:
             encodings = backend.encode_batch(texts, add_special_tokens=self.add_special_tokens)
             return [e.ids for e in encodings], [e.offsets for e in encodings]
-        enc = self.tokenizer(texts, add_special_tokens=self.add_special_tokens, return_offsets_mapping=True, return_attention_mask=False)
+        enc = self.tokenizer(
+            texts,
+            add_special_tokens=self.add_special_tokens,
+            return_offsets_mapping=True,
+            return_attention_mask=False,
+        )
         return enc["input_ids"], [[tuple(o) for o in offsets] for offsets in enc["offset_mapping"]]
 
     def encode(self, batch: list[list[Segment]]) -> list[dict[str, list[int]]]:
@@ -81,7 +91,9 @@ class ExampleTokenizer:
 def chunk(example: Mapping[str, list[int]], size: int) -> list[dict[str, list[int]]]:
     """Split a long raw-text example into pieces of at most ``size`` tokens (nothing is dropped)."""
     ids, labels = example["input_ids"], example["labels"]
-    return [{"input_ids": ids[i : i + size], "labels": labels[i : i + size]} for i in range(0, len(ids), size)]
+    return [
+        {"input_ids": ids[i : i + size], "labels": labels[i : i + size]} for i in range(0, len(ids), size)
+    ]
 
 
 def check_length(example: Mapping[str, list[int]], max_len: int) -> None:
