@@ -9,6 +9,8 @@ from wronai.attention import PACKED_SDPA, enable_packed_attention, sequence_boun
 from wronai.data.collate import PackedCollator, pack_examples
 from wronai.data.tokenize import IGNORE_INDEX
 
+X = IGNORE_INDEX
+
 
 @pytest.mark.parametrize(
     ("positions", "expected"),
@@ -158,3 +160,25 @@ def test_trainer_uses_per_example_attention_for_packed_data(tiny_model_dir, tiny
         build_trainer(_model(tiny_model_dir), tiny_tokenizer, args, unpacked, []).data_collator,
         "with_boundaries",
     )
+
+
+def test_packed_collator_takes_unpacked_eval_rows():
+    """The eval split is never packed, yet the Trainer uses one collator: rows without position ids are one example each."""
+    rows = [{"input_ids": [5, 6, 7], "labels": [X, 6, 7]}, {"input_ids": [8, 9], "labels": [X, 9]}]
+    batch = PackedCollator(pad_token_id=0, with_boundaries=True)(rows)
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 6]
+    assert batch["labels"].tolist() == [[X, 6, 7], [X, 9, X]]
+
+
+def test_packed_training_with_evaluation_end_to_end(tmp_path, tiny_model_dir):
+    import json
+
+    from conftest import train_via_cli
+
+    out = train_via_cli(
+        tmp_path, tiny_model_dir, rows=40, data={"packing": True, "eval_fraction": 0.2},
+        training={"max_steps": 3, "eval_steps": 3, "save_strategy": "no", "per_device_train_batch_size": 2},
+    )  # fmt: skip
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert any("eval_loss" in h for h in history)

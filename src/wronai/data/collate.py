@@ -68,7 +68,8 @@ class PackedCollator:
         length = _target_length([len(x) for x in ids], self.pad_to_multiple_of)
         positions = []
         for f in features:
-            pos = list(f["position_ids"])
+            # a row without position ids is one unpacked example (the eval split is never packed)
+            pos = list(f["position_ids"]) if "position_ids" in f else list(range(len(f["input_ids"])))
             positions.append(pos + list(range(length - len(pos))))
         batch: dict[str, Any] = {
             "input_ids": _pad(ids, self.pad_token_id, length),
