@@ -119,6 +119,24 @@ def test_write_report_with_the_in_memory_model(run_dir, tmp_path):
     assert loaded.model.training and loaded.tokenizer.padding_side == "right"  # left as they were
 
 
+def test_report_skips_in_process_samples_when_zero3_split_the_weights(run_dir, tmp_path):
+    """Under ZeRO-3 rank 0 holds only its partition of each weight: generating alone would hang/crash the peers."""
+    import shutil
+
+    import torch
+
+    from wronai.report import write_report
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "samples.json").unlink(missing_ok=True)
+    model = torch.nn.Linear(2, 2)
+    model.weight.ds_id = 0  # what deepspeed.zero.Init marks partitioned parameters with
+    page = write_report(copy, model=model, tokenizer=object()).read_text(encoding="utf-8")
+    assert not (copy / "samples.json").exists()
+    assert "weights split by ZeRO-3" in page and f"wronai report {copy}" in page
+
+
 @pytest.mark.slow  # a fresh interpreter: imports torch/transformers again
 def test_model_card_front_matter_and_code_run_with_stock_peft(run_dir):
     main(["report", str(run_dir), "--no-samples"])

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from wronai import __version__
+from wronai.commands import add_config_args
 from wronai.errors import WronAIError
 
 logger = logging.getLogger("wronai.cli")
@@ -49,18 +50,6 @@ def setup_logging(level: str = "INFO") -> None:
         pass
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config file (see configs/ and docs/configuration.md)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value by dotted key, e.g. --set training.max_steps=10 (repeatable; values are YAML)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wronai",
@@ -76,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the training pipeline",
         description="Run the whole pipeline: config -> model -> data -> train -> save.",
     )
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument(
         "--resume",
         nargs="?",
@@ -103,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load and check a config without loading a model; print the resolved config and the device plan. "
         "Exits 2 and lists the problems if there are any.",
     )
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument(
         "--quiet",
         action="store_true",
@@ -143,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print examples as the model sees them: masked (prompt) text in [brackets] or dim, trained text plain; "
         "token counts and the length distribution.",
     )
-    _add_config_args(pp)
+    add_config_args(pp)
     pp.add_argument("-n", type=int, default=3, help="examples to show")
     pp.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     pp.set_defaults(func=cmd_data_preview)
@@ -152,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prepare and cache the data now",
         description="Run data preparation once and cache it.",
     )
-    _add_config_args(pp)
+    add_config_args(pp)
     pp.set_defaults(func=cmd_data_prepare)
     pp = data_sub.add_parser(
         "check",
@@ -160,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prepare the data and run the pre-flight checks (EOS/end-of-turn trained, chat template equal to the "
         "tokenizer's, share of too-long rows), even when data.checks is false; exit 2 naming each failed check.",
     )
-    _add_config_args(pp)
+    add_config_args(pp)
     pp.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser(

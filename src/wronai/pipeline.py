@@ -61,9 +61,8 @@ class WronAITrainer:
         self.signals = reliability.SignalState()
         self.base_tokenizer: Any = None  # the tokenizer before polish.extend_vocab
         self.vocab_tokens: list[Any] = []  # tokens added by polish.extend_vocab
-        self._zero3_load: Any = (
-            None  # HfDeepSpeedConfig while a ZeRO-3 model loads (distributed.prepare_for_sharded_load)
-        )
+        # HfDeepSpeedConfig while a ZeRO-3 model loads (distributed.prepare_for_sharded_load)
+        self._zero3_load: Any = None
 
     @staticmethod
     def load_config(path: str | Path, overrides: list[str] | None = None) -> WronAIConfig:
@@ -378,13 +377,9 @@ def run(
         try:
             from wronai.report import write_report
 
-            # ZeRO-3 keeps every weight split across ranks: rank 0 alone cannot generate samples in-process
-            sharded = (
-                distributed.strategy(config.hardware) == "deepspeed_zero3"
-                and distributed.world().is_distributed
+            write_report(
+                out, model=pipeline.model, tokenizer=pipeline.tokenizer, samples=config.logging.report_samples
             )
-            samples = config.logging.report_samples and not sharded
-            write_report(out, model=pipeline.model, tokenizer=pipeline.tokenizer, samples=samples)
         except Exception as err:  # the report must never fail a finished run
             logger.warning("report not written (%s) — run `wronai report %s`", err, out)
     return RunResult(output_dir=out, metrics=metrics)

@@ -287,6 +287,10 @@ def write_report(
             (run / f"report_{stem}.png").write_bytes(png)
     sample_rows: list[dict[str, str]] | None = None
     note = "Samples were not generated (samples=False)."
+    if samples and model is not None and any(hasattr(w, "ds_id") for w in model.parameters()):
+        # ZeRO-3 splits every weight across ranks: one process alone cannot generate with them
+        samples = False
+        note = f"Samples were not generated in-process (weights split by ZeRO-3) — run `wronai report {run}`."
     if samples:
         try:
             sample_rows = generate_samples(run, model, tokenizer, max_new_tokens)

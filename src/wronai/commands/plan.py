@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from wronai.commands import add_config_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -13,15 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Estimate memory per GPU (weights, LoRA + optimizer, activations) from the model's config.json; "
         "say whether it fits the GPU and which settings to change if not. See docs/distributed.md.",
     )
-    p.add_argument("config", help="YAML config file")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value by dotted key",
-    )
+    add_config_args(p)
     p.add_argument("--gpu", default="24GB", help="GPU memory, e.g. 8GB, 24GB, 80GB (default 24GB)")
     p.add_argument(
         "--nproc",

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from wronai.attention import sequence_boundaries
 from wronai.data.tokenize import IGNORE_INDEX
 
 
@@ -77,8 +78,6 @@ class PackedCollator:
             "position_ids": torch.as_tensor(positions, dtype=torch.long),
         }
         if self.with_boundaries:
-            from wronai.attention import sequence_boundaries
-
             bounds = sequence_boundaries(batch["position_ids"])
             longest = int((bounds[1:] - bounds[:-1]).max())
             batch.update(
