@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wronai.attention import PACKED_SDPA, enable_packed_attention, sequence_boundaries
+from wronai.attention import PACKED_SDPA, enable_packed_attention, example_lengths, sequence_boundaries
 from wronai.data.collate import PackedCollator, pack_examples
 from wronai.data.tokenize import IGNORE_INDEX
 
@@ -28,6 +28,22 @@ def test_sequence_boundaries(positions, expected):
     bounds = sequence_boundaries(torch.tensor(positions))
     assert bounds.dtype == torch.int32
     assert bounds.tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("bounds", "batch", "length", "expected"),
+    [
+        pytest.param([0, 4], 1, 4, [[4]], id="one-example"),
+        pytest.param([0, 2, 5], 1, 5, [[2, 3]], id="two-examples"),
+        pytest.param([0, 3, 4, 6], 2, 3, [[3], [1, 2]], id="two-rows"),
+        pytest.param([0, 1, 2], 2, 1, [[1], [1]], id="single-tokens"),
+        pytest.param([0, 5, 6], 2, 3, [[3], [2, 1]], id="example-crossing-a-row-end-is-cut"),
+    ],
+)
+def test_example_lengths(bounds, batch, length, expected):
+    rows = example_lengths(torch.tensor(bounds, dtype=torch.int32), batch, length)
+    assert rows == expected
+    assert [sum(r) for r in rows] == [length] * batch
 
 
 def test_collator_adds_boundaries_only_when_asked():

@@ -43,30 +43,41 @@ def packed_sdpa(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    batch, _, length, _ = query.shape
+    length = query.shape[2]
     gqa = query.shape[1] != key.shape[1]
-    starts = [int(x) for x in bounds.tolist()]
+    per_row = example_lengths(bounds, query.shape[0], length)
+    # split/unbind (not slicing): their backward writes each gradient once, where a slice's backward
+    # fills a zero tensor of the whole row per example
     rows = []
-    for b in range(batch):
-        pieces = []
-        for start, end in zip(starts[:-1], starts[1:], strict=True):
-            if start < b * length or start >= (b + 1) * length:
-                continue
-            s, e = start - b * length, min(end, (b + 1) * length) - b * length
-            pieces.append(
-                torch.nn.functional.scaled_dot_product_attention(
-                    query[b : b + 1, :, s:e],
-                    key[b : b + 1, :, s:e],
-                    value[b : b + 1, :, s:e],
-                    dropout_p=dropout if module.training else 0.0,
-                    is_causal=True,
-                    scale=scaling,
-                    enable_gqa=gqa,
-                )  # fmt: skip
-            )
+    for q, k, v, lengths in zip(query.unbind(0), key.unbind(0), value.unbind(0), per_row, strict=True):
+        pieces = [
+            torch.nn.functional.scaled_dot_product_attention(
+                qe.unsqueeze(0),
+                ke.unsqueeze(0),
+                ve.unsqueeze(0),
+                dropout_p=dropout if module.training else 0.0,
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=gqa,
+            )  # fmt: skip
+            for qe, ke, ve in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1), strict=True)
+        ]
         rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
-    out = torch.cat(rows, dim=0) if batch > 1 else rows[0]
+    out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def example_lengths(bounds: torch.Tensor, batch: int, length: int) -> list[list[int]]:
+    """Per row, the lengths of the examples it holds, from boundaries over the flattened batch.
+
+    An example that crosses a row end (never made by WronAI's packer) is cut at the row end.
+    """
+    cuts = sorted({*(int(x) for x in bounds.tolist()), *range(0, batch * length + 1, length)})
+    rows: list[list[int]] = [[] for _ in range(batch)]
+    for start, end in zip(cuts[:-1], cuts[1:], strict=True):
+        if start < batch * length:
+            rows[start // length].append(min(end, batch * length) - start)
+    return rows
 
 
 def register_packed_attention() -> None:
