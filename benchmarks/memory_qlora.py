@@ -19,7 +19,8 @@ process had after importing the libraries, before loading.
 
 Variants:
   qlora       load_in_4bit, nf4, double quant, compute float32 (what WronAI's device plan picks on a CPU
-              without native bf16)
+              without native bf16); embeddings and head kept bf16 (quantization.keep_embeddings_dtype)
+  qlora-fp32-embeddings  the same with PEFT's float32 copies of the embeddings and head (keep_embeddings_dtype: false)
   qlora-bf16  the same with compute bfloat16 (forced; emulated and slow on CPUs without AVX512-BF16/AMX)
   bf16-lora   bf16 weights, no quantization (forced: the device plan would fall back to fp32 on such a CPU)
   fp32-lora   fp32 weights, no quantization
@@ -45,7 +46,8 @@ from pathlib import Path
 
 from random_checkpoint import SHAPES, llama_config, write_random_checkpoint
 
-VARIANTS = ("qlora", "qlora-bf16", "bf16-lora", "fp32-lora")
+VARIANTS = ("qlora", "qlora-fp32-embeddings", "qlora-bf16", "bf16-lora", "fp32-lora")
+OPTIMIZERS = ("adamw", "adamw8bit")
 PREDICT_SHAPES = (
     "tinyllama-1.1b",
     "llama3.2-3b",
@@ -107,9 +109,12 @@ def _warm_up() -> None:
     (layer(x).sum() + torch.nn.Linear(64, 64)(x).sum()).backward()
 
 
-def run_variant(variant: str, checkpoint: str, seq: int, threads: int) -> dict:
+def run_variant(
+    variant: str, checkpoint: str, seq: int, threads: int, optim: str = "adamw", freed_memory: str = "auto"
+) -> dict:
     import torch
 
+    from wronai import hardware as hardware_module
     from wronai import modeling
     from wronai.config.schema import (
         HardwareSection,
@@ -127,7 +132,8 @@ def run_variant(variant: str, checkpoint: str, seq: int, threads: int) -> dict:
         name=checkpoint, torch_dtype={"bf16-lora": "bfloat16", "fp32-lora": "float32"}.get(variant, "auto")
     )
     qcfg = QuantizationSection(load_in_4bit=quantized, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype="bfloat16" if variant == "qlora-bf16" else "float32")  # fmt: skip
+                               bnb_4bit_compute_dtype="bfloat16" if variant == "qlora-bf16" else "float32",
+                               keep_embeddings_dtype=variant != "qlora-fp32-embeddings")  # fmt: skip
     hardware = HardwareSection(device="cpu")
     plan = plan_device(hardware, TrainingSection(gradient_checkpointing=True), qcfg, model_cfg)
     if variant == "bf16-lora":
@@ -143,14 +149,30 @@ def run_variant(variant: str, checkpoint: str, seq: int, threads: int) -> dict:
     start = time.perf_counter()
     model = modeling.load_base_model(model_cfg, qcfg, hardware, plan)
     model = modeling.apply_lora(
-        model, LoraSection(r=16, lora_alpha=32, lora_dropout=0.0), [], gradient_checkpointing=True
+        model,
+        LoraSection(r=16, lora_alpha=32, lora_dropout=0.0),
+        [],
+        gradient_checkpointing=True,
+        keep_embeddings=qcfg.keep_embeddings_dtype,
     )
     load_s = time.perf_counter() - start
+    # hardware.return_freed_memory (auto: on for CPU runs of >= 0.5B parameters), as `wronai train` sets it
+    released = hardware_module.apply_memory_settings(
+        HardwareSection(device="cpu", return_freed_memory=freed_memory),
+        "cpu",
+        model.get_nb_trainable_parameters()[1],
+    )
     after_load, load_peak = _status("VmRSS"), _status("VmHWM")
     _reset_peak()
     sampler.phase = "train"
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if optim == "adamw8bit":  # what training.optim: paged_adamw_8bit becomes on a CPU (adamw_8bit)
+        import bitsandbytes as bnb
+
+        opt: torch.optim.Optimizer = bnb.optim.AdamW8bit(trained, lr=1e-4)
+    else:
+        opt = torch.optim.AdamW(trained, lr=1e-4)
     ids = torch.randint(0, model.get_input_embeddings().weight.shape[0], (1, seq))
     step_s, losses = [], []
     for _ in range(2):
@@ -170,7 +192,8 @@ def run_variant(variant: str, checkpoint: str, seq: int, threads: int) -> dict:
             "baseline_anon": baseline_anon, "load_anon_peak": anon.get("load", 0), "train_anon_peak": anon.get("train", 0),
             "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
             "losses": losses, "frozen_dtypes": sorted(weights), "model_dtype": str(plan.model_dtype),
-            "compute_dtype": str(plan.compute_dtype), "threads": threads}  # fmt: skip
+            "compute_dtype": str(plan.compute_dtype), "threads": threads, "optim": optim,
+            "return_freed_memory": released}  # fmt: skip
 
 
 def _shape(name: str):
@@ -185,7 +208,7 @@ def _cpu_settings(seq: int):
     return Settings(quantization="4bit", double_quant=True, weight_bytes=4, compute_bytes=4, lora_r=16,
                     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                     lora_dropout=False, batch=1, seq=seq, accumulation=1, gradient_checkpointing=True,
-                    strategy="none", nproc=1)  # fmt: skip
+                    strategy="none", nproc=1, embedding_bytes=2)  # fmt: skip
 
 
 def predict(ram_gib: float, seq: int) -> None:
@@ -211,6 +234,10 @@ def main() -> int:
     parser.add_argument("--variant", choices=VARIANTS, action="append", help="default: qlora and bf16-lora")
     parser.add_argument("--seq", type=int, default=32, help="tokens per step (batch 1); default 32")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--return-freed-memory", choices=("auto", "on", "off"), default="auto",
+                        help="hardware.return_freed_memory for every variant (auto: on from 0.5B parameters)")  # fmt: skip
+    parser.add_argument("--optim", choices=OPTIMIZERS, default="adamw",
+                        help="optimizer of every variant: torch AdamW, or bitsandbytes' 8-bit AdamW (runs on CPU)")  # fmt: skip
     parser.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
                         help="run the children with MALLOC_MMAP_THRESHOLD_=BYTES (glibc: a fixed threshold stops the heap "
                         "from keeping freed activation buffers; 131072 = glibc's initial value)")  # fmt: skip
@@ -227,7 +254,10 @@ def main() -> int:
         predict(args.predict, args.seq)
         return 0
     if args.child:
-        sys.stdout.write(json.dumps(run_variant(args.child[0], args.child[1], args.seq, args.threads)) + "\n")
+        result = run_variant(
+            args.child[0], args.child[1], args.seq, args.threads, args.optim, args.return_freed_memory
+        )
+        sys.stdout.write(json.dumps(result) + "\n")
         return 0
     variants = args.variant or ["qlora", "bf16-lora"]
     with tempfile.TemporaryDirectory(prefix="wronai-memory-") as tmp:
@@ -250,6 +280,10 @@ def main() -> int:
                 str(args.seq),
                 "--threads",
                 str(args.threads),
+                "--optim",
+                args.optim,
+                "--return-freed-memory",
+                args.return_freed_memory,
             ]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             if args.malloc_mmap_threshold:
@@ -275,7 +309,7 @@ def _table(shape: str, seq: int, results: list[dict]) -> None:
     params = _shape(shape).total_params
     ref = next((r for r in results if r["variant"] == "bf16-lora"), None)
     sys.stdout.write(f"\n{shape} ({params / 1e9:.2f}B params), batch 1 x seq {seq}, LoRA r=16 all-linear, GC on, "
-                     f"2 AdamW steps; MiB; model = minus the {results[0]['baseline'] / MIB:.0f} MiB process baseline\n")  # fmt: skip
+                     f"2 {results[0].get('optim', 'adamw')} steps; MiB; model = minus the {results[0]['baseline'] / MIB:.0f} MiB process baseline\n")  # fmt: skip
     head = ["variant", "RSS after load", "load peak", "train peak", "peak RSS", "anon peak load / train", "model peak",
             "peak / bf16", "model / bf16"]  # fmt: skip
     sys.stdout.write("| " + " | ".join(head) + " |\n|---|" + "---:|" * (len(head) - 1) + "\n")

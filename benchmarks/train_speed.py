@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training speed, side by side in one run: the classic WronAI script vs `wronai train`.
 
-    python benchmarks/train_speed.py [--rows 1500] [--hidden 384] [--layers 6] [--out /tmp/wronai-bench]
+    python benchmarks/train_speed.py [--rows 1500] [--hidden 384] [--layers 6] [--repeat 3] [--out /tmp/wronai-bench]
 
 Both train the same locally built Llama model with 4-bit NF4 QLoRA on the same generated Polish instruction
 set (long-tailed answer lengths) for one epoch, i.e. the same examples:
@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -285,6 +286,12 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--out", default="/tmp/wronai-bench")
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of all variants, alternating (the machine's speed drifts)",
+    )
+    parser.add_argument(
         "--variants",
         default="classic,wronai",
         help=f"comma-separated runs: classic and any of {', '.join(ABLATIONS)} (ablations switch one optimization off)",
@@ -321,39 +328,57 @@ def main() -> None:
             lengths = [len(tok(r["instruction"] + r["input"] + r["output"])["input_ids"]) + 20 for r in fits]
     mean_len = int(sum(lengths) / len(lengths))
     peaks = {d: matmul_peak(d) / 1e9 for d in ("float32", "bfloat16")}
-    results = {}
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - {"classic", *ABLATIONS})
     if unknown or not {"classic", "wronai"} <= set(variants):
         parser.error(f"--variants must include classic and wronai; unknown: {', '.join(unknown) or 'none'}")
-    for name in variants:
-        cmd = [sys.executable, __file__, "--child", name, "--out", str(out), "--rows", str(args.rows), "--batch", str(args.batch),
-               "--max-len", str(args.max_len), "--mean-len", str(mean_len)]  # fmt: skip
-        subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        results[name] = json.loads((out / f"{name}.json").read_text())
     fpt = flops_per_token(out / "model", mean_len)
+    rounds = []  # each round runs every variant once, in order, after measuring the fp32 matmul peak again
+    for index in range(args.repeat):
+        fp32_peak = peaks["float32"] if index == 0 else matmul_peak("float32") / 1e9
+        results = {}
+        for name in variants:
+            cmd = [sys.executable, __file__, "--child", name, "--out", str(out), "--rows", str(args.rows), "--batch", str(args.batch),
+                   "--max-len", str(args.max_len), "--mean-len", str(mean_len)]  # fmt: skip
+            subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            results[name] = json.loads((out / f"{name}.json").read_text())
+        score_round(results, {**peaks, "float32": fp32_peak}, fpt)
+        rounds.append({"fp32_peak_gflops": fp32_peak, "results": results})
+    text = render_rounds(rounds, peaks, args, mean_len)
+    sys.stdout.write(text + "\n")
+    (out / "results.json").write_text(json.dumps({"rounds": rounds, "peaks_gflops": peaks}, indent=2))
+
+
+def score_round(results: dict, peaks: dict, fpt: float) -> None:
+    """tokens/s, MFU (against this round's matmul peak) and the ratio to this round's classic run."""
+    classic = results["classic"]["tokens"] / results["classic"]["wall_s"]
+    for r in results.values():
+        tps = r["tokens"] / r["wall_s"]
+        peak = peaks["bfloat16"] if r.get("precision") == "bf16" else peaks["float32"]
+        r.update(tokens_per_s=tps, mfu=tps * fpt / (peak * 1e9), vs_classic=tps / classic)
+
+
+def render_rounds(rounds: list[dict], peaks: dict, args, mean_len: int) -> str:
     lines = [
         f"machine: {os.cpu_count()} cores; matmul peak fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s",
         f"data: {args.rows} rows, mean {mean_len} tokens/row, max_len {args.max_len}; model: hidden {args.hidden}, {args.layers} layers",
         "",
-        f"{'run':24} {'wall s':>8} {'tokens/s':>9} {'padding':>8} {'peak RSS MB':>12} {'MFU':>6} {'eval loss':>10} {'vs classic':>10}",
+        f"{'run':28} {'wall s':>8} {'tokens/s':>9} {'padding':>8} {'peak RSS MB':>12} {'MFU':>6} {'eval loss':>10} {'vs classic':>10}",
     ]
-    for name, r in results.items():
-        tps = r["tokens"] / r["wall_s"]
-        peak = peaks["bfloat16"] if r.get("precision") == "bf16" else peaks["float32"]
-        mfu = tps * fpt / (peak * 1e9)
-        r.update(tokens_per_s=tps, mfu=mfu)
-        ratio = tps / (results["classic"]["tokens"] / results["classic"]["wall_s"])
-        lines.append(f"{name:24} {r['wall_s']:8.1f} {tps:9.0f} {100 * r['padding_fraction']:7.1f}% {r['peak_rss_mb']:12.0f} "
-                     f"{100 * mfu:5.1f}% {r['eval_loss']:10.4f} {ratio:9.2f}x")  # fmt: skip
-    speedup = results["wronai"]["tokens_per_s"] / results["classic"]["tokens_per_s"]
-    lines.append(f"\nspeed-up (tokens/s, wronai / classic): {speedup:.2f}x; "
-                 f"memory ratio: {results['wronai']['peak_rss_mb'] / results['classic']['peak_rss_mb']:.2f}")  # fmt: skip
-    text = "\n".join(lines)
-    sys.stdout.write(text + "\n")
-    (out / "results.json").write_text(
-        json.dumps({"results": results, "peaks_gflops": peaks, "speedup": speedup}, indent=2)
-    )
+    for index, round_ in enumerate(rounds):
+        tag = f" #{index + 1}" if len(rounds) > 1 else ""
+        if len(rounds) > 1:
+            lines.append(f"round {index + 1}: fp32 matmul peak {round_['fp32_peak_gflops']:.0f} GFLOP/s")
+        for name, r in round_["results"].items():
+            lines.append(f"{name + tag:28} {r['wall_s']:8.1f} {r['tokens_per_s']:9.0f} {100 * r['padding_fraction']:7.1f}% "
+                         f"{r['peak_rss_mb']:12.0f} {100 * r['mfu']:5.1f}% {r['eval_loss']:10.4f} {r['vs_classic']:9.2f}x")  # fmt: skip
+    ratios = sorted(r["results"]["wronai"]["vs_classic"] for r in rounds)
+    mfus = sorted(r["results"]["wronai"]["mfu"] for r in rounds)
+    memory = [r["results"]["wronai"]["peak_rss_mb"] / r["results"]["classic"]["peak_rss_mb"] for r in rounds]
+    lines.append(f"\nspeed-up (tokens/s, wronai / classic): median {statistics.median(ratios):.2f}x "
+                 f"(min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x over {len(rounds)} round(s)); "
+                 f"wronai MFU median {100 * statistics.median(mfus):.1f}%; memory ratio: {max(memory):.2f}")  # fmt: skip
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

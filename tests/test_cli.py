@@ -52,8 +52,8 @@ def test_validate_prints_resolved_config_and_device_plan(capsys):
     out = capsys.readouterr().out
     assert "# resolved config" in out and "# device plan" in out
     assert "device: cpu" in out
-    assert "optimizer: adamw_torch" in out  # paged_adamw_8bit replaced on CPU
-    assert "note: training.optim=paged_adamw_8bit needs CUDA" in out
+    assert "optimizer: adamw_8bit" in out  # paged_adamw_8bit unpaged on CPU
+    assert "note: training.optim=paged_adamw_8bit: paging is for GPU memory" in out
 
 
 BAD_RUNS = [

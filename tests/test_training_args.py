@@ -70,7 +70,7 @@ def test_installed_version_accepts_every_argument_we_pass():
     accepted = set(inspect.signature(TrainingArguments.__init__).parameters)
     kw = kwargs_for(accepted)
     assert set(kw) <= accepted
-    assert kw["optim"] == "adamw_torch"  # paged optimizer replaced on this CPU machine
+    assert kw["optim"] == "adamw_8bit"  # paged optimizer unpaged on this CPU machine
     TrainingArguments(**{**kw, "output_dir": "/tmp/wronai-args-test"})  # constructs without error
 
 

@@ -168,6 +168,13 @@ def load_base_model(
     bnb = quantization_config(quant_cfg, plan, hardware)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
+    if (
+        plan.quantization.startswith("4bit")
+        and model_cfg.torch_dtype == "auto"
+        and keeps_16bit_embeddings(quant_cfg, hardware)
+    ):
+        # non-quantized weights in the checkpoint's dtype: no float32 copy of the embeddings (wronai.kbit)
+        kwargs["dtype"] = "auto"
     max_memory = _max_memory(hardware, plan)
     if max_memory:
         kwargs["max_memory"] = max_memory
@@ -179,6 +186,12 @@ def load_base_model(
     if tokenizer is not None:
         resize_embeddings(model, len(tokenizer))
     return model
+
+
+def keeps_16bit_embeddings(quant_cfg: QuantizationSection, hardware: HardwareSection | None) -> bool:
+    """Whether a 4-bit model keeps its frozen embeddings/head 16-bit (not under FSDP/ZeRO-3 sharding)."""
+    sharded = hardware is not None and hardware.distributed in ("fsdp", "deepspeed_zero3")
+    return quant_cfg.keep_embeddings_dtype and not sharded
 
 
 def resize_embeddings(model: Any, vocab_size: int) -> list[int]:
@@ -203,22 +216,32 @@ def apply_lora(
     lora_cfg: LoraSection,
     new_token_ids: list[int] | None = None,
     gradient_checkpointing: bool = True,
+    keep_embeddings: bool = True,
 ):
-    """k-bit preparation (when quantized), gradient checkpointing and the LoRA adapter."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """k-bit preparation (when quantized), gradient checkpointing and the LoRA adapter.
 
-    quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
-    if quantized:
-        model = prepare_model_for_kbit_training(
+    ``keep_embeddings``: a 4-bit model keeps frozen 16-bit embeddings/head as they are (``wronai.kbit``);
+    embeddings that are trained (modules_to_save, new token rows) are cast to float32 in any case.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from wronai.kbit import prepare_kbit_model
+
+    modules_to_save = list(lora_cfg.modules_to_save) or None
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        trained = bool(new_token_ids) or bool(
+            set(modules_to_save or []) & set(_embedding_module_names(model))
+        )
+        model = prepare_kbit_model(
             model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            _compute_dtype(model),
+            gradient_checkpointing=gradient_checkpointing,
+            keep_embeddings=keep_embeddings and not trained and getattr(model, "is_loaded_in_4bit", False),
         )
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     token_indices = None
-    modules_to_save = list(lora_cfg.modules_to_save) or None
     if new_token_ids:
         names = _embedding_module_names(model)
         token_indices = {name: list(new_token_ids) for name in names if name not in (modules_to_save or [])}
@@ -239,6 +262,11 @@ def apply_lora(
         raise WronAIError(
             f"lora.target_modules: {err} — list module names that exist in this model, or use all-linear"
         ) from None
+    from wronai.hardware import release_free_memory
+
+    freed = release_free_memory()  # loading, quantizing and casting leave freed buffers in the C heap
+    if freed > 2**20:
+        logger.info("returned %.0f MiB of freed loading buffers to the OS", freed / 2**20)
     trainable, total = peft_model.get_nb_trainable_parameters()
     logger.info(
         "trainable parameters: %s of %s (%.3f%%)",
@@ -247,6 +275,15 @@ def apply_lora(
         100 * trainable / max(total, 1),
     )
     return peft_model
+
+
+def _compute_dtype(model: Any) -> torch.dtype:
+    """The dtype the 4-bit layers compute in (bitsandbytes' compute_dtype), float32 if none says."""
+    for module in model.modules():
+        dtype = getattr(module, "compute_dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return torch.float32
 
 
 def _embedding_module_names(model: Any) -> list[str]:

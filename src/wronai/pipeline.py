@@ -32,7 +32,7 @@ from wronai import data as data_stage
 from wronai.config import WronAIConfig, dump_config, load_config
 from wronai.errors import ConfigError, WronAIError
 from wronai.extensions import build_callbacks, load_object
-from wronai.hardware import DevicePlan, apply_thread_settings, plan_device
+from wronai.hardware import DevicePlan, apply_memory_settings, apply_thread_settings, plan_device
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,11 @@ class WronAITrainer:
             init_new_embeddings(base, self.base_tokenizer, self.vocab_tokens)
             new_ids = sorted({*new_ids, *(t.id for t in self.vocab_tokens)})
         self.model = modeling.apply_lora(
-            base, self.config.lora, new_ids, self.config.training.gradient_checkpointing
-        )
+            base, self.config.lora, new_ids, self.config.training.gradient_checkpointing,
+            keep_embeddings=modeling.keeps_16bit_embeddings(self.config.quantization, self.config.hardware),
+        )  # fmt: skip
+        _, parameters = self.model.get_nb_trainable_parameters()  # PEFT counts 4-bit weights unpacked
+        apply_memory_settings(self.config.hardware, self.plan.device, parameters)
         return self.model
 
     def load_dataset(self, data_hook: Any = None):

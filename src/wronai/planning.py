@@ -96,6 +96,9 @@ class Settings:
     gradient_checkpointing: bool
     strategy: str  # none | ddp | fsdp | deepspeed_zero2 | deepspeed_zero3
     nproc: int
+    # bytes per embedding/head/norm weight next to quantized linears: 4 = PEFT's float32 copies,
+    # 2 = kept in the checkpoint's 16-bit dtype (quantization.keep_embeddings_dtype, wronai.kbit)
+    embedding_bytes: int = 4
 
     @classmethod
     def from_config(cls, config: Any, nproc: int = 1) -> Settings:
@@ -146,7 +149,7 @@ def estimate(shape: ModelShape, s: Settings, *, cuda_context: bool = True, devic
         "8bit": 1.0 + 4 / 4096,
         "none": float(s.weight_bytes),
     }[s.quantization]
-    other_bytes = 4 if quantized else s.weight_bytes  # prepare_model_for_kbit_training casts them to fp32
+    other_bytes = s.embedding_bytes if quantized else s.weight_bytes
     weights = shape.linear_params * per_linear + shape.other_params * other_bytes
     layer_weights = weights / shape.layers if shard_weights else 0.0
     if shard_weights:
@@ -353,14 +356,27 @@ def _on_this_cpu(settings: Settings, config: Any) -> Settings:
     return replace(settings, weight_bytes=weight_bytes, compute_bytes=compute, quantization=quant)
 
 
+def _embedding_bytes(config: Any, model_config: dict[str, Any]) -> int:
+    """2 when a 4-bit run keeps the checkpoint's 16-bit embeddings (modeling.keeps_16bit_embeddings), else 4."""
+    from wronai.modeling import keeps_16bit_embeddings
+
+    stored = str(model_config.get("dtype") or model_config.get("torch_dtype") or "")
+    keeps = config.model.torch_dtype == "auto" and keeps_16bit_embeddings(
+        config.quantization, config.hardware
+    )
+    return 2 if keeps and stored in ("bfloat16", "float16") else 4
+
+
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 def plan_config(config: Any, gpu: str = "24GB", nproc: int = 1, device: str = "cuda") -> tuple[Plan, str]:
     """``device="cpu"``: size a CPU run's peak RSS against ``gpu`` bytes of RAM."""
-    shape = ModelShape.from_config(read_model_config(config))
+    model_config = read_model_config(config)
+    shape = ModelShape.from_config(model_config)
     settings = Settings.from_config(config, nproc=nproc)
+    settings = replace(settings, embedding_bytes=_embedding_bytes(config, model_config))
     if device == "cpu":
         settings = _on_this_cpu(settings, config)
     plan = make_plan(shape, settings, parse_gpu_size(gpu), device)

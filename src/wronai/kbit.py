@@ -1,0 +1,146 @@
+"""k-bit preparation of a quantized base model, without doubling the memory of its embeddings.
+
+PEFT's ``prepare_model_for_kbit_training`` freezes the model and casts *every* 16-bit parameter to float32 —
+the input embedding and output head included. Those two are frozen and are usually the largest
+non-quantized weights: on TinyLlama-1.1B (32k vocabulary) they hold 131M parameters, 500 MiB in float32,
+as much as all of its 4-bit linear layers together.
+
+``prepare_kbit_model`` does the same preparation (freeze; norms and other small weights to float32;
+gradient checkpointing) but keeps the embedding and head in the checkpoint's 16-bit dtype. Their outputs
+are still computed in the compute dtype, with the same numbers: bf16/fp16 → fp32 is exact, so an embedding
+lookup cast to fp32, and a head whose weight is upcast chunk by chunk (``upcast_linear``, never the whole
+matrix at once, and nothing but the 16-bit weight kept for backward), give what PEFT's fp32 copies give.
+The 4-bit layers, quantized from the 16-bit weights (the same codes and scales as from float32 copies),
+are set to dequantize straight to the compute dtype. Trained embeddings (``lora.modules_to_save``, new
+token rows) are cast to float32 as PEFT does.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from types import MethodType
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+CHUNK_BYTES = 32 * 2**20  # compute-dtype bytes of one upcast weight chunk of the head
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """``x @ weight.T (+ bias)`` in x's dtype for a frozen low-precision weight, upcast in row chunks."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
+        ctx.save_for_backward(weight)
+        ctx.rows = rows
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])
+        for start in range(0, weight.shape[0], rows):
+            chunk = weight[start : start + rows].to(x.dtype)
+            out[..., start : start + rows] = x @ chunk.t()
+        if bias is not None:
+            out += bias.to(x.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.new_zeros(*grad.shape[:-1], weight.shape[1])
+            for start in range(0, weight.shape[0], ctx.rows):
+                chunk = weight[start : start + ctx.rows].to(grad.dtype)
+                grad_x += grad[..., start : start + ctx.rows] @ chunk
+        return grad_x, None, None, None
+
+
+def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A frozen linear layer computed in ``x.dtype`` from a weight stored in a narrower dtype."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("upcast_linear is for frozen weights")
+    rows = max(1, CHUNK_BYTES // (weight.shape[1] * x.element_size()))
+    return _UpcastLinear.apply(x, weight, bias, rows)
+
+
+def _upcast_head_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == self.weight.dtype:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    return upcast_linear(x, self.weight, self.bias)
+
+
+def _cast_output(dtype: torch.dtype, _module: torch.nn.Module, _args: Any, output: torch.Tensor):
+    return output.to(dtype)
+
+
+def keepable_dtype(weight_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
+    """A 16-bit weight computed in float32 (exact upcast) or in its own dtype needs no float32 copy."""
+    return weight_dtype in SIXTEEN_BIT and compute_dtype in (torch.float32, weight_dtype)
+
+
+def prepare_kbit_model(
+    model: Any,
+    compute_dtype: torch.dtype,
+    *,
+    gradient_checkpointing: bool,
+    keep_embeddings: bool = True,
+) -> Any:
+    """Freeze, cast small 16-bit weights to float32, keep the embedding and head 16-bit, enable checkpointing.
+
+    Returns the model (changed in place). With ``keep_embeddings=False`` it is PEFT's preparation.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    kept: list[torch.nn.Module] = []
+    if keep_embeddings:
+        kept = [m for m in (embed, head) if m is not None and keepable_dtype(m.weight.dtype, compute_dtype)]
+    kept_params = {id(p) for m in kept for p in m.parameters()}
+    for param in model.parameters():
+        if (
+            param.dtype in SIXTEEN_BIT
+            and type(param).__name__ != "Params4bit"
+            and id(param) not in kept_params
+        ):
+            param.data = param.data.to(torch.float32)
+    _dequantize_to(model, compute_dtype)
+    if embed in kept and embed.weight.dtype != compute_dtype:
+        embed.register_forward_hook(partial(_cast_output, compute_dtype))
+    if head is not None and head in kept and isinstance(head, torch.nn.Linear):
+        head.forward = MethodType(_upcast_head_forward, head)  # type: ignore[method-assign]
+    if kept:
+        logger.info(
+            "4-bit: embeddings/output head kept in %s (outputs in %s) — %.0f MiB less than float32 copies",
+            str(kept[0].weight.dtype).replace("torch.", ""),
+            str(compute_dtype).replace("torch.", ""),
+            _unique_numel(kept) * 2 / 2**20,  # 2 bytes saved per parameter, tied weights once
+        )
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _dequantize_to(model: Any, compute_dtype: torch.dtype) -> None:
+    """Make 4-bit layers dequantize straight to the compute dtype.
+
+    bitsandbytes dequantizes to the dtype the weight was quantized from, then casts to the input's dtype
+    (the compute dtype) for the matmul. Loaded in the checkpoint's own dtype, that is bf16 → fp32 on a CPU
+    (rounding the dequantized weight to bf16 first) or fp32 → bf16 for an fp32 checkpoint on a GPU (an extra
+    fp32 copy of every weight per call). Dequantizing to the compute dtype directly gives the cast's result
+    without the intermediate; the 4-bit codes and scales are untouched.
+    """
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and getattr(state, "dtype", None) not in (None, compute_dtype):
+            state.dtype = compute_dtype
+
+
+def _unique_numel(modules: list[torch.nn.Module]) -> int:
+    seen: dict[int, int] = {}
+    for module in modules:
+        for param in module.parameters():
+            seen[id(param)] = param.numel()
+    return sum(seen.values())
