@@ -98,7 +98,7 @@ def prepare_kbit_model(
     kept: list[torch.nn.Module] = []
     if keep_embeddings:
         kept = [m for m in (embed, head) if m is not None and keepable_dtype(m.weight.dtype, compute_dtype)]
-    kept_params = {id(p) for m in kept for p in m.parameters()}
+    kept_params = {id(p): p.numel() for m in kept for p in m.parameters()}  # tied weights once
     for param in model.parameters():
         if (
             param.dtype in SIXTEEN_BIT
@@ -116,7 +116,7 @@ def prepare_kbit_model(
             "4-bit: embeddings/output head kept in %s (outputs in %s) — %.0f MiB less than float32 copies",
             str(kept[0].weight.dtype).replace("torch.", ""),
             str(compute_dtype).replace("torch.", ""),
-            _unique_numel(kept) * 2 / 2**20,  # 2 bytes saved per parameter, tied weights once
+            sum(kept_params.values()) * 2 / 2**20,  # 2 bytes saved per parameter
         )
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -136,11 +136,3 @@ def _dequantize_to(model: Any, compute_dtype: torch.dtype) -> None:
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if state is not None and getattr(state, "dtype", None) not in (None, compute_dtype):
             state.dtype = compute_dtype
-
-
-def _unique_numel(modules: list[torch.nn.Module]) -> int:
-    seen: dict[int, int] = {}
-    for module in modules:
-        for param in module.parameters():
-            seen[id(param)] = param.numel()
-    return sum(seen.values())
