@@ -132,3 +132,23 @@ def test_real_machine_plan_is_consistent():
     plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
     if plan.device == "cpu":
         assert plan.bf16 == hardware.cpu_supports_bf16()
+
+
+@pytest.mark.parametrize(
+    ("sections", "keep"),
+    [
+        ({}, True),
+        ({"quantization": {"keep_embeddings_dtype": False}}, False),
+        ({"model": {"name": "org/m", "torch_dtype": "float32"}}, False),  # an explicit dtype is obeyed
+        ({"quantization": {"load_in_4bit": False}}, False),
+        ({"hardware": {"distributed": "deepspeed_zero3"}}, False),  # sharded weights: PEFT's preparation
+    ],
+)
+def test_plan_keeps_16bit_embeddings_for_4bit(sections, keep):
+    data = {"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"}}
+    for group, values in sections.items():
+        data.setdefault(group, {}).update(values)
+    cfg = load_config(data=data)
+    plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+    assert plan.keep_embeddings is keep
+    assert ("kept in the checkpoint's dtype" in " ".join(plan.describe())) is keep

@@ -34,6 +34,7 @@ class DevicePlan:
     attn_implementation: str
     pin_memory: bool
     notes: list[str] = field(default_factory=list)
+    keep_embeddings: bool = False  # 4-bit: frozen embeddings/head stay in the checkpoint's 16-bit dtype
 
     @property
     def bf16(self) -> bool:
@@ -48,7 +49,8 @@ class DevicePlan:
             f"device: {self.device} ({self.device_name})",
             f"mixed precision: {self.precision}; weights dtype: {_dtype_name(self.model_dtype)}",
             f"quantization: {self.quantization}"
-            + (f" (compute dtype {_dtype_name(self.compute_dtype)})" if self.quantization != "none" else ""),
+            + (f" (compute dtype {_dtype_name(self.compute_dtype)})" if self.quantization != "none" else "")
+            + ("; embeddings/head kept in the checkpoint's dtype" if self.keep_embeddings else ""),
             f"optimizer: {self.optimizer}",
             f"attention: {self.attn_implementation}",
         ]
@@ -187,7 +189,16 @@ def plan_device(
         attn_implementation=attn,
         pin_memory=pin,
         notes=notes,
+        keep_embeddings=quant.startswith("4bit") and keeps_16bit_embeddings(quantization, model, hardware),
     )
+
+
+def keeps_16bit_embeddings(
+    quantization: QuantizationSection, model: ModelConfig, hardware: HardwareSection
+) -> bool:
+    """4-bit runs keep frozen embeddings/head 16-bit (wronai.kbit): asked for, dtype auto, not FSDP/ZeRO-3."""
+    sharded = hardware.distributed in ("fsdp", "deepspeed_zero3")
+    return quantization.keep_embeddings_dtype and model.torch_dtype == "auto" and not sharded
 
 
 def _optimizer(requested: str, device: str, notes: list[str]) -> str:

@@ -168,12 +168,7 @@ def load_base_model(
     bnb = quantization_config(quant_cfg, plan, hardware)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
-    if (
-        plan.quantization.startswith("4bit")
-        and model_cfg.torch_dtype == "auto"
-        and keeps_16bit_embeddings(quant_cfg, hardware)
-    ):
-        # non-quantized weights in the checkpoint's dtype: no float32 copy of the embeddings (wronai.kbit)
+    if plan.keep_embeddings:  # non-quantized weights in the checkpoint's dtype: no float32 copy (wronai.kbit)
         kwargs["dtype"] = "auto"
     max_memory = _max_memory(hardware, plan)
     if max_memory:
@@ -186,12 +181,6 @@ def load_base_model(
     if tokenizer is not None:
         resize_embeddings(model, len(tokenizer))
     return model
-
-
-def keeps_16bit_embeddings(quant_cfg: QuantizationSection, hardware: HardwareSection | None) -> bool:
-    """Whether a 4-bit model keeps its frozen embeddings/head 16-bit (not under FSDP/ZeRO-3 sharding)."""
-    sharded = hardware is not None and hardware.distributed in ("fsdp", "deepspeed_zero3")
-    return quant_cfg.keep_embeddings_dtype and not sharded
 
 
 def resize_embeddings(model: Any, vocab_size: int) -> list[int]:
@@ -220,7 +209,8 @@ def apply_lora(
 ):
     """k-bit preparation (when quantized), gradient checkpointing and the LoRA adapter.
 
-    ``keep_embeddings``: a 4-bit model keeps frozen 16-bit embeddings/head as they are (``wronai.kbit``);
+    ``keep_embeddings`` (``DevicePlan.keep_embeddings``): a 4-bit model keeps frozen 16-bit embeddings/head
+    as they are (``wronai.kbit``);
     embeddings that are trained (modules_to_save, new token rows) are cast to float32 in any case.
     """
     from peft import LoraConfig, get_peft_model

@@ -113,7 +113,7 @@ class WronAITrainer:
             new_ids = sorted({*new_ids, *(t.id for t in self.vocab_tokens)})
         self.model = modeling.apply_lora(
             base, self.config.lora, new_ids, self.config.training.gradient_checkpointing,
-            keep_embeddings=modeling.keeps_16bit_embeddings(self.config.quantization, self.config.hardware),
+            keep_embeddings=self.plan.keep_embeddings,
         )  # fmt: skip
         _, parameters = self.model.get_nb_trainable_parameters()  # PEFT counts 4-bit weights unpacked
         apply_memory_settings(self.config.hardware, self.plan.device, parameters)

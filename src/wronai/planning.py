@@ -357,13 +357,11 @@ def _on_this_cpu(settings: Settings, config: Any) -> Settings:
 
 
 def _embedding_bytes(config: Any, model_config: dict[str, Any]) -> int:
-    """2 when a 4-bit run keeps the checkpoint's 16-bit embeddings (modeling.keeps_16bit_embeddings), else 4."""
-    from wronai.modeling import keeps_16bit_embeddings
+    """2 when a 4-bit run keeps the checkpoint's 16-bit embeddings (hardware.keeps_16bit_embeddings), else 4."""
+    from wronai.hardware import keeps_16bit_embeddings
 
     stored = str(model_config.get("dtype") or model_config.get("torch_dtype") or "")
-    keeps = config.model.torch_dtype == "auto" and keeps_16bit_embeddings(
-        config.quantization, config.hardware
-    )
+    keeps = keeps_16bit_embeddings(config.quantization, config.model, config.hardware)
     return 2 if keeps and stored in ("bfloat16", "float16") else 4
 
 
