@@ -183,3 +183,18 @@ def test_cli_run_with_8bit_optimizer_on_cpu_and_kept_embeddings(bf16_model_dir, 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bf16_model_dir), out)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: the optimizer moved it
+
+
+def test_8bit_optimizer_states_are_8bit_on_cpu(bf16_model_dir, tmp_path, alpaca_file):
+    raw = make_config_dict(
+        bf16_model_dir, alpaca_file, tmp_path / "out", training={"optim": "paged_adamw_8bit", "max_steps": 2}
+    )
+    # bitsandbytes keeps 32-bit states for tensors under 4096 elements: r=64 makes lora_A 64 x 64
+    raw["lora"].update(r=64, lora_alpha=128)
+    pipeline = WronAITrainer(load_config(data=raw))
+    trainer = pipeline.build_trainer()
+    trainer.train()
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
+    assert type(optimizer).__module__.startswith("bitsandbytes")
+    states = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    assert any(t.dtype == torch.uint8 for t in states)  # quantized moments, not fp32 AdamW
