@@ -72,11 +72,11 @@ def example_lengths(bounds: torch.Tensor, batch: int, length: int) -> list[list[
 
     An example that crosses a row end (never made by WronAI's packer) is cut at the row end.
     """
-    cuts = sorted({*(int(x) for x in bounds.tolist()), *range(0, batch * length + 1, length)})
+    total = batch * length
+    cuts = sorted({*(int(x) for x in bounds.tolist() if 0 <= int(x) <= total), *range(0, total + 1, length)})
     rows: list[list[int]] = [[] for _ in range(batch)]
     for start, end in zip(cuts[:-1], cuts[1:], strict=True):
-        if start < batch * length:
-            rows[start // length].append(min(end, batch * length) - start)
+        rows[start // length].append(end - start)
     return rows
 
 

@@ -97,7 +97,9 @@ def prepare_kbit_model(
     head = model.get_output_embeddings()
     kept: list[torch.nn.Module] = []
     if keep_embeddings:
-        kept = [m for m in (embed, head) if m is not None and keepable_dtype(m.weight.dtype, compute_dtype)]
+        # a head is kept only where its forward can be replaced by the upcasting one (a plain Linear)
+        candidates = [embed, head if isinstance(head, torch.nn.Linear) else None]
+        kept = [m for m in candidates if m is not None and keepable_dtype(m.weight.dtype, compute_dtype)]
     kept_params = {id(p): p.numel() for m in kept for p in m.parameters()}  # tied weights once
     for param in model.parameters():
         if (
@@ -109,7 +111,7 @@ def prepare_kbit_model(
     _dequantize_to(model, compute_dtype)
     if embed in kept and embed.weight.dtype != compute_dtype:
         embed.register_forward_hook(partial(_cast_output, compute_dtype))
-    if head is not None and head in kept and isinstance(head, torch.nn.Linear):
+    if head is not None and head in kept:
         head.forward = MethodType(_upcast_head_forward, head)  # type: ignore[method-assign]
     if kept:
         logger.info(
