@@ -110,12 +110,12 @@ def _warm_up() -> None:
 
 
 def run_variant(
-    variant: str, checkpoint: str, seq: int, threads: int, optim: str = "adamw", freed_memory: str = "auto"
-) -> dict:
+    variant: str, checkpoint: str, seq: int, threads: int, optim: str = "adamw", freed_memory: str = "auto",
+    chunk_mib: int = 2,
+) -> dict:  # fmt: skip
     import torch
 
-    from wronai import hardware as hardware_module
-    from wronai import modeling
+    from wronai import heap, modeling
     from wronai.config.schema import (
         HardwareSection,
         LoraSection,
@@ -133,7 +133,8 @@ def run_variant(
     )
     qcfg = QuantizationSection(load_in_4bit=quantized, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype="bfloat16" if variant == "qlora-bf16" else "float32",
-                               keep_embeddings_dtype=variant != "qlora-fp32-embeddings")  # fmt: skip
+                               keep_embeddings_dtype=variant != "qlora-fp32-embeddings",
+                               dequantize_chunk_mib=chunk_mib)  # fmt: skip
     hardware = HardwareSection(device="cpu")
     plan = plan_device(hardware, TrainingSection(gradient_checkpointing=True), qcfg, model_cfg)
     if variant == "bf16-lora":
@@ -153,14 +154,16 @@ def run_variant(
         LoraSection(r=16, lora_alpha=32, lora_dropout=0.0),
         [],
         gradient_checkpointing=True,
-        keep_embeddings=qcfg.keep_embeddings_dtype,
+        keep_embeddings=plan.keep_embeddings,
+        dequantize_chunk_bytes=plan.dequantize_chunk_bytes,
     )
     load_s = time.perf_counter() - start
     # hardware.return_freed_memory (auto: on for CPU runs of >= 0.5B parameters), as `wronai train` sets it
-    released = hardware_module.apply_memory_settings(
+    released = heap.apply_memory_settings(
         HardwareSection(device="cpu", return_freed_memory=freed_memory),
         "cpu",
         model.get_nb_trainable_parameters()[1],
+        model,
     )
     after_load, load_peak = _status("VmRSS"), _status("VmHWM")
     _reset_peak()
@@ -193,7 +196,7 @@ def run_variant(
             "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
             "losses": losses, "frozen_dtypes": sorted(weights), "model_dtype": str(plan.model_dtype),
             "compute_dtype": str(plan.compute_dtype), "threads": threads, "optim": optim,
-            "return_freed_memory": released}  # fmt: skip
+            "return_freed_memory": released, "dequantize_chunk_mib": chunk_mib}  # fmt: skip
 
 
 def _shape(name: str):
@@ -241,6 +244,8 @@ def main() -> int:
     parser.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
                         help="run the children with MALLOC_MMAP_THRESHOLD_=BYTES (glibc: a fixed threshold stops the heap "
                         "from keeping freed activation buffers; 131072 = glibc's initial value)")  # fmt: skip
+    parser.add_argument("--dequantize-chunk-mib", type=int, default=2, metavar="MIB",
+                        help="quantization.dequantize_chunk_mib of the 4-bit variants (0 = whole weights, as bitsandbytes)")  # fmt: skip
     parser.add_argument(
         "--checkpoint", type=Path, help="reuse (or create) the bf16 checkpoint here instead of a temp dir"
     )
@@ -255,8 +260,9 @@ def main() -> int:
         return 0
     if args.child:
         result = run_variant(
-            args.child[0], args.child[1], args.seq, args.threads, args.optim, args.return_freed_memory
-        )
+            args.child[0], args.child[1], args.seq, args.threads, args.optim, args.return_freed_memory,
+            args.dequantize_chunk_mib,
+        )  # fmt: skip
         sys.stdout.write(json.dumps(result) + "\n")
         return 0
     variants = args.variant or ["qlora", "bf16-lora"]
@@ -284,6 +290,8 @@ def main() -> int:
                 args.optim,
                 "--return-freed-memory",
                 args.return_freed_memory,
+                "--dequantize-chunk-mib",
+                str(args.dequantize_chunk_mib),
             ]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             if args.malloc_mmap_threshold:

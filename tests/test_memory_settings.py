@@ -4,27 +4,29 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
-from wronai import hardware
+from wronai import heap
 from wronai.config.schema import HardwareSection
 
 # glibc keeps freed buffers in its heap once a larger freed buffer has raised its dynamic mmap threshold.
 # Run in a fresh interpreter: the heap of the test process is in no known state.
 FRAGMENT = """
 import torch
-from wronai import hardware
+from wronai import heap
 from wronai.config.schema import HardwareSection
 {setup}
 big = torch.ones(16 * 2**20 // 4); del big            # raises glibc's dynamic mmap threshold to 16 MiB
 keep = [torch.ones(8 * 2**20 // 4) for _ in range(30)]  # 240 MiB of 8 MiB buffers
 pin = torch.ones(2**20 // 4)                            # allocated last: holds the heap top
-before = hardware._rss_bytes(); del keep
-dropped = before - hardware._rss_bytes()
-print(dropped / 2**20, hardware.release_free_memory() / 2**20)
+before = heap.rss_bytes(); del keep
+dropped = before - heap.rss_bytes()
+print(dropped / 2**20, heap.release_free_memory() / 2**20)
 """
-ON = 'assert hardware.apply_memory_settings(HardwareSection(return_freed_memory="on"), "cpu", 1)'
+ON = 'assert heap.apply_memory_settings(HardwareSection(return_freed_memory="on"), "cpu", 1)'
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc heap behaviour")
 
 
@@ -61,7 +63,85 @@ def test_return_freed_memory_gives_buffers_back_as_they_are_freed():
     ],
 )
 def test_return_freed_memory_decision(mode, device, parameters, expected):
-    resolved = hardware.wants_fixed_mmap_threshold(
-        HardwareSection(return_freed_memory=mode), device, parameters
-    )
+    resolved = heap.wants_fixed_mmap_threshold(HardwareSection(return_freed_memory=mode), device, parameters)
     assert resolved is expected
+
+
+# buffers below the fixed 4 MiB threshold stay in the heap once freed, with the threshold on too
+SMALL_FRAGMENT = """
+import torch
+from wronai import heap
+from wronai.config.schema import HardwareSection
+assert heap.apply_memory_settings(HardwareSection(return_freed_memory="on"), "cpu", 1)
+keep = [torch.ones(2**20 // 4) for _ in range(200)]     # 200 MiB of 1 MiB buffers: heap, not mmap
+pin = torch.ones(2**20 // 4)                            # holds the heap top
+trimmer = heap.HeapTrimmer(growth={growth})
+trimmer.floor = heap.resident_bytes() - 2**30 if {growth} == 0 else trimmer.floor
+del keep
+before = heap.resident_bytes(); trimmer()
+print((before - heap.resident_bytes()) / 2**20, trimmer.trims)
+"""
+
+
+@linux_only
+@pytest.mark.parametrize(("growth", "trimmed"), [(0, True), (2**40, False)])
+def test_heap_trimmer_hands_back_freed_small_buffers_once_rss_grew(growth, trimmed):
+    code = SMALL_FRAGMENT.format(growth=growth)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    dropped, trims = out.split()
+    assert (float(dropped) > 150) is trimmed
+    assert int(trims) == int(trimmed)
+
+
+def tiny_llama(layers: int = 3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch_config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                               num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)  # fmt: skip
+    return LlamaForCausalLM(torch_config)
+
+
+def test_decoder_layers_are_found_under_a_peft_wrapper():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(3), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    layers = heap.decoder_layers(model)
+    assert [type(layer).__name__ for layer in layers] == ["LlamaDecoderLayer"] * 3
+
+
+@linux_only
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_heap_is_trimmed_between_layers_forward_and_backward(checkpointing):
+
+    model = tiny_llama(3)
+    if checkpointing:  # the hooks wrap the checkpointed call: the recomputation inside does not add trims
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    trimmer = heap.install_heap_trimming(model, growth=0)
+    assert trimmer is not None
+    trimmer.floor = -(2**40)  # every call counts as grown
+    ids = torch.randint(0, 64, (2, 8))
+    loss = model(input_ids=ids, labels=ids).loss
+    assert trimmer.trims == 3  # after each layer's forward
+    loss.backward()
+    assert trimmer.trims == 3 + 3  # and before each layer's backward
+
+
+def test_return_freed_memory_off_installs_no_hooks():
+    model = tiny_llama(2)
+    assert not heap.apply_memory_settings(HardwareSection(return_freed_memory="off"), "cpu", 10**10, model)
+    assert all(not layer._forward_hooks for layer in heap.decoder_layers(model))
+
+
+@linux_only
+def test_return_freed_memory_on_trims_between_the_layers_of_the_model():
+    code = (
+        "from test_memory_settings import tiny_llama\n"
+        "from wronai import heap\nfrom wronai.config.schema import HardwareSection\n"
+        "model = tiny_llama(2)\n"
+        "assert heap.apply_memory_settings(HardwareSection(return_freed_memory='on'), 'cpu', 1, model)\n"
+        "print(sum(bool(layer._forward_hooks) for layer in heap.decoder_layers(model)))\n"
+    )
+    here = str(Path(__file__).parent)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=here)
+    assert out.stdout.split()[-1] == "2"

@@ -35,6 +35,9 @@ class DevicePlan:
     pin_memory: bool
     notes: list[str] = field(default_factory=list)
     keep_embeddings: bool = False  # 4-bit: frozen embeddings/head stay in the checkpoint's 16-bit dtype
+    dequantize_chunk_bytes: int = (
+        0  # 4-bit on CPU: weights dequantized in row slices of this size (0 = whole)
+    )
 
     @property
     def bf16(self) -> bool:
@@ -50,7 +53,12 @@ class DevicePlan:
             f"mixed precision: {self.precision}; weights dtype: {_dtype_name(self.model_dtype)}",
             f"quantization: {self.quantization}"
             + (f" (compute dtype {_dtype_name(self.compute_dtype)})" if self.quantization != "none" else "")
-            + ("; embeddings/head kept in the checkpoint's dtype" if self.keep_embeddings else ""),
+            + ("; embeddings/head kept in the checkpoint's dtype" if self.keep_embeddings else "")
+            + (
+                f"; weights dequantized {self.dequantize_chunk_bytes / 2**20:g} MiB at a time"
+                if self.dequantize_chunk_bytes
+                else ""
+            ),
             f"optimizer: {self.optimizer}",
             f"attention: {self.attn_implementation}",
         ]
@@ -190,6 +198,9 @@ def plan_device(
         pin_memory=pin,
         notes=notes,
         keep_embeddings=quant.startswith("4bit") and keeps_16bit_embeddings(quantization, model, hardware),
+        dequantize_chunk_bytes=quantization.dequantize_chunk_mib * 2**20
+        if quant.startswith("4bit") and device == "cpu"
+        else 0,
     )
 
 
@@ -235,73 +246,6 @@ def _model_dtype(requested: str, precision: str, bf16_ok: bool, device: str, not
         )
         return torch.float32
     return dtype
-
-
-def release_free_memory() -> int:
-    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``); returns the bytes RSS fell by.
-
-    Loading and quantizing a model frees many buffers of a few MiB, and glibc keeps them in the heap:
-    measured on TinyLlama-1.1B 4-bit, RSS right after loading varied from 0.95 to 1.58 GiB between identical
-    runs. Called after the model is prepared; a no-op off Linux/glibc.
-    """
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return 0
-    before = _rss_bytes()
-    trim(0)
-    return max(0, before - _rss_bytes())
-
-
-MMAP_THRESHOLD = 4 * 2**20  # buffers at least this large come from (and go back to) the OS
-LARGE_MODEL_PARAMS = 500_000_000  # return_freed_memory: auto turns it on from here
-
-
-def wants_fixed_mmap_threshold(hardware: HardwareSection, device: str, parameters: int) -> bool:
-    """``hardware.return_freed_memory`` resolved: on, off, or auto (CPU runs of >= 0.5B parameters)."""
-    mode = hardware.return_freed_memory
-    if device != "cpu" or mode == "off":
-        return False
-    return mode == "on" or parameters >= LARGE_MODEL_PARAMS
-
-
-def apply_memory_settings(hardware: HardwareSection, device: str, parameters: int) -> bool:
-    """``hardware.return_freed_memory``: a fixed glibc mmap threshold for CPU runs; returns whether it is set.
-
-    glibc raises its mmap threshold each time a large buffer is freed (up to 32 MiB), after which buffers
-    of that size come from the heap and stay there once freed: the dequantized 4-bit weights and
-    activations of a 1B model, a few to 30 MiB each. A fixed threshold keeps returning them.
-    """
-    if not wants_fixed_mmap_threshold(hardware, device, parameters):
-        return False
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_mmap_threshold = -3  # glibc's M_MMAP_THRESHOLD
-    if mallopt(m_mmap_threshold, MMAP_THRESHOLD) != 1:
-        return False
-    logger.info(
-        "hardware.return_freed_memory: buffers of %d MiB and more go back to the OS when freed",
-        MMAP_THRESHOLD // 2**20,
-    )
-    return True
-
-
-def _rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def apply_thread_settings(hardware: HardwareSection) -> None:

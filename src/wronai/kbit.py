@@ -27,7 +27,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
-CHUNK_BYTES = 32 * 2**20  # compute-dtype bytes of one upcast weight chunk of the head
+CHUNK_BYTES = (
+    2 * 2**20
+)  # compute-dtype bytes of one upcast weight chunk of the head (below glibc's fixed mmap threshold: reused, not re-faulted)
 
 
 class _UpcastLinear(torch.autograd.Function):

@@ -206,12 +206,15 @@ def apply_lora(
     new_token_ids: list[int] | None = None,
     gradient_checkpointing: bool = True,
     keep_embeddings: bool = True,
+    dequantize_chunk_bytes: int = 0,
 ):
     """k-bit preparation (when quantized), gradient checkpointing and the LoRA adapter.
 
     ``keep_embeddings`` (``DevicePlan.keep_embeddings``): a 4-bit model keeps frozen 16-bit embeddings/head
     as they are (``wronai.kbit``);
     embeddings that are trained (modules_to_save, new token rows) are cast to float32 in any case.
+    ``dequantize_chunk_bytes`` (``DevicePlan.dequantize_chunk_bytes``): 4-bit layers whose dequantized weight
+    is larger dequantize in row slices of this size (``wronai.kbit_chunks``); 0 = whole weights.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -228,6 +231,10 @@ def apply_lora(
             gradient_checkpointing=gradient_checkpointing,
             keep_embeddings=keep_embeddings and not trained and getattr(model, "is_loaded_in_4bit", False),
         )
+        if dequantize_chunk_bytes and getattr(model, "is_loaded_in_4bit", False):
+            from wronai.kbit_chunks import chunk_4bit_layers
+
+            chunk_4bit_layers(model, dequantize_chunk_bytes)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -252,7 +259,7 @@ def apply_lora(
         raise WronAIError(
             f"lora.target_modules: {err} — list module names that exist in this model, or use all-linear"
         ) from None
-    from wronai.hardware import release_free_memory
+    from wronai.heap import release_free_memory
 
     freed = release_free_memory()  # loading, quantizing and casting leave freed buffers in the C heap
     if freed > 2**20:

@@ -32,7 +32,8 @@ from wronai import data as data_stage
 from wronai.config import WronAIConfig, dump_config, load_config
 from wronai.errors import ConfigError, WronAIError
 from wronai.extensions import build_callbacks, load_object
-from wronai.hardware import DevicePlan, apply_memory_settings, apply_thread_settings, plan_device
+from wronai.hardware import DevicePlan, apply_thread_settings, plan_device
+from wronai.heap import apply_memory_settings
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +114,10 @@ class WronAITrainer:
             new_ids = sorted({*new_ids, *(t.id for t in self.vocab_tokens)})
         self.model = modeling.apply_lora(
             base, self.config.lora, new_ids, self.config.training.gradient_checkpointing,
-            keep_embeddings=self.plan.keep_embeddings,
+            keep_embeddings=self.plan.keep_embeddings, dequantize_chunk_bytes=self.plan.dequantize_chunk_bytes,
         )  # fmt: skip
         _, parameters = self.model.get_nb_trainable_parameters()  # PEFT counts 4-bit weights unpacked
-        apply_memory_settings(self.config.hardware, self.plan.device, parameters)
+        apply_memory_settings(self.config.hardware, self.plan.device, parameters, self.model)
         return self.model
 
     def load_dataset(self, data_hook: Any = None):

@@ -1,0 +1,139 @@
+"""4-bit layers dequantized in row slices: the same products and gradients as bitsandbytes' whole weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_config_dict
+from wronai import hardware, kbit_chunks, modeling
+from wronai.config import load_config
+
+
+def quantized_linear(rows: int, cols: int, quant_type: str, nested: bool, bias: bool):
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(cols, rows, bias=bias)
+    layer = bnb.nn.Linear4bit(
+        cols, rows, bias=bias, compute_dtype=torch.float32, quant_type=quant_type, compress_statistics=nested
+    )
+    layer.load_state_dict(dense.state_dict())
+    return layer.to("cpu")
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "quant_type", "nested", "bias", "chunk_rows", "shape"),
+    [
+        (300, 256, "nf4", True, False, 64, (3, 5)),  # chunks that do not divide the rows
+        (300, 256, "fp4", True, True, 7, (4,)),
+        (128, 64, "nf4", False, True, 1, (2, 3)),  # one row per chunk, scales not double-quantized
+        (96, 128, "fp4", False, False, 1000, (6,)),  # one chunk larger than the weight
+    ],
+)
+def test_chunked_linear_equals_bitsandbytes(rows, cols, quant_type, nested, bias, chunk_rows, shape):
+    layer = quantized_linear(rows, cols, quant_type, nested, bias)
+    x1 = torch.randn(*shape, cols, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    ref = layer(x1)
+    out = kbit_chunks.chunked_4bit_linear(
+        x2, layer.weight.data, layer.weight.quant_state, chunk_rows * cols * 4, layer.bias
+    )
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    out.backward(grad)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_block_scales_undo_double_quantization():
+    import bitsandbytes.functional as bnbf
+
+    layer = quantized_linear(128, 256, "nf4", True, False)
+    state = layer.weight.quant_state
+    scales = kbit_chunks.block_scales(state)
+    assert scales.dtype == torch.float32 and scales.numel() == 128 * 256 // state.blocksize
+    whole = bnbf.dequantize_4bit(layer.weight.data, state)
+    rows = torch.ops.bitsandbytes.dequantize_4bit.default(
+        layer.weight.data.reshape(-1), scales, state.blocksize, state.quant_type, [128, 256], torch.float32
+    )
+    assert torch.equal(whole, rows)
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "chunkable"),
+    [(128, 256, True), (128, 96, False)],  # 96 columns: a row is not a whole number of 64-value blocks
+)
+def test_chunkable_needs_rows_of_whole_blocks(rows, cols, chunkable):
+    layer = quantized_linear(rows, cols, "nf4", True, False)
+    assert kbit_chunks.chunkable(layer.weight.quant_state) is chunkable
+
+
+def test_only_layers_larger_than_a_chunk_are_switched():
+    small, large = quantized_linear(64, 64, "nf4", True, False), quantized_linear(256, 64, "nf4", True, False)
+    model = torch.nn.Sequential(small, large)
+    assert (
+        kbit_chunks.chunk_4bit_layers(model, chunk_bytes=64 * 64 * 4) == 1
+    )  # the 64x64 weight fits one chunk
+    assert "forward" not in vars(small) and "forward" in vars(large)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(model(x), large(small(x)))
+
+
+def test_4bit_model_with_chunked_layers_has_the_same_loss_and_gradients(
+    tiny_model_dir, tmp_path, alpaca_file
+):
+    """The tiny 4-bit Llama through WronAI's builders, chunked (16 rows at a time) and not."""
+    raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", quantization={"load_in_4bit": True})
+    cfg = load_config(data=raw)
+    plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+    tok, _ = modeling.load_tokenizer(cfg.model, cfg.polish)
+    batch = tok(
+        ["Warszawa jest stolicą Polski.", "Kraków leży nad Wisłą."], return_tensors="pt", padding=True
+    )
+    results = []
+    for chunk_bytes in (0, 16 * 64 * 4):
+        torch.manual_seed(0)
+        base = modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
+        model = modeling.apply_lora(
+            base, cfg.lora.model_copy(update={"lora_dropout": 0.0}), [], gradient_checkpointing=True,
+            dequantize_chunk_bytes=chunk_bytes,
+        )  # fmt: skip
+        switched = [m for m in model.modules() if hasattr(m, "wronai_chunk_bytes")]
+        assert bool(switched) is bool(chunk_bytes)
+        model.train()
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("sections", "chunk_bytes"),
+    [
+        ({}, 2 * 2**20),
+        ({"quantization": {"dequantize_chunk_mib": 0}}, 0),  # whole weights, as bitsandbytes
+        ({"quantization": {"dequantize_chunk_mib": 16}}, 16 * 2**20),
+        ({"quantization": {"load_in_4bit": False}}, 0),
+    ],
+)
+def test_plan_dequantizes_in_chunks_on_cpu(sections, chunk_bytes):
+    data = {"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"}, "hardware": {"device": "cpu"}}
+    for group, values in sections.items():
+        data.setdefault(group, {}).update(values)
+    cfg = load_config(data=data)
+    plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+    assert plan.dequantize_chunk_bytes == chunk_bytes
+    assert ("MiB at a time" in " ".join(plan.describe())) is bool(chunk_bytes)
+
+
+def test_negative_chunk_size_is_refused():
+    from wronai.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="quantization.dequantize_chunk_mib"):
+        load_config(data={"model": {"name": "o/m"}, "data": {"dataset_name": "o/d"},
+                          "quantization": {"dequantize_chunk_mib": -1}})  # fmt: skip
