@@ -113,6 +113,22 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
     return path
 
 
+def assert_same_as_reference(compute, reference, x, tol: float):
+    """``compute(x)`` equals ``reference(x)`` and gives x the same gradient; returns compute's output."""
+    import torch
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    x_out = x.detach().clone().requires_grad_(True)
+    ref, out = reference(x_ref), compute(x_out)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    out.backward(grad)
+    torch.testing.assert_close(x_out.grad, x_ref.grad, rtol=tol, atol=tol)
+    return out
+
+
 def make_config_dict(model_dir: Path, data_path: Path, out_dir: Path, **sections) -> dict:
     """A small, fast run config: 4-bit QLoRA on the tiny model."""
     cfg = {

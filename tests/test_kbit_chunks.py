@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_config_dict
+from conftest import assert_same_as_reference, make_config_dict
 from wronai import hardware, kbit_chunks, modeling
 from wronai.config import load_config
 
@@ -33,18 +33,13 @@ def quantized_linear(rows: int, cols: int, quant_type: str, nested: bool, bias: 
 )
 def test_chunked_linear_equals_bitsandbytes(rows, cols, quant_type, nested, bias, chunk_rows, shape):
     layer = quantized_linear(rows, cols, quant_type, nested, bias)
-    x1 = torch.randn(*shape, cols, requires_grad=True)
-    x2 = x1.detach().clone().requires_grad_(True)
-    ref = layer(x1)
-    out = kbit_chunks.chunked_4bit_linear(
-        x2, layer.weight.data, layer.weight.quant_state, chunk_rows * cols * 4, layer.bias
+    state, chunk_bytes = layer.weight.quant_state, chunk_rows * cols * 4
+    assert_same_as_reference(
+        lambda x: kbit_chunks.chunked_4bit_linear(x, layer.weight.data, state, chunk_bytes, layer.bias),
+        layer,
+        torch.randn(*shape, cols),
+        tol=1e-5,
     )
-    assert out.shape == ref.shape
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(ref)
-    ref.backward(grad)
-    out.backward(grad)
-    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_block_scales_undo_double_quantization():
@@ -82,9 +77,14 @@ def test_only_layers_larger_than_a_chunk_are_switched():
 
 
 def test_4bit_model_with_chunked_layers_has_the_same_loss_and_gradients(
-    tiny_model_dir, tmp_path, alpaca_file
+    tiny_model_dir, tmp_path, alpaca_file, monkeypatch
 ):
     """The tiny 4-bit Llama through WronAI's builders, chunked (16 rows at a time) and not."""
+    calls: list[int] = []
+    sliced = kbit_chunks.chunked_4bit_linear
+    monkeypatch.setattr(
+        kbit_chunks, "chunked_4bit_linear", lambda *args, **kw: calls.append(1) or sliced(*args, **kw)
+    )
     raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", quantization={"load_in_4bit": True})
     cfg = load_config(data=raw)
     plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
@@ -103,8 +103,10 @@ def test_4bit_model_with_chunked_layers_has_the_same_loss_and_gradients(
         switched = [m for m in model.modules() if hasattr(m, "wronai_chunk_bytes")]
         assert bool(switched) is bool(chunk_bytes)
         model.train()
+        calls.clear()
         loss = model(**batch, labels=batch["input_ids"]).loss
         loss.backward()
+        assert len(calls) == 2 * len(switched)  # each switched layer: forward + checkpointed recomputation
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     assert results[0][1].keys() == results[1][1].keys() and results[0][1]

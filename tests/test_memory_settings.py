@@ -22,8 +22,8 @@ from wronai.config.schema import HardwareSection
 big = torch.ones(16 * 2**20 // 4); del big            # raises glibc's dynamic mmap threshold to 16 MiB
 keep = [torch.ones(8 * 2**20 // 4) for _ in range(30)]  # 240 MiB of 8 MiB buffers
 pin = torch.ones(2**20 // 4)                            # allocated last: holds the heap top
-before = heap.rss_bytes(); del keep
-dropped = before - heap.rss_bytes()
+before = heap.resident_bytes(); del keep
+dropped = before - heap.resident_bytes()
 print(dropped / 2**20, heap.release_free_memory() / 2**20)
 """
 ON = 'assert heap.apply_memory_settings(HardwareSection(return_freed_memory="on"), "cpu", 1)'
@@ -145,3 +145,28 @@ def test_return_freed_memory_on_trims_between_the_layers_of_the_model():
     here = str(Path(__file__).parent)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=here)
     assert out.stdout.split()[-1] == "2"
+
+
+@linux_only
+def test_pipeline_trims_between_the_layers_of_the_model_it_loads(tiny_model_dir, alpaca_file, tmp_path):
+    """`wronai train`'s model loading applies hardware.return_freed_memory to the prepared model."""
+    import json
+
+    from conftest import make_config_dict
+
+    raw = make_config_dict(
+        tiny_model_dir, alpaca_file, tmp_path / "out", hardware={"return_freed_memory": "on"}
+    )
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(raw))
+    code = (
+        "import json, sys\nfrom wronai import heap\nfrom wronai.config import load_config\n"
+        "from wronai.pipeline import WronAITrainer\n"
+        "model = WronAITrainer(load_config(data=json.load(open(sys.argv[1])))).load_model()\n"
+        "print(sum(bool(layer._forward_hooks) for layer in heap.decoder_layers(model)))\n"
+    )
+    here = str(Path(__file__).parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(config)], capture_output=True, text=True, check=True, cwd=here
+    )
+    assert out.stdout.split()[-1] == "2"  # the tiny model's two decoder layers

@@ -35,9 +35,8 @@ class DevicePlan:
     pin_memory: bool
     notes: list[str] = field(default_factory=list)
     keep_embeddings: bool = False  # 4-bit: frozen embeddings/head stay in the checkpoint's 16-bit dtype
-    dequantize_chunk_bytes: int = (
-        0  # 4-bit on CPU: weights dequantized in row slices of this size (0 = whole)
-    )
+    # 4-bit on CPU: frozen weights dequantized in row slices of this many bytes (0 = whole weights)
+    dequantize_chunk_bytes: int = 0
 
     @property
     def bf16(self) -> bool:

@@ -20,9 +20,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,9 +53,9 @@ def release_free_memory() -> int:
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is None:
         return 0
-    before = rss_bytes()
+    before = resident_bytes()
     trim(0)
-    return max(0, before - rss_bytes())
+    return max(0, before - resident_bytes())
 
 
 TRIM_GROWTH = 16 * 2**20  # HeapTrimmer: trim once RSS has grown this much since the last trim
@@ -65,15 +63,15 @@ TRIM_GROWTH = 16 * 2**20  # HeapTrimmer: trim once RSS has grown this much since
 
 class HeapTrimmer:
     """Hands the heap's free pages back (``malloc_trim``) when RSS has grown by ``growth`` bytes since the last
-    trim — reading RSS costs microseconds, a trim and the page faults after it milliseconds."""
+    trim — reading RSS costs microseconds, a trim and the page faults after it milliseconds. ``trims``
+    counts the trims done."""
 
     def __init__(self, growth: int = TRIM_GROWTH) -> None:
         self._trim = getattr(_libc(), "malloc_trim", None)
         self.growth = growth
         self.floor = resident_bytes()
         self._readable = self.floor > 0
-        self.calls = self.trims = 0
-        self.seconds = 0.0
+        self.trims = 0
 
     @property
     def available(self) -> bool:
@@ -82,14 +80,11 @@ class HeapTrimmer:
     def __call__(self, *_: Any) -> None:
         if self._trim is None or not self._readable:
             return
-        self.calls += 1
         resident = resident_bytes()
         if resident - self.floor < self.growth:
             self.floor = min(self.floor, resident)
             return
-        start = time.perf_counter()
         self._trim(0)
-        self.seconds += time.perf_counter() - start
         self.trims += 1
         self.floor = resident_bytes()
 
@@ -166,14 +161,3 @@ def resident_bytes() -> int:
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def rss_bytes() -> int:
-    """This process's resident set size (Linux; 0 elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

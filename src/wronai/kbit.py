@@ -24,47 +24,21 @@ from typing import Any
 
 import torch
 
+from wronai.kbit_chunks import SixteenBitRows, row_sliced_linear
+
 logger = logging.getLogger(__name__)
 
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
-CHUNK_BYTES = (
-    2 * 2**20
-)  # compute-dtype bytes of one upcast weight chunk of the head (below glibc's fixed mmap threshold: reused, not re-faulted)
-
-
-class _UpcastLinear(torch.autograd.Function):
-    """``x @ weight.T (+ bias)`` in x's dtype for a frozen low-precision weight, upcast in row chunks."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
-        ctx.save_for_backward(weight)
-        ctx.rows = rows
-        out = x.new_empty(*x.shape[:-1], weight.shape[0])
-        for start in range(0, weight.shape[0], rows):
-            chunk = weight[start : start + rows].to(x.dtype)
-            out[..., start : start + rows] = x @ chunk.t()
-        if bias is not None:
-            out += bias.to(x.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
-        (weight,) = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad.new_zeros(*grad.shape[:-1], weight.shape[1])
-            for start in range(0, weight.shape[0], ctx.rows):
-                chunk = weight[start : start + ctx.rows].to(grad.dtype)
-                grad_x += grad[..., start : start + ctx.rows] @ chunk
-        return grad_x, None, None, None
+# compute-dtype bytes of one upcast row slice of the head (below glibc's fixed mmap threshold: reused buffers)
+CHUNK_BYTES = 2 * 2**20
 
 
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """A frozen linear layer computed in ``x.dtype`` from a weight stored in a narrower dtype."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("upcast_linear is for frozen weights")
-    rows = max(1, CHUNK_BYTES // (weight.shape[1] * x.element_size()))
-    return _UpcastLinear.apply(x, weight, bias, rows)
+    source = SixteenBitRows(weight.shape[0], weight.shape[1])
+    return row_sliced_linear(x, source, (weight,), CHUNK_BYTES, bias)
 
 
 def _upcast_head_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,14 @@
-"""4-bit linear layers that dequantize their frozen weight a slice of rows at a time.
+"""Frozen linear layers computed from row slices of their weight, never the whole weight at once.
 
 bitsandbytes computes a 4-bit layer on a CPU by dequantizing the whole weight to the compute dtype and
 multiplying — in the forward and again in the backward (for the input's gradient). On a 1B model the
 largest weight (5632 × 2048) is 46 MB in float32, held next to everything else at the training peak, and a
-7B model's is 235 MB. ``chunked_4bit_linear`` gives the same product from row slices of the weight: the
-packed 4-bit codes of rows ``[r0, r1)`` are the contiguous bytes ``[r0·K/2, r1·K/2)`` and their scales the
-blocks ``[r0·K/b, r1·K/b)`` when the row length K is a multiple of the block size b (true of every public
-model), so each slice dequantizes on its own to exactly what the whole-weight dequantization gives for those
-rows. Nothing but the packed weight is kept for backward.
+7B model's is 235 MB. ``row_sliced_linear`` gives the same product from row slices that a source builds one
+at a time: ``FourBitRows`` dequantizes them (the packed 4-bit codes of rows ``[r0, r1)`` are the contiguous
+bytes ``[r0·K/2, r1·K/2)`` and their scales the blocks ``[r0·K/b, r1·K/b)`` when the row length K is a
+multiple of the block size b — true of every public model —, so each slice dequantizes on its own to
+exactly what the whole-weight dequantization gives for those rows); ``SixteenBitRows`` upcasts a 16-bit
+weight (the kept output head, ``wronai.kbit``). Nothing but the stored weight is kept for backward.
 
 ``chunk_4bit_layers`` switches a model's 4-bit layers to it (``quantization.dequantize_chunk_mib``; CPU runs,
 where bitsandbytes has no fused kernel for training).
@@ -16,6 +17,7 @@ where bitsandbytes has no fused kernel for training).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from types import MethodType
 from typing import Any
 
@@ -24,53 +26,92 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-class _Chunked4bitLinear(torch.autograd.Function):
-    """``x @ W.T`` for a frozen 4-bit W given as packed codes + per-block float32 scales, in row slices."""
+@dataclass(frozen=True)
+class SixteenBitRows:
+    """Rows of a frozen 16-bit weight ``tensors = (weight,)``, upcast to the compute dtype."""
+
+    out_features: int
+    in_features: int
+
+    def rows(
+        self, tensors: tuple[torch.Tensor, ...], start: int, stop: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        return tensors[0][start:stop].to(dtype)
+
+
+@dataclass(frozen=True)
+class FourBitRows:
+    """Rows of a frozen 4-bit weight ``tensors = (packed codes, float32 block scales)``, dequantized.
+
+    Rows ``[r0, r1)`` are the bytes ``[r0·K/2, r1·K/2)`` of the codes and the blocks ``[r0·K/b, r1·K/b)`` of
+    the scales (K = ``in_features``, a multiple of the block size b: see ``chunkable``).
+    """
+
+    out_features: int
+    in_features: int
+    blocksize: int
+    quant_type: str
+
+    def rows(
+        self, tensors: tuple[torch.Tensor, ...], start: int, stop: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        packed, scales = tensors
+        k = self.in_features
+        return torch.ops.bitsandbytes.dequantize_4bit.default(
+            packed[start * k // 2 : stop * k // 2],
+            scales[start * k // self.blocksize : stop * k // self.blocksize],
+            self.blocksize,
+            self.quant_type,
+            [stop - start, k],
+            dtype,
+        )
+
+
+class _RowSlicedLinear(torch.autograd.Function):
+    """``x @ W.T`` for a frozen W that ``source`` materializes ``rows`` rows at a time in x's dtype.
+
+    Only the stored tensors are saved for backward (through ``save_for_backward``, so gradient
+    checkpointing can drop them); the backward materializes the same slices again for ``grad @ W``.
+    """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        packed: torch.Tensor,
-        absmax: torch.Tensor,
-        spec: tuple[int, int, int, str, int],
-    ) -> torch.Tensor:
-        rows_out, cols, _, _, rows = spec
-        ctx.save_for_backward(packed, absmax)
-        ctx.spec = spec
-        flat = x.reshape(-1, cols)
-        out = flat.new_empty(flat.shape[0], rows_out)
-        for start in range(0, rows_out, rows):
-            weight = _dequantize_rows(packed, absmax, spec, start, x.dtype)
-            out[:, start : start + rows] = flat @ weight.t()
-        return out.reshape(*x.shape[:-1], rows_out)
+    def forward(ctx: Any, x: torch.Tensor, source: Any, rows: int, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(*tensors)
+        ctx.source, ctx.rows = source, rows
+        flat = x.reshape(-1, source.in_features)
+        out = flat.new_empty(flat.shape[0], source.out_features)
+        for start in range(0, source.out_features, rows):
+            stop = min(start + rows, source.out_features)
+            out[:, start:stop] = flat @ source.rows(tensors, start, stop, x.dtype).t()
+        return out.reshape(*x.shape[:-1], source.out_features)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
-        packed, absmax = ctx.saved_tensors
-        rows_out, cols, _, _, rows = ctx.spec
+        tensors, source = ctx.saved_tensors, ctx.source
         grad_x = None
         if ctx.needs_input_grad[0]:
-            flat = grad.reshape(-1, rows_out)
-            grad_x = flat.new_zeros(flat.shape[0], cols)
-            for start in range(0, rows_out, rows):
-                weight = _dequantize_rows(packed, absmax, ctx.spec, start, grad.dtype)
-                grad_x.addmm_(flat[:, start : start + rows], weight)
-            grad_x = grad_x.reshape(*grad.shape[:-1], cols)
-        return grad_x, None, None, None
+            flat = grad.reshape(-1, source.out_features)
+            grad_x = flat.new_zeros(flat.shape[0], source.in_features)
+            for start in range(0, source.out_features, ctx.rows):
+                stop = min(start + ctx.rows, source.out_features)
+                grad_x.addmm_(flat[:, start:stop], source.rows(tensors, start, stop, grad.dtype))
+            grad_x = grad_x.reshape(*grad.shape[:-1], source.in_features)
+        return (grad_x, None, None, *(None for _ in tensors))
 
 
-def _dequantize_rows(
-    packed: torch.Tensor, absmax: torch.Tensor, spec: tuple[int, int, int, str, int], start: int, dtype
+def row_sliced_linear(
+    x: torch.Tensor,
+    source: SixteenBitRows | FourBitRows,
+    tensors: tuple[torch.Tensor, ...],
+    chunk_bytes: int,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rows ``[start, start + rows)`` of the weight, dequantized to ``dtype``."""
-    rows_out, cols, blocksize, quant_type, rows = spec
-    stop = min(start + rows, rows_out)
-    codes = packed[start * cols // 2 : stop * cols // 2]
-    scales = absmax[start * cols // blocksize : stop * cols // blocksize]
-    return torch.ops.bitsandbytes.dequantize_4bit.default(
-        codes, scales, blocksize, quant_type, [stop - start, cols], dtype
-    )
+    """A frozen linear layer whose weight ``source`` builds ``chunk_bytes`` (in x's dtype) of rows at a time."""
+    rows = max(1, min(source.out_features, chunk_bytes // (source.in_features * x.element_size())))
+    out = _RowSlicedLinear.apply(x, source, rows, *tensors)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out
 
 
 def block_scales(state: Any) -> torch.Tensor:
@@ -99,12 +140,8 @@ def chunked_4bit_linear(
 ) -> torch.Tensor:
     """A frozen 4-bit linear layer, its weight dequantized ``chunk_bytes`` (in x's dtype) of rows at a time."""
     rows_out, cols = state.shape
-    rows = max(1, min(rows_out, chunk_bytes // (cols * x.element_size())))
-    spec = (rows_out, cols, state.blocksize, state.quant_type, rows)
-    out = _Chunked4bitLinear.apply(x, packed.reshape(-1), block_scales(state), spec)
-    if bias is not None:
-        out = out + bias.to(out.dtype)
-    return out
+    source = FourBitRows(rows_out, cols, state.blocksize, state.quant_type)
+    return row_sliced_linear(x, source, (packed.reshape(-1), block_scales(state)), chunk_bytes, bias)
 
 
 def _chunked_forward(self: Any, x: torch.Tensor) -> torch.Tensor:

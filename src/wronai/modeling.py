@@ -221,7 +221,8 @@ def apply_lora(
     from wronai.kbit import prepare_kbit_model
 
     modules_to_save = list(lora_cfg.modules_to_save) or None
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+    four_bit = bool(getattr(model, "is_loaded_in_4bit", False))
+    if four_bit or getattr(model, "is_loaded_in_8bit", False):
         trained = bool(new_token_ids) or bool(
             set(modules_to_save or []) & set(_embedding_module_names(model))
         )
@@ -229,9 +230,9 @@ def apply_lora(
             model,
             _compute_dtype(model),
             gradient_checkpointing=gradient_checkpointing,
-            keep_embeddings=keep_embeddings and not trained and getattr(model, "is_loaded_in_4bit", False),
+            keep_embeddings=keep_embeddings and not trained and four_bit,
         )
-        if dequantize_chunk_bytes and getattr(model, "is_loaded_in_4bit", False):
+        if dequantize_chunk_bytes and four_bit:
             from wronai.kbit_chunks import chunk_4bit_layers
 
             chunk_4bit_layers(model, dequantize_chunk_bytes)
