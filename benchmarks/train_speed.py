@@ -170,6 +170,7 @@ ABLATIONS = {
         "data": {"packing": False},
         "training": {"group_by_length": True},
     },  # padded, length-grouped rows
+    "wronai-unfused": {"hardware": {"fused_lora": "off"}},  # PEFT's LoRA modules (wronai.lora_fused off)
     "wronai-checkpointing": {
         "training": {"gradient_checkpointing": True}
     },  # recompute activations as the classic does
@@ -192,6 +193,7 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
         "data": {"dataset_name": str(train_file), "max_seq_length": args.max_len, "packing": True, "eval_fraction": 0.0,
                  "cache_dir": str(out / "cache")},
         "logging": {"report_to": ["none"]},
+        "hardware": {},
     }  # fmt: skip
     for group, values in ABLATIONS[args.child].items():
         raw[group].update(values)

@@ -113,6 +113,20 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
     return path
 
 
+def quantized_linear(rows: int, cols: int, quant_type: str, nested: bool, bias: bool):
+    """A bitsandbytes 4-bit linear layer (cols -> rows) quantized from a seeded float32 one, on the CPU."""
+    import bitsandbytes as bnb
+    import torch
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(cols, rows, bias=bias)
+    layer = bnb.nn.Linear4bit(
+        cols, rows, bias=bias, compute_dtype=torch.float32, quant_type=quant_type, compress_statistics=nested
+    )
+    layer.load_state_dict(dense.state_dict())
+    return layer.to("cpu")
+
+
 def assert_same_as_reference(compute, reference, x, tol: float):
     """``compute(x)`` equals ``reference(x)`` and gives x the same gradient; returns compute's output."""
     import torch

@@ -5,21 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_same_as_reference, make_config_dict
+from conftest import assert_same_as_reference, make_config_dict, quantized_linear
 from wronai import hardware, kbit_chunks, modeling
 from wronai.config import load_config
-
-
-def quantized_linear(rows: int, cols: int, quant_type: str, nested: bool, bias: bool):
-    import bitsandbytes as bnb
-
-    torch.manual_seed(0)
-    dense = torch.nn.Linear(cols, rows, bias=bias)
-    layer = bnb.nn.Linear4bit(
-        cols, rows, bias=bias, compute_dtype=torch.float32, quant_type=quant_type, compress_statistics=nested
-    )
-    layer.load_state_dict(dense.state_dict())
-    return layer.to("cpu")
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ class DevicePlan:
     keep_embeddings: bool = False  # 4-bit: frozen embeddings/head stay in the checkpoint's 16-bit dtype
     # 4-bit on CPU: frozen weights dequantized in row slices of this many bytes (0 = whole weights)
     dequantize_chunk_bytes: int = 0
+    fused_lora: bool = False  # LoRA layers computed by wronai.lora_fused (hardware.fused_lora)
 
     @property
     def bf16(self) -> bool:
@@ -60,6 +61,7 @@ class DevicePlan:
             ),
             f"optimizer: {self.optimizer}",
             f"attention: {self.attn_implementation}",
+            "LoRA layers: " + ("fused base + adapter step" if self.fused_lora else "PEFT's modules"),
         ]
 
 
@@ -200,7 +202,17 @@ def plan_device(
         dequantize_chunk_bytes=quantization.dequantize_chunk_mib * 2**20
         if quant.startswith("4bit") and device == "cpu"
         else 0,
+        fused_lora=_fused_lora(hardware, device, notes),
     )
+
+
+def _fused_lora(hardware: HardwareSection, device: str, notes: list[str]) -> bool:
+    """hardware.fused_lora resolved: auto = CPU runs; never with parameters sharded across processes."""
+    if hardware.distributed in ("fsdp", "deepspeed_zero3"):
+        if hardware.fused_lora == "on":
+            notes.append(f"hardware.fused_lora needs whole parameters — off under {hardware.distributed}")
+        return False
+    return hardware.fused_lora == "on" or (hardware.fused_lora == "auto" and device == "cpu")
 
 
 def keeps_16bit_embeddings(

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from wronai.kbit_chunks import SixteenBitRows, row_sliced_linear
+from wronai.kbit_chunks import DenseRows, row_sliced_linear
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """A frozen linear layer computed in ``x.dtype`` from a weight stored in a narrower dtype."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("upcast_linear is for frozen weights")
-    source = SixteenBitRows(weight.shape[0], weight.shape[1])
+    source = DenseRows(weight.shape[0], weight.shape[1])
     return row_sliced_linear(x, source, (weight,), CHUNK_BYTES, bias)
 
 

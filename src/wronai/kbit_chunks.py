@@ -7,8 +7,9 @@ largest weight (5632 × 2048) is 46 MB in float32, held next to everything else 
 at a time: ``FourBitRows`` dequantizes them (the packed 4-bit codes of rows ``[r0, r1)`` are the contiguous
 bytes ``[r0·K/2, r1·K/2)`` and their scales the blocks ``[r0·K/b, r1·K/b)`` when the row length K is a
 multiple of the block size b — true of every public model —, so each slice dequantizes on its own to
-exactly what the whole-weight dequantization gives for those rows); ``SixteenBitRows`` upcasts a 16-bit
-weight (the kept output head, ``wronai.kbit``). Nothing but the stored weight is kept for backward.
+exactly what the whole-weight dequantization gives for those rows); ``DenseRows`` casts a weight held in full
+(the kept 16-bit output head, ``wronai.kbit``; a non-quantized base layer, ``wronai.lora_fused``). Nothing
+but the stored weight is kept for backward. ``wronai.lora_fused`` computes LoRA layers from the same sources.
 
 ``chunk_4bit_layers`` switches a model's 4-bit layers to it (``quantization.dequantize_chunk_mib``; CPU runs,
 where bitsandbytes has no fused kernel for training).
@@ -27,8 +28,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SixteenBitRows:
-    """Rows of a frozen 16-bit weight ``tensors = (weight,)``, upcast to the compute dtype."""
+class DenseRows:
+    """Rows of a frozen weight held in full, ``tensors = (weight,)``, cast to the compute dtype (a 16-bit
+    weight is upcast; one already in it is a view)."""
 
     out_features: int
     in_features: int
@@ -67,6 +69,35 @@ class FourBitRows:
         )
 
 
+RowSource = DenseRows | FourBitRows
+
+
+def sliced_matmul(
+    flat: torch.Tensor, source: RowSource, tensors: tuple[torch.Tensor, ...], rows: int
+) -> torch.Tensor:
+    """``flat @ W.T`` (flat: tokens × in_features) with W built ``rows`` rows at a time in flat's dtype."""
+    if rows >= source.out_features:
+        return flat @ source.rows(tensors, 0, source.out_features, flat.dtype).t()
+    out = flat.new_empty(flat.shape[0], source.out_features)
+    for start in range(0, source.out_features, rows):
+        stop = min(start + rows, source.out_features)
+        out[:, start:stop] = flat @ source.rows(tensors, start, stop, flat.dtype).t()
+    return out
+
+
+def sliced_grad_input(
+    grad: torch.Tensor, source: RowSource, tensors: tuple[torch.Tensor, ...], rows: int
+) -> torch.Tensor:
+    """``grad @ W`` (grad: tokens × out_features) with W built ``rows`` rows at a time in grad's dtype."""
+    if rows >= source.out_features:
+        return grad @ source.rows(tensors, 0, source.out_features, grad.dtype)
+    out = grad.new_zeros(grad.shape[0], source.in_features)
+    for start in range(0, source.out_features, rows):
+        stop = min(start + rows, source.out_features)
+        out.addmm_(grad[:, start:stop], source.rows(tensors, start, stop, grad.dtype))
+    return out
+
+
 class _RowSlicedLinear(torch.autograd.Function):
     """``x @ W.T`` for a frozen W that ``source`` materializes ``rows`` rows at a time in x's dtype.
 
@@ -78,11 +109,7 @@ class _RowSlicedLinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, source: Any, rows: int, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(*tensors)
         ctx.source, ctx.rows = source, rows
-        flat = x.reshape(-1, source.in_features)
-        out = flat.new_empty(flat.shape[0], source.out_features)
-        for start in range(0, source.out_features, rows):
-            stop = min(start + rows, source.out_features)
-            out[:, start:stop] = flat @ source.rows(tensors, start, stop, x.dtype).t()
+        out = sliced_matmul(x.reshape(-1, source.in_features), source, tensors, rows)
         return out.reshape(*x.shape[:-1], source.out_features)
 
     @staticmethod
@@ -90,18 +117,14 @@ class _RowSlicedLinear(torch.autograd.Function):
         tensors, source = ctx.saved_tensors, ctx.source
         grad_x = None
         if ctx.needs_input_grad[0]:
-            flat = grad.reshape(-1, source.out_features)
-            grad_x = flat.new_zeros(flat.shape[0], source.in_features)
-            for start in range(0, source.out_features, ctx.rows):
-                stop = min(start + ctx.rows, source.out_features)
-                grad_x.addmm_(flat[:, start:stop], source.rows(tensors, start, stop, grad.dtype))
+            grad_x = sliced_grad_input(grad.reshape(-1, source.out_features), source, tensors, ctx.rows)
             grad_x = grad_x.reshape(*grad.shape[:-1], source.in_features)
         return (grad_x, None, None, *(None for _ in tensors))
 
 
 def row_sliced_linear(
     x: torch.Tensor,
-    source: SixteenBitRows | FourBitRows,
+    source: RowSource,
     tensors: tuple[torch.Tensor, ...],
     chunk_bytes: int,
     bias: torch.Tensor | None = None,

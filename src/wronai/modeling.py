@@ -207,6 +207,7 @@ def apply_lora(
     gradient_checkpointing: bool = True,
     keep_embeddings: bool = True,
     dequantize_chunk_bytes: int = 0,
+    fused_lora: bool = False,
 ):
     """k-bit preparation (when quantized), gradient checkpointing and the LoRA adapter.
 
@@ -215,6 +216,8 @@ def apply_lora(
     embeddings that are trained (modules_to_save, new token rows) are cast to float32 in any case.
     ``dequantize_chunk_bytes`` (``DevicePlan.dequantize_chunk_bytes``): 4-bit layers whose dequantized weight
     is larger dequantize in row slices of this size (``wronai.kbit_chunks``); 0 = whole weights.
+    ``fused_lora`` (``DevicePlan.fused_lora``): LoRA layers compute base and adapter in one step
+    (``wronai.lora_fused``).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -260,6 +263,10 @@ def apply_lora(
         raise WronAIError(
             f"lora.target_modules: {err} — list module names that exist in this model, or use all-linear"
         ) from None
+    if fused_lora:
+        from wronai.lora_fused import fuse_lora_layers
+
+        fuse_lora_layers(peft_model)
     from wronai.heap import release_free_memory
 
     freed = release_free_memory()  # loading, quantizing and casting leave freed buffers in the C heap

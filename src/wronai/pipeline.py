@@ -115,6 +115,7 @@ class WronAITrainer:
         self.model = modeling.apply_lora(
             base, self.config.lora, new_ids, self.config.training.gradient_checkpointing,
             keep_embeddings=self.plan.keep_embeddings, dequantize_chunk_bytes=self.plan.dequantize_chunk_bytes,
+            fused_lora=self.plan.fused_lora,
         )  # fmt: skip
         _, parameters = self.model.get_nb_trainable_parameters()  # PEFT counts 4-bit weights unpacked
         apply_memory_settings(self.config.hardware, self.plan.device, parameters, self.model)

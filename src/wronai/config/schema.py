@@ -585,6 +585,15 @@ class HardwareSection(Section):
         "the training peak of a 1.1B QLoRA run by ~20% (benchmarks/memory_qlora.py) for some page faults per step; "
         "small models step up to ~10% slower with it. auto = on for CPU runs of models with at least 0.5B parameters.",
     )
+    fused_lora: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Compute each LoRA layer (frozen base weight + adapter) in one fused step instead of PEFT's chain "
+        "of modules: the base matmul, then the adapter added in place (addmm), no copy of the base output, one "
+        "autograd node — the same numbers and the same saved adapter, ~7% less time per CPU step "
+        "(docs/benchmarks.md). PEFT's own forward still runs what it does not cover (DoRA, several active "
+        "adapters, trained biases, mixed dtypes, autocast). auto = on for CPU runs without FSDP/ZeRO-3; on = "
+        "also on GPUs (not measured there).",
+    )
     distributed: Literal["none", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = Field(
         "none",
         description="Multi-process strategy under `wronai train --nproc N` / torchrun: none (plain DDP when launched with several processes), ddp, fsdp (shards 4-bit weights; CUDA only), deepspeed_zero2, deepspeed_zero3 (CUDA or CPU; needs deepspeed). See docs/distributed.md.",

@@ -1,0 +1,234 @@
+"""Fused LoRA layers: the same outputs, input gradients and adapter gradients as PEFT's modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_config_dict, quantized_linear
+from wronai import hardware, lora_fused, modeling
+from wronai.config import load_config
+
+
+class Wrapper(torch.nn.Module):
+    def __init__(self, proj: torch.nn.Module, four_bit: bool) -> None:
+        super().__init__()
+        self.proj = proj
+        self.is_loaded_in_4bit = four_bit  # PEFT wraps bitsandbytes layers of 4-bit models only
+
+
+def lora_layer(base: str, dropout: float = 0.0, **lora):
+    """A PEFT model around one 128 -> 192 linear layer of the given kind, with a non-zero lora_B."""
+    from peft import LoraConfig, get_peft_model
+
+    if base == "dense":
+        torch.manual_seed(0)
+        proj: torch.nn.Module = torch.nn.Linear(128, 192, bias=True)
+    else:
+        quant_type, nested, bias = {"nf4": ("nf4", True, False), "fp4": ("fp4", False, True)}[base]
+        proj = quantized_linear(192, 128, quant_type, nested, bias)
+    model = get_peft_model(
+        Wrapper(proj, base != "dense"),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["proj"], **lora),
+    )
+    layer = model.base_model.model.proj
+    torch.manual_seed(1)
+    for name in layer.lora_B:
+        torch.nn.init.normal_(layer.lora_B[name].weight, std=0.1)
+    return model, layer
+
+
+def forward_backward(layer, x: torch.Tensor, seed: int = 3):
+    """Output, input gradient and adapter gradients of one forward/backward of ``layer``."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    out = layer(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+    return out.detach(), x.grad, [p.grad.clone() for p in params]
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    calls: list[int] = []
+    apply = lora_fused._LoraLinear.apply
+    monkeypatch.setattr(lora_fused._LoraLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("base", "dropout", "chunk_rows", "lora", "shape"),
+    [
+        ("nf4", 0.0, 0, {}, (3, 5)),  # double-quantized scales, whole weight
+        ("fp4", 0.0, 0, {}, (7,)),  # plain scales, a frozen bias
+        ("nf4", 0.0, 50, {}, (2, 4)),  # row slices (quantization.dequantize_chunk_mib) that do not divide 192
+        ("nf4", 0.2, 0, {}, (4, 6)),  # dropout: the same mask from the same generator
+        ("fp4", 0.1, 64, {"use_rslora": True}, (2, 9)),  # scaling 8 / sqrt(4): not a power of two
+        ("dense", 0.0, 0, {}, (3, 5)),  # a non-quantized base with a bias
+        ("dense", 0.3, 0, {}, (11,)),
+    ],
+)
+def test_fused_layer_equals_peft(base, dropout, chunk_rows, lora, shape, fused_calls):
+    model, layer = lora_layer(base, dropout, **lora)
+    if chunk_rows:
+        layer.base_layer.wronai_chunk_bytes = chunk_rows * 128 * 4
+    model.train()
+    x = torch.randn(*shape, 128)
+    reference = forward_backward(layer, x)
+    assert lora_fused.fuse_lora_layers(model) == 1
+    fused = forward_backward(layer, x)
+    assert len(fused_calls) == 1
+    torch.testing.assert_close(fused[0], reference[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[1], reference[1], rtol=1e-5, atol=1e-5)
+    assert len(fused[2]) == len(reference[2]) == 2  # lora_A and lora_B
+    for got, want in zip(fused[2], reference[2]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_input_without_gradient_gets_none_and_adapter_still_trains(fused_calls):
+    model, layer = lora_layer("nf4")
+    lora_fused.fuse_lora_layers(model)
+    x = torch.randn(4, 128)  # e.g. the embeddings' output when nothing before the first layer is trained
+    layer(x).sum().backward()
+    assert fused_calls and x.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters() if p.requires_grad)
+
+
+def test_eval_mode_turns_dropout_off(fused_calls):
+    model, layer = lora_layer("nf4", dropout=0.5)
+    lora_fused.fuse_lora_layers(model)
+    model.eval()
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        first, second = layer(x), layer(x)
+        reference = type(layer).forward(layer, x)
+    assert len(fused_calls) == 2
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, reference, rtol=1e-5, atol=1e-5)
+
+
+def _merged(model, layer):
+    model.merge_adapter()
+
+
+def _two_adapters(model, layer):
+    from peft import LoraConfig
+
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules=["proj"]))
+    model.base_model.set_adapter(["default", "second"])
+
+
+def _trained_bias(model, layer):
+    layer.base_layer.bias.requires_grad_(True)
+
+
+@pytest.mark.parametrize(
+    ("base", "lora", "change"),
+    [
+        ("fp4", {}, _merged),
+        ("fp4", {}, _two_adapters),
+        ("fp4", {"use_dora": True}, None),  # a LoRA variant
+        ("dense", {}, _trained_bias),  # lora.bias: all
+    ],
+)
+def test_what_the_fused_step_does_not_cover_runs_through_peft(base, lora, change, fused_calls):
+    model, layer = lora_layer(base, **lora)
+    if change is not None:
+        change(model, layer)
+    lora_fused.fuse_lora_layers(model)
+    x = torch.randn(2, 128)
+    out = layer(x)
+    assert not fused_calls
+    torch.testing.assert_close(out, type(layer).forward(layer, x), rtol=0, atol=0)
+
+
+def test_disabled_adapters_autocast_and_extra_arguments_run_through_peft(fused_calls):
+    model, layer = lora_layer("nf4")
+    lora_fused.fuse_lora_layers(model)
+    x = torch.randn(2, 128)
+    with model.disable_adapter():
+        torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    layer(x, adapter_names=["default", "default"])
+    assert not fused_calls
+    layer(x)
+    assert len(fused_calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("quantization", "checkpointing"),
+    [({"load_in_4bit": True}, True), ({"load_in_4bit": True, "dequantize_chunk_mib": 0}, False),
+     ({"load_in_4bit": False}, True)],
+)  # fmt: skip
+def test_model_through_wronai_builders_has_the_same_loss_and_gradients(
+    tiny_model_dir, tmp_path, alpaca_file, quantization, checkpointing, fused_calls
+):
+    """The tiny Llama prepared by load_base_model + apply_lora, fused and not, with dropout on."""
+    raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", quantization=quantization)
+    cfg = load_config(data=raw)
+    plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+    tok, _ = modeling.load_tokenizer(cfg.model, cfg.polish)
+    batch = tok(
+        ["Warszawa jest stolicą Polski.", "Kraków leży nad Wisłą."], return_tensors="pt", padding=True
+    )
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        base = modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
+        model = modeling.apply_lora(
+            base, cfg.lora.model_copy(update={"lora_dropout": 0.1}), [], gradient_checkpointing=checkpointing,
+            keep_embeddings=plan.keep_embeddings, dequantize_chunk_bytes=16 * 64 * 4, fused_lora=fused,
+        )  # fmt: skip
+        layers = [m for m in model.modules() if "forward" in vars(m) and hasattr(m, "lora_A")]
+        assert len(layers) == (14 if fused else 0)  # 2 decoder layers × 7 linear layers
+        model.train()
+        fused_calls.clear()
+        torch.manual_seed(5)
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        assert len(fused_calls) == len(layers) * (2 if checkpointing else 1)  # + recomputation
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("hardware_section", "fused", "note"),
+    [
+        ({"device": "cpu"}, True, None),  # auto
+        ({"device": "cpu", "fused_lora": "off"}, False, None),
+        ({"device": "cpu", "fused_lora": "on"}, True, None),
+        ({"device": "cpu", "fused_lora": "on", "distributed": "deepspeed_zero3"}, False, "whole parameters"),
+        ({"device": "cpu", "distributed": "deepspeed_zero3"}, False, None),
+    ],
+)
+def test_plan_fuses_lora_layers_on_cpu(hardware_section, fused, note):
+    cfg = load_config(
+        data={"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"}, "hardware": hardware_section}
+    )
+    plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+    assert plan.fused_lora is fused
+    assert ("fused base + adapter" in " ".join(plan.describe())) is fused
+    assert any(note in n for n in plan.notes) if note else not any("fused_lora" in n for n in plan.notes)
+
+
+def test_bad_fused_lora_value_names_the_key():
+    from wronai.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="hardware.fused_lora"):
+        load_config(data={"model": {"name": "o/m"}, "data": {"dataset_name": "o/d"},
+                          "hardware": {"fused_lora": "yes please"}})  # fmt: skip
+
+
+def test_pipeline_fuses_the_lora_layers_of_the_model_it_loads(tiny_model_dir, alpaca_file, tmp_path):
+    from wronai.pipeline import WronAITrainer
+
+    raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", hardware={"device": "cpu"})
+    model = WronAITrainer(load_config(data=raw)).load_model()
+    lora_layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert len(lora_layers) == 14 and all("forward" in vars(m) for m in lora_layers)
