@@ -111,7 +111,7 @@ def _warm_up() -> None:
 
 def run_variant(
     variant: str, checkpoint: str, seq: int, threads: int, optim: str = "adamw", freed_memory: str = "auto",
-    chunk_mib: int = 2,
+    chunk_mib: int = 2, fused_lora: str = "auto",
 ) -> dict:  # fmt: skip
     import torch
 
@@ -135,7 +135,7 @@ def run_variant(
                                bnb_4bit_compute_dtype="bfloat16" if variant == "qlora-bf16" else "float32",
                                keep_embeddings_dtype=variant != "qlora-fp32-embeddings",
                                dequantize_chunk_mib=chunk_mib)  # fmt: skip
-    hardware = HardwareSection(device="cpu")
+    hardware = HardwareSection(device="cpu", fused_lora=fused_lora)
     plan = plan_device(hardware, TrainingSection(gradient_checkpointing=True), qcfg, model_cfg)
     if variant == "bf16-lora":
         plan = dataclasses.replace(plan, model_dtype=torch.bfloat16)
@@ -156,6 +156,7 @@ def run_variant(
         gradient_checkpointing=True,
         keep_embeddings=plan.keep_embeddings,
         dequantize_chunk_bytes=plan.dequantize_chunk_bytes,
+        fused_lora=plan.fused_lora,
     )
     load_s = time.perf_counter() - start
     # hardware.return_freed_memory (auto: on for CPU runs of >= 0.5B parameters), as `wronai train` sets it
@@ -196,7 +197,7 @@ def run_variant(
             "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
             "losses": losses, "frozen_dtypes": sorted(weights), "model_dtype": str(plan.model_dtype),
             "compute_dtype": str(plan.compute_dtype), "threads": threads, "optim": optim,
-            "return_freed_memory": released, "dequantize_chunk_mib": chunk_mib}  # fmt: skip
+            "return_freed_memory": released, "dequantize_chunk_mib": chunk_mib, "fused_lora": plan.fused_lora}  # fmt: skip
 
 
 def _shape(name: str):
@@ -246,6 +247,8 @@ def main() -> int:
                         "from keeping freed activation buffers; 131072 = glibc's initial value)")  # fmt: skip
     parser.add_argument("--dequantize-chunk-mib", type=int, default=2, metavar="MIB",
                         help="quantization.dequantize_chunk_mib of the 4-bit variants (0 = whole weights, as bitsandbytes)")  # fmt: skip
+    parser.add_argument("--fused-lora", choices=("auto", "on", "off"), default="auto",
+                        help="hardware.fused_lora of every variant (auto: on, as on every CPU run)")  # fmt: skip
     parser.add_argument(
         "--checkpoint", type=Path, help="reuse (or create) the bf16 checkpoint here instead of a temp dir"
     )
@@ -261,7 +264,7 @@ def main() -> int:
     if args.child:
         result = run_variant(
             args.child[0], args.child[1], args.seq, args.threads, args.optim, args.return_freed_memory,
-            args.dequantize_chunk_mib,
+            args.dequantize_chunk_mib, args.fused_lora,
         )  # fmt: skip
         sys.stdout.write(json.dumps(result) + "\n")
         return 0
@@ -292,6 +295,8 @@ def main() -> int:
                 args.return_freed_memory,
                 "--dequantize-chunk-mib",
                 str(args.dequantize_chunk_mib),
+                "--fused-lora",
+                args.fused_lora,
             ]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             if args.malloc_mmap_threshold:

@@ -127,6 +127,30 @@ def quantized_linear(rows: int, cols: int, quant_type: str, nested: bool, bias: 
     return layer.to("cpu")
 
 
+def polish_batch(tokenizer):
+    """Two short padded Polish sentences as model inputs."""
+    return tokenizer(
+        ["Warszawa jest stolicą Polski.", "Kraków leży nad Wisłą."], return_tensors="pt", padding=True
+    )
+
+
+def loss_and_gradients(model, batch) -> tuple:
+    """One forward/backward on the batch (labels = inputs): the loss and every trained parameter's gradient."""
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_loss_and_gradients(result, reference) -> None:
+    """Two ``loss_and_gradients`` results agree: the loss, and the gradient of every trained parameter."""
+    import torch
+
+    torch.testing.assert_close(result[0], reference[0], rtol=1e-5, atol=1e-6)
+    assert result[1].keys() == reference[1].keys() and reference[1]
+    for name, grad in reference[1].items():
+        torch.testing.assert_close(result[1][name], grad, rtol=1e-3, atol=1e-6)
+
+
 def assert_same_as_reference(compute, reference, x, tol: float):
     """``compute(x)`` equals ``reference(x)`` and gives x the same gradient; returns compute's output."""
     import torch

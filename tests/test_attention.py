@@ -8,6 +8,7 @@ import torch
 from wronai.attention import PACKED_SDPA, enable_packed_attention, example_lengths, sequence_boundaries
 from wronai.data.collate import PackedCollator, pack_examples
 from wronai.data.tokenize import IGNORE_INDEX
+from wronai.kbit import enable_gradient_checkpointing
 
 X = IGNORE_INDEX
 
@@ -121,7 +122,7 @@ def test_packed_gradients_equal_the_masked_path(tiny_model_dir, packed_rows):
 
     def loss_and_grads(per_example: bool):
         model = _model(tiny_model_dir).train()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
         if per_example:
             assert enable_packed_attention(model)
         batch = PackedCollator(pad_token_id=0, with_boundaries=per_example)(rows)

@@ -7,7 +7,13 @@ import shutil
 import pytest
 import torch
 
-from conftest import assert_same_as_reference, make_config_dict
+from conftest import (
+    assert_same_as_reference,
+    assert_same_loss_and_gradients,
+    loss_and_gradients,
+    make_config_dict,
+    polish_batch,
+)
 from wronai import kbit
 from wronai.config import load_config
 from wronai.pipeline import WronAITrainer
@@ -92,20 +98,12 @@ def test_4bit_keeps_bf16_embeddings_with_the_same_numbers(bf16_model_dir, tmp_pa
     assert four_bit and all(m.weight.quant_state.dtype == torch.float32 for m in four_bit)  # no bf16 rounding
     norms = [p for n, p in models[0].named_parameters() if "norm" in n]
     assert norms and all(p.dtype == torch.float32 for p in norms)
-    batch = kept.tokenizer(
-        ["Warszawa jest stolicą Polski.", "Kraków leży nad Wisłą."], return_tensors="pt", padding=True
-    )
+    batch = polish_batch(kept.tokenizer)
     outs = []
     for model in models:
         model.train()
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        outs.append((loss.detach(), grads))
-    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
-    assert outs[0][1].keys() == outs[1][1].keys() and outs[0][1]
-    for name, grad in outs[0][1].items():
-        torch.testing.assert_close(grad, outs[1][1][name], rtol=1e-3, atol=1e-6)
+        outs.append(loss_and_gradients(model, batch))
+    assert_same_loss_and_gradients(outs[0], outs[1])
     out = models[0](**batch)
     assert out.logits.dtype == torch.float32  # computed in the compute dtype, not bf16
     prompt = kept.tokenizer(["Warszawa jest"], return_tensors="pt")

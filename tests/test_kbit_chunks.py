@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_same_as_reference, make_config_dict, quantized_linear
+from conftest import (
+    assert_same_as_reference,
+    assert_same_loss_and_gradients,
+    loss_and_gradients,
+    make_config_dict,
+    polish_batch,
+    quantized_linear,
+)
 from wronai import hardware, kbit_chunks, modeling
 from wronai.config import load_config
 
@@ -77,9 +84,7 @@ def test_4bit_model_with_chunked_layers_has_the_same_loss_and_gradients(
     cfg = load_config(data=raw)
     plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
     tok, _ = modeling.load_tokenizer(cfg.model, cfg.polish)
-    batch = tok(
-        ["Warszawa jest stolicą Polski.", "Kraków leży nad Wisłą."], return_tensors="pt", padding=True
-    )
+    batch = polish_batch(tok)
     results = []
     for chunk_bytes in (0, 16 * 64 * 4):
         torch.manual_seed(0)
@@ -92,14 +97,9 @@ def test_4bit_model_with_chunked_layers_has_the_same_loss_and_gradients(
         assert bool(switched) is bool(chunk_bytes)
         model.train()
         calls.clear()
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
+        results.append(loss_and_gradients(model, batch))
         assert len(calls) == 2 * len(switched)  # each switched layer: forward + checkpointed recomputation
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
-    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-3, atol=1e-6)
+    assert_same_loss_and_gradients(results[1], results[0])
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_config_dict, quantized_linear
+from conftest import (
+    assert_same_loss_and_gradients,
+    loss_and_gradients,
+    make_config_dict,
+    polish_batch,
+    quantized_linear,
+)
 from wronai import hardware, lora_fused, modeling
 from wronai.config import load_config
 
@@ -171,30 +177,24 @@ def test_model_through_wronai_builders_has_the_same_loss_and_gradients(
     cfg = load_config(data=raw)
     plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
     tok, _ = modeling.load_tokenizer(cfg.model, cfg.polish)
-    batch = tok(
-        ["Warszawa jest stolicą Polski.", "Kraków leży nad Wisłą."], return_tensors="pt", padding=True
-    )
+    batch = polish_batch(tok)
     results = []
     for fused in (False, True):
         torch.manual_seed(0)
         base = modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
         model = modeling.apply_lora(
             base, cfg.lora.model_copy(update={"lora_dropout": 0.1}), [], gradient_checkpointing=checkpointing,
-            keep_embeddings=plan.keep_embeddings, dequantize_chunk_bytes=16 * 64 * 4, fused_lora=fused,
+            keep_embeddings=plan.keep_embeddings, dequantize_chunk_bytes=plan.dequantize_chunk_bytes and 16 * 64 * 4,
+            fused_lora=fused,
         )  # fmt: skip
         layers = [m for m in model.modules() if "forward" in vars(m) and hasattr(m, "lora_A")]
         assert len(layers) == (14 if fused else 0)  # 2 decoder layers × 7 linear layers
         model.train()
         fused_calls.clear()
         torch.manual_seed(5)
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
+        results.append(loss_and_gradients(model, batch))
         assert len(fused_calls) == len(layers) * (2 if checkpointing else 1)  # + recomputation
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
-    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-3, atol=1e-6)
+    assert_same_loss_and_gradients(results[1], results[0])
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import torch
 
 from wronai import heap
 from wronai.config.schema import HardwareSection
+from wronai.kbit import enable_gradient_checkpointing
 
 # glibc keeps freed buffers in its heap once a larger freed buffer has raised its dynamic mmap threshold.
 # Run in a fresh interpreter: the heap of the test process is in no known state.
@@ -115,7 +116,7 @@ def test_heap_is_trimmed_between_layers_forward_and_backward(checkpointing):
 
     model = tiny_llama(3)
     if checkpointing:  # the hooks wrap the checkpointed call: the recomputation inside does not add trims
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     model.train()
     trimmer = heap.install_heap_trimming(model, growth=0)
     assert trimmer is not None

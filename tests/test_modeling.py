@@ -17,6 +17,22 @@ def config(tiny_model_dir, tmp_path, alpaca_file, **sections):
     return load_config(data=make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", **sections))
 
 
+@pytest.mark.parametrize("four_bit", [True, False], ids=["qlora-4bit", "lora-fp32"])
+def test_gradient_checkpointing_is_on_without_deprecated_calls(
+    tiny_model_dir, tmp_path, alpaca_file, four_bit
+):
+    """transformers 5 deprecates gradient_checkpointing_enable (FutureWarning): WronAI uses the new name."""
+    import warnings
+
+    cfg = config(tiny_model_dir, tmp_path, alpaca_file, quantization={"load_in_4bit": four_bit})
+    plan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+    base = modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gradient_checkpointing_enable.*")
+        model = modeling.apply_lora(base, cfg.lora, [], gradient_checkpointing=True)
+    assert model.get_base_model().is_gradient_checkpointing
+
+
 def test_pad_token_prefers_unk_and_never_breaks_eos(tiny_model_dir):
     from transformers import AutoTokenizer
 

@@ -97,8 +97,21 @@ def prepare_kbit_model(
             sum(kept_params.values()) * 2 / 2**20,  # 2 bytes saved per parameter
         )
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     return model
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Non-reentrant activation (gradient) checkpointing of every decoder layer.
+
+    transformers 5 calls it ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` is a
+    deprecated alias there, to be removed in v6); 4.x only knows the old name.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _dequantize_to(model: Any, compute_dtype: torch.dtype) -> None:

@@ -221,7 +221,7 @@ def apply_lora(
     """
     from peft import LoraConfig, get_peft_model
 
-    from wronai.kbit import prepare_kbit_model
+    from wronai.kbit import enable_gradient_checkpointing, prepare_kbit_model
 
     modules_to_save = list(lora_cfg.modules_to_save) or None
     four_bit = bool(getattr(model, "is_loaded_in_4bit", False))
@@ -240,7 +240,7 @@ def apply_lora(
 
             chunk_4bit_layers(model, dequantize_chunk_bytes)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
         model.enable_input_require_grads()
     token_indices = None
     if new_token_ids:
