@@ -9,8 +9,8 @@ set (long-tailed answer lengths) for one epoch, i.e. the same examples:
 (a) classic: a faithful reimplementation of the seed `scripts/train.py` — HF Trainer,
     `DataCollatorForLanguageModeling(mlm=False)` (pad = eos, per-batch dynamic padding, loss on all tokens),
     `prepare_model_for_kbit_training` (gradient checkpointing on, as in the classic config), length grouping.
-(b) wronai: `wronai.pipeline.run` with packing (per-example position ids), answer-only loss, no gradient
-    checkpointing for a model this small, bf16 only where the CPU has it.
+(b) wronai: `wronai.pipeline.run` with packing (per-example position ids), answer-only loss, gradient
+    checkpointing `auto` (off for a model this small), bf16 only where the CPU has it.
 
 Printed per run: wall time, non-pad tokens per second, padding fraction, peak RSS, MFU against the matmul
 peak measured here at the start, and the answer-only eval loss on the same held-out examples.
@@ -188,7 +188,7 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
         "training": {
             "output_dir": str(out), "num_train_epochs": 1, "per_device_train_batch_size": max(1, round(args.batch * args.mean_len / args.max_len)),
             "gradient_accumulation_steps": 1, "learning_rate": 2e-4, "logging_steps": 10, "save_strategy": "no",
-            "eval_strategy": "no", "gradient_checkpointing": False, "bf16": True, "seed": 0, "lr_scheduler_type": "linear",
+            "eval_strategy": "no", "gradient_checkpointing": "auto", "bf16": True, "seed": 0, "lr_scheduler_type": "linear",
         },
         "data": {"dataset_name": str(train_file), "max_seq_length": args.max_len, "packing": True, "eval_fraction": 0.0,
                  "cache_dir": str(out / "cache")},
@@ -208,7 +208,8 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
     trainer.train()
     wall = time.perf_counter() - start
     pipeline.model.save_pretrained(out / "adapter")
-    return {"wall_s": wall, **counter.summary(), "gradient_checkpointing": raw["training"]["gradient_checkpointing"],
+    checkpointing = pipeline.model.get_base_model().is_gradient_checkpointing  # what auto decided
+    return {"wall_s": wall, **counter.summary(), "gradient_checkpointing": checkpointing,
             "precision": pipeline.plan.precision}  # fmt: skip
 
 

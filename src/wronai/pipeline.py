@@ -113,13 +113,26 @@ class WronAITrainer:
             init_new_embeddings(base, self.base_tokenizer, self.vocab_tokens)
             new_ids = sorted({*new_ids, *(t.id for t in self.vocab_tokens)})
         self.model = modeling.apply_lora(
-            base, self.config.lora, new_ids, self.config.training.gradient_checkpointing,
+            base, self.config.lora, new_ids, self._gradient_checkpointing(base),
             keep_embeddings=self.plan.keep_embeddings, dequantize_chunk_bytes=self.plan.dequantize_chunk_bytes,
             fused_lora=self.plan.fused_lora,
         )  # fmt: skip
         _, parameters = self.model.get_nb_trainable_parameters()  # PEFT counts 4-bit weights unpacked
         apply_memory_settings(self.config.hardware, self.plan.device, parameters, self.model)
         return self.model
+
+    def _gradient_checkpointing(self, base: Any) -> bool:
+        """training.gradient_checkpointing, with auto decided from the loaded model and the free memory."""
+        setting = self.config.training.gradient_checkpointing
+        if setting != "auto":
+            return bool(setting)
+        from wronai.planning import auto_gradient_checkpointing
+
+        on, why = auto_gradient_checkpointing(self.config, base.config.to_dict(), self.plan.device)
+        note = f"training.gradient_checkpointing: auto -> {'on' if on else 'off'} ({why})"
+        logger.info(note)
+        self.plan.notes.append(note)
+        return on
 
     def load_dataset(self, data_hook: Any = None):
         if self.tokenizer is None:

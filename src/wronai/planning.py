@@ -115,7 +115,7 @@ class Settings:
             quantization=quant, double_quant=q.bnb_4bit_use_double_quant, weight_bytes=weight_bytes, compute_bytes=compute,
             lora_r=config.lora.r, lora_targets=tuple(_LINEAR_NAMES if targets == "all-linear" else targets),
             lora_dropout=config.lora.lora_dropout > 0, batch=t.per_device_train_batch_size, seq=config.data.max_seq_length,
-            accumulation=t.gradient_accumulation_steps, gradient_checkpointing=t.gradient_checkpointing,
+            accumulation=t.gradient_accumulation_steps, gradient_checkpointing=t.gradient_checkpointing is True,
             strategy="ddp" if name == "none" and nproc > 1 else name, nproc=nproc,
         )  # fmt: skip
 
@@ -192,6 +192,62 @@ def estimate(shape: ModelShape, s: Settings, *, cuda_context: bool = True, devic
     elif cuda_context:
         parts["CUDA context"] = CUDA_CONTEXT
     return Estimate(parts=parts, trainable=lora, total_params=shape.total_params)
+
+
+# training.gradient_checkpointing: auto turns it off while a step's activations without it take at most
+# this share of the memory free after loading (the estimate is conservative on CPUs; evaluation, the
+# optimizer's first step and other processes need the rest)
+AUTO_CHECKPOINTING_SHARE = 0.5
+_ACTIVATION_PARTS = ("activations", "logits + loss", "CPU heap slack")
+
+
+def activation_bytes(shape: ModelShape, s: Settings, device: str = "cuda") -> float:
+    """The part of ``estimate`` that grows with a step's tokens: saved activations, the loss's logits, heap slack."""
+    parts = estimate(shape, s, device=device).parts
+    return sum(parts.get(name, 0.0) for name in _ACTIVATION_PARTS)
+
+
+def checkpointing_needed(shape: ModelShape, s: Settings, free_bytes: float, device: str) -> tuple[bool, str]:
+    """training.gradient_checkpointing: auto — on unless the activations without it fit in the free memory's share."""
+    without = activation_bytes(shape, replace(s, gradient_checkpointing=False), device)
+    needed = without > AUTO_CHECKPOINTING_SHARE * free_bytes
+    return needed, (
+        f"activations ≈ {without / GIB:.2f} GiB without it for batch {s.batch} × seq {s.seq}, "
+        f"{free_bytes / GIB:.1f} GiB free"
+    )
+
+
+def free_memory(device: str) -> float | None:
+    """Bytes this process may still use: free GPU memory (CUDA) or available RAM (CPU), split between the
+    processes of this machine (LOCAL_WORLD_SIZE); None where unknown (MPS)."""
+    import os
+
+    if device == "cuda":
+        import torch
+
+        free = float(torch.cuda.mem_get_info()[0])
+    elif device == "cpu":
+        import psutil
+
+        free = float(psutil.virtual_memory().available)
+    else:
+        return None
+    return free / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def auto_gradient_checkpointing(config: Any, model_config: dict[str, Any], device: str) -> tuple[bool, str]:
+    """Resolve ``training.gradient_checkpointing: auto`` for a loaded model: (on?, why)."""
+    free = free_memory(device)
+    if free is None:
+        return True, f"free memory unknown on {device}"
+    try:
+        shape = ModelShape.from_config(model_config)
+    except WronAIError:
+        return True, "model shape unknown (not a Llama-style config)"
+    settings = Settings.from_config(config)
+    if device == "cpu":
+        settings = _on_this_cpu(settings, config)
+    return checkpointing_needed(shape, settings, free, "cpu" if device == "cpu" else "cuda")
 
 
 def parse_gpu_size(text: str) -> float:
@@ -377,5 +433,13 @@ def plan_config(config: Any, gpu: str = "24GB", nproc: int = 1, device: str = "c
     settings = replace(settings, embedding_bytes=_embedding_bytes(config, model_config))
     if device == "cpu":
         settings = _on_this_cpu(settings, config)
-    plan = make_plan(shape, settings, parse_gpu_size(gpu), device)
-    return plan, render(plan, config.model.name, gpu)
+    budget = parse_gpu_size(gpu)
+    auto = ""
+    if config.training.gradient_checkpointing == "auto":  # as `wronai train` decides it, after loading
+        loaded = estimate(shape, settings, device=device)
+        free = budget - (loaded.total - sum(loaded.parts.get(name, 0.0) for name in _ACTIVATION_PARTS))
+        needed, why = checkpointing_needed(shape, settings, free, device)
+        settings = replace(settings, gradient_checkpointing=needed)
+        auto = f"training.gradient_checkpointing: auto -> {'on' if needed else 'off'} ({why})\n"
+    plan = make_plan(shape, settings, budget, device)
+    return plan, render(plan, config.model.name, gpu) + auto

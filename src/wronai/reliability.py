@@ -180,7 +180,7 @@ def oom_message(stage: str, config: Any, n_params: int | None = None) -> str:
         f"training.per_device_train_batch_size (now {t.per_device_train_batch_size}; raise gradient_accumulation_steps to keep the global batch)",
         f"data.max_seq_length (now {d.max_seq_length})",
     ]
-    if not t.gradient_checkpointing:
+    if t.gradient_checkpointing is not True:  # false, or auto that decided off
         advice.append("set training.gradient_checkpointing: true")
     if not q.load_in_4bit:
         advice.append("set quantization.load_in_4bit: true")

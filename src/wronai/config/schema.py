@@ -249,8 +249,12 @@ class TrainingSection(Section):
     greater_is_better: bool | None = Field(
         None, description="Whether a larger metric is better; null = inferred (false for *loss)."
     )
-    gradient_checkpointing: bool = Field(
-        True, description="Recompute activations in the backward pass: less memory, ~30% more compute."
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute activations in the backward pass: less memory, ~30% more compute. auto = only where "
+        "memory needs it: off while the activations of a step without it (estimated from the model's shape, "
+        "batch and data.max_seq_length) take at most half of the memory free after loading the model "
+        "(RAM on a CPU, the GPU's free memory on CUDA; shared by the processes of one machine), else on.",
     )
     group_by_length: bool = Field(
         True,
