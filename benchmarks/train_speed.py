@@ -179,6 +179,7 @@ ABLATIONS = {
 
 def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
     from wronai.config import load_config
+    from wronai.kbit import gradient_checkpointing_on
     from wronai.pipeline import WronAITrainer
 
     raw = {
@@ -208,7 +209,7 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
     trainer.train()
     wall = time.perf_counter() - start
     pipeline.model.save_pretrained(out / "adapter")
-    checkpointing = pipeline.model.get_base_model().is_gradient_checkpointing  # what auto decided
+    checkpointing = gradient_checkpointing_on(pipeline.model)  # what auto decided
     return {"wall_s": wall, **counter.summary(), "gradient_checkpointing": checkpointing,
             "precision": pipeline.plan.precision}  # fmt: skip
 

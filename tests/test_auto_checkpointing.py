@@ -13,6 +13,7 @@ from wronai import planning
 from wronai.cli import main
 from wronai.config import load_config
 from wronai.errors import ConfigError
+from wronai.kbit import gradient_checkpointing_on
 from wronai.planning import GIB, ModelShape, activation_bytes, checkpointing_needed
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -72,7 +73,7 @@ def test_pipeline_decides_auto_from_the_loaded_model(
     raw["training"]["gradient_checkpointing"] = "auto"
     pipeline = WronAITrainer(load_config(data=raw))
     model = pipeline.load_model()
-    assert model.get_base_model().is_gradient_checkpointing is on
+    assert gradient_checkpointing_on(model) is on
     assert any(f"gradient_checkpointing: auto -> {'on' if on else 'off'}" in n for n in pipeline.plan.notes)
 
 

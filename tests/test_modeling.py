@@ -10,6 +10,7 @@ from wronai import modeling
 from wronai.config import load_config
 from wronai.errors import WronAIError
 from wronai.hardware import plan_device
+from wronai.kbit import gradient_checkpointing_on
 from wronai.pipeline import WronAITrainer
 
 
@@ -30,7 +31,7 @@ def test_gradient_checkpointing_is_on_without_deprecated_calls(
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*gradient_checkpointing_enable.*")
         model = modeling.apply_lora(base, cfg.lora, [], gradient_checkpointing=True)
-    assert model.get_base_model().is_gradient_checkpointing
+    assert gradient_checkpointing_on(model)
 
 
 def test_pad_token_prefers_unk_and_never_breaks_eos(tiny_model_dir):

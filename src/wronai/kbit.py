@@ -114,6 +114,14 @@ def enable_gradient_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def gradient_checkpointing_on(model: Any) -> bool:
+    """Whether a transformers model (or the base of a PEFT one) recomputes its activations."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(type(base), "is_activation_checkpointing"):  # transformers 5 (the old name warns there)
+        return bool(base.is_activation_checkpointing)
+    return bool(base.is_gradient_checkpointing)
+
+
 def _dequantize_to(model: Any, compute_dtype: torch.dtype) -> None:
     """Make 4-bit layers dequantize straight to the compute dtype.
 

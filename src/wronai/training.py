@@ -74,12 +74,15 @@ def training_arguments_kwargs(
         "report_to": report_to,
         "run_name": run_name,
         "use_cpu": plan.device == "cpu",
-        # enabled by WronAI on the model (non-reentrant) before the adapter is added; the Trainer must not redo it
-        "gradient_checkpointing": False,
         "disable_tqdm": False,
         "ignore_data_skip": training.ignore_data_skip,
     }
     kwargs["eval_strategy" if "eval_strategy" in accepted else "evaluation_strategy"] = eval_strategy
+    # enabled by WronAI on the model (non-reentrant) before the adapter is added; the Trainer must not redo it
+    # (transformers 5 renamed the argument; the old name is deprecated there)
+    kwargs[
+        "activation_checkpointing" if "activation_checkpointing" in accepted else "gradient_checkpointing"
+    ] = False
     if training.warmup_ratio:
         if "warmup_ratio" in accepted:
             kwargs["warmup_ratio"] = training.warmup_ratio
