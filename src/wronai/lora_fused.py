@@ -96,11 +96,9 @@ class _LoraLinear(torch.autograd.Function):
 
 def _base_rows(base: Any, x: torch.Tensor) -> tuple[RowSource, tuple[torch.Tensor, ...], int] | None:
     """The frozen base layer as a row source in x's dtype (source, its tensors, rows per slice), if it is one."""
-    import bitsandbytes as bnb
-
-    if isinstance(base, bnb.nn.Linear4bit):
-        state = getattr(base.weight, "quant_state", None)
-        if state is None or not chunkable(state) or (base.compute_dtype or x.dtype) != x.dtype:
+    state = getattr(base.weight, "quant_state", None)  # a bitsandbytes 4-bit weight (Params4bit)
+    if state is not None:
+        if not chunkable(state) or (getattr(base, "compute_dtype", None) or x.dtype) != x.dtype:
             return None
         out_features, in_features = state.shape
         source: RowSource = FourBitRows(out_features, in_features, state.blocksize, state.quant_type)
@@ -158,11 +156,17 @@ def fuse_lora_layers(model: torch.nn.Module) -> int:
     Returns how many layers were switched; their modules, parameters and saved adapters stay PEFT's.
     """
     from peft.tuners.lora import Linear as LoraDense
-    from peft.tuners.lora.bnb import Linear4bit as Lora4bit
 
+    kinds: tuple[type, ...] = (LoraDense,)
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as Lora4bit
+
+        kinds = (LoraDense, Lora4bit)
+    except ImportError:  # PEFT defines it only when bitsandbytes is installed
+        pass
     switched = 0
     for module in model.modules():
-        if type(module) in (LoraDense, Lora4bit):
+        if type(module) in kinds:
             module.forward = MethodType(_fused_forward, module)  # type: ignore[method-assign]
             switched += 1
     if switched:
