@@ -174,6 +174,9 @@ ABLATIONS = {
     "wronai-checkpointing": {
         "training": {"gradient_checkpointing": True}
     },  # recompute activations as the classic does
+    "wronai-checkpointing-half": {
+        "training": {"gradient_checkpointing": True, "checkpoint_every_n_layers": 2}
+    },  # recompute every 2nd decoder layer only
 }
 
 

@@ -60,7 +60,7 @@ def prepare_kbit_model(
     model: Any,
     compute_dtype: torch.dtype,
     *,
-    gradient_checkpointing: bool,
+    gradient_checkpointing: int,
     keep_embeddings: bool = True,
 ) -> Any:
     """Freeze, cast small 16-bit weights to float32, keep the embedding and head 16-bit, enable checkpointing.
@@ -97,20 +97,27 @@ def prepare_kbit_model(
             sum(kept_params.values()) * 2 / 2**20,  # 2 bytes saved per parameter
         )
     if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, int(gradient_checkpointing))
     return model
 
 
-def enable_gradient_checkpointing(model: Any) -> None:
-    """Non-reentrant activation (gradient) checkpointing of every decoder layer.
+def enable_gradient_checkpointing(model: Any, every_n_layers: int = 1) -> None:
+    """Non-reentrant activation (gradient) checkpointing of every ``every_n_layers``-th decoder layer.
 
     transformers 5 calls it ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` is a
-    deprecated alias there, to be removed in v6); 4.x only knows the old name.
+    deprecated alias there, to be removed in v6) and can skip layers; 4.x only knows the old name and
+    checkpoints every layer.
     """
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers
+        )
     else:
+        if every_n_layers > 1:
+            logger.warning(
+                "this transformers version checkpoints every decoder layer (every_n_layers needs v5)"
+            )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 

@@ -204,12 +204,14 @@ def apply_lora(
     model: Any,
     lora_cfg: LoraSection,
     new_token_ids: list[int] | None = None,
-    gradient_checkpointing: bool = True,
+    gradient_checkpointing: int = True,
     keep_embeddings: bool = True,
     dequantize_chunk_bytes: int = 0,
     fused_lora: bool = False,
 ):
     """k-bit preparation (when quantized), gradient checkpointing and the LoRA adapter.
+
+    ``gradient_checkpointing``: recompute every N-th decoder layer (True = 1 = all, False = 0 = none).
 
     ``keep_embeddings`` (``DevicePlan.keep_embeddings``): a 4-bit model keeps frozen 16-bit embeddings/head
     as they are (``wronai.kbit``);
@@ -240,7 +242,7 @@ def apply_lora(
 
             chunk_4bit_layers(model, dequantize_chunk_bytes)
     elif gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, int(gradient_checkpointing))
         model.enable_input_require_grads()
     token_indices = None
     if new_token_ids:

@@ -121,18 +121,19 @@ class WronAITrainer:
         apply_memory_settings(self.config.hardware, self.plan.device, parameters, self.model)
         return self.model
 
-    def _gradient_checkpointing(self, base: Any) -> bool:
-        """training.gradient_checkpointing, with auto decided from the loaded model and the free memory."""
-        setting = self.config.training.gradient_checkpointing
-        if setting != "auto":
-            return bool(setting)
+    def _gradient_checkpointing(self, base: Any) -> int:
+        """Every how many decoder layers to recompute (0 = none): training.gradient_checkpointing, with auto
+        decided from the loaded model and the free memory, and training.checkpoint_every_n_layers."""
+        training = self.config.training
+        if training.gradient_checkpointing != "auto":
+            return training.checkpoint_every_n_layers if training.gradient_checkpointing else 0
         from wronai.planning import auto_gradient_checkpointing
 
-        on, why = auto_gradient_checkpointing(self.config, base.config.to_dict(), self.plan.device)
-        note = f"training.gradient_checkpointing: auto -> {'on' if on else 'off'} ({why})"
+        every, what, why = auto_gradient_checkpointing(self.config, base.config.to_dict(), self.plan.device)
+        note = f"training.gradient_checkpointing: auto -> {what} ({why})"
         logger.info(note)
         self.plan.notes.append(note)
-        return on
+        return every
 
     def load_dataset(self, data_hook: Any = None):
         if self.tokenizer is None:

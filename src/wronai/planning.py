@@ -99,6 +99,7 @@ class Settings:
     # bytes per embedding/head/norm weight next to quantized linears: 4 = PEFT's float32 copies,
     # 2 = kept in the checkpoint's 16-bit dtype (quantization.keep_embeddings_dtype, wronai.kbit)
     embedding_bytes: int = 4
+    checkpoint_every: int = 1  # with gradient_checkpointing: every N-th decoder layer recomputed (1 = all)
 
     @classmethod
     def from_config(cls, config: Any, nproc: int = 1) -> Settings:
@@ -116,6 +117,7 @@ class Settings:
             lora_r=config.lora.r, lora_targets=tuple(_LINEAR_NAMES if targets == "all-linear" else targets),
             lora_dropout=config.lora.lora_dropout > 0, batch=t.per_device_train_batch_size, seq=config.data.max_seq_length,
             accumulation=t.gradient_accumulation_steps, gradient_checkpointing=t.gradient_checkpointing is True,
+            checkpoint_every=t.checkpoint_every_n_layers,
             strategy="ddp" if name == "none" and nproc > 1 else name, nproc=nproc,
         )  # fmt: skip
 
@@ -168,7 +170,12 @@ def estimate(shape: ModelShape, s: Settings, *, cuda_context: bool = True, devic
     lora_in = sum(a for name, (a, _b) in linears.items() if name in s.lora_targets) if s.lora_dropout else 0
     per_layer = tokens * d * (10 * h + 2 * kv + 4 * i + lora_in)  # saved for backward by one decoder layer
     if s.gradient_checkpointing:
-        activations = shape.layers * tokens * h * d + per_layer  # layer inputs + one layer recomputed
+        # layers 0, N, 2N, … keep only their input; the others keep everything. Peak: the end of the forward,
+        # or the recomputation of the highest checkpointed layer above the uncheckpointed ones below it
+        every = max(1, s.checkpoint_every)
+        recomputed = -(-shape.layers // every)
+        held = max(shape.layers - recomputed, (every - 1) * (recomputed - 1) + 1)
+        activations = held * per_layer + recomputed * tokens * h * d
     else:
         activations = shape.layers * per_layer
     # alive together at the loss's peak: the logits plus three fp32 tensors of their size (fp32 copy or
@@ -207,14 +214,28 @@ def activation_bytes(shape: ModelShape, s: Settings, device: str = "cuda") -> fl
     return sum(parts.get(name, 0.0) for name in _ACTIVATION_PARTS)
 
 
-def checkpointing_needed(shape: ModelShape, s: Settings, free_bytes: float, device: str) -> tuple[bool, str]:
-    """training.gradient_checkpointing: auto — on unless the activations without it fit in the free memory's share."""
+def checkpointing_choice(shape: ModelShape, s: Settings, free_bytes: float, device: str) -> tuple[int, str]:
+    """training.gradient_checkpointing: auto — 0 (off) when the activations without it fit the free memory's
+    share, else N: recompute every N-th decoder layer, the largest N (fewest layers recomputed) that fits; 1 = all."""
+    budget = AUTO_CHECKPOINTING_SHARE * free_bytes
     without = activation_bytes(shape, replace(s, gradient_checkpointing=False), device)
-    needed = without > AUTO_CHECKPOINTING_SHARE * free_bytes
-    return needed, (
-        f"activations ≈ {without / GIB:.2f} GiB without it for batch {s.batch} × seq {s.seq}, "
-        f"{free_bytes / GIB:.1f} GiB free"
-    )
+    why = f"activations ≈ {without / GIB:.2f} GiB without it for batch {s.batch} × seq {s.seq}, {free_bytes / GIB:.1f} GiB free"
+    if without <= budget:
+        return 0, why
+    for every in range(shape.layers, 1, -1):
+        if (
+            activation_bytes(shape, replace(s, gradient_checkpointing=True, checkpoint_every=every), device)
+            <= budget
+        ):
+            return every, why
+    return 1, why
+
+
+def describe_checkpointing(every: int, layers: int) -> str:
+    """0 -> 'off', 1 -> 'on', N -> 'on for one decoder layer in every N (k of L)'."""
+    if every <= 1:
+        return "on" if every == 1 else "off"
+    return f"on for one decoder layer in every {every} ({-(-layers // every)} of {layers})"
 
 
 def free_memory(device: str) -> float | None:
@@ -235,19 +256,27 @@ def free_memory(device: str) -> float | None:
     return free / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def auto_gradient_checkpointing(config: Any, model_config: dict[str, Any], device: str) -> tuple[bool, str]:
-    """Resolve ``training.gradient_checkpointing: auto`` for a loaded model: (on?, why)."""
+def run_settings(config: Any, device: str) -> Settings:
+    """The estimate's settings for a run of ``config`` on ``device`` (dtypes as this machine's plan resolves them)."""
+    settings = Settings.from_config(config)
+    return _on_this_cpu(settings, config) if device == "cpu" else settings
+
+
+def auto_gradient_checkpointing(
+    config: Any, model_config: dict[str, Any], device: str
+) -> tuple[int, str, str]:
+    """Resolve ``training.gradient_checkpointing: auto`` for a loaded model: (every N-th layer, 0 = off; what; why)."""
     free = free_memory(device)
     if free is None:
-        return True, f"free memory unknown on {device}"
+        return 1, "on", f"free memory unknown on {device}"
     try:
         shape = ModelShape.from_config(model_config)
     except WronAIError:
-        return True, "model shape unknown (not a Llama-style config)"
-    settings = Settings.from_config(config)
-    if device == "cpu":
-        settings = _on_this_cpu(settings, config)
-    return checkpointing_needed(shape, settings, free, "cpu" if device == "cpu" else "cuda")
+        return 1, "on", "model shape unknown (not a Llama-style config)"
+    every, why = checkpointing_choice(
+        shape, run_settings(config, device), free, "cpu" if device == "cpu" else "cuda"
+    )
+    return every, describe_checkpointing(every, shape.layers), why
 
 
 def parse_gpu_size(text: str) -> float:
@@ -316,6 +345,8 @@ def _variants(s: Settings, device: str = "cuda") -> list[tuple[str, Settings]]:
     out = []
     if not s.gradient_checkpointing:
         out.append(("set training.gradient_checkpointing: true", replace(s, gradient_checkpointing=True)))
+    elif s.checkpoint_every > 1:
+        out.append(("set training.checkpoint_every_n_layers: 1", replace(s, checkpoint_every=1)))
     if s.quantization != "4bit":
         out.append(
             (
@@ -381,7 +412,7 @@ def render(plan: Plan, model_name: str, gpu_label: str) -> str:
     lines = [
         f"model: {model_name} — {_count(e.total_params)} parameters ({plan.shape.layers} layers, hidden {plan.shape.hidden}, vocab {plan.shape.vocab})",
         f"run: {s.quantization} weights, LoRA r={s.lora_r} on {len(s.lora_targets)} module types ({_count(e.trainable)} trainable), "
-        f"batch {s.batch} × seq {s.seq}, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}, "
+        f"batch {s.batch} × seq {s.seq}, gradient checkpointing {describe_checkpointing(s.checkpoint_every if s.gradient_checkpointing else 0, plan.shape.layers)}, "
         f"{s.nproc} {'process' if cpu else 'GPU'}(s), strategy {s.strategy}",
         "peak RSS increase per process (CPU; + ~0.4 GiB for Python and the libraries):"
         if cpu
@@ -438,8 +469,8 @@ def plan_config(config: Any, gpu: str = "24GB", nproc: int = 1, device: str = "c
     if config.training.gradient_checkpointing == "auto":  # as `wronai train` decides it, after loading
         loaded = estimate(shape, settings, device=device)
         free = budget - (loaded.total - sum(loaded.parts.get(name, 0.0) for name in _ACTIVATION_PARTS))
-        needed, why = checkpointing_needed(shape, settings, free, device)
-        settings = replace(settings, gradient_checkpointing=needed)
-        auto = f"training.gradient_checkpointing: auto -> {'on' if needed else 'off'} ({why})\n"
+        every, why = checkpointing_choice(shape, settings, free, device)
+        settings = replace(settings, gradient_checkpointing=every > 0, checkpoint_every=max(1, every))
+        auto = f"training.gradient_checkpointing: auto -> {describe_checkpointing(every, shape.layers)} ({why})\n"
     plan = make_plan(shape, settings, budget, device)
     return plan, render(plan, config.model.name, gpu) + auto

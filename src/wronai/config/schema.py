@@ -254,7 +254,15 @@ class TrainingSection(Section):
         description="Recompute activations in the backward pass: less memory, ~30% more compute. auto = only where "
         "memory needs it: off while the activations of a step without it (estimated from the model's shape, "
         "batch and data.max_seq_length) take at most half of the memory free after loading the model "
-        "(RAM on a CPU, the GPU's free memory on CUDA; shared by the processes of one machine), else on.",
+        "(RAM on a CPU, the GPU's free memory on CUDA; shared by the processes of one machine), else on for "
+        "as few decoder layers as make them fit (every N-th layer, see checkpoint_every_n_layers).",
+    )
+    checkpoint_every_n_layers: int = Field(
+        1,
+        ge=1,
+        description="With gradient_checkpointing: true, recompute only every N-th decoder layer (layers 0, N, 2N, …); "
+        "the others keep their activations — less recomputation for more memory. 1 = every layer. auto picks N "
+        "itself (the fewest recomputed layers whose activations fit).",
     )
     group_by_length: bool = Field(
         True,
