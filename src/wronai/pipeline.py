@@ -127,7 +127,7 @@ class WronAITrainer:
         training = self.config.training
         if training.gradient_checkpointing != "auto":
             return training.checkpoint_every_n_layers if training.gradient_checkpointing else 0
-        from wronai.planning import auto_gradient_checkpointing
+        from wronai.auto_checkpointing import auto_gradient_checkpointing
 
         every, what, why = auto_gradient_checkpointing(self.config, base.config.to_dict(), self.plan.device)
         note = f"training.gradient_checkpointing: auto -> {what} ({why})"

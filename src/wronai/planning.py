@@ -201,84 +201,6 @@ def estimate(shape: ModelShape, s: Settings, *, cuda_context: bool = True, devic
     return Estimate(parts=parts, trainable=lora, total_params=shape.total_params)
 
 
-# training.gradient_checkpointing: auto turns it off while a step's activations without it take at most
-# this share of the memory free after loading (the estimate is conservative on CPUs; evaluation, the
-# optimizer's first step and other processes need the rest)
-AUTO_CHECKPOINTING_SHARE = 0.5
-_ACTIVATION_PARTS = ("activations", "logits + loss", "CPU heap slack")
-
-
-def activation_bytes(shape: ModelShape, s: Settings, device: str = "cuda") -> float:
-    """The part of ``estimate`` that grows with a step's tokens: saved activations, the loss's logits, heap slack."""
-    parts = estimate(shape, s, device=device).parts
-    return sum(parts.get(name, 0.0) for name in _ACTIVATION_PARTS)
-
-
-def checkpointing_choice(shape: ModelShape, s: Settings, free_bytes: float, device: str) -> tuple[int, str]:
-    """training.gradient_checkpointing: auto — 0 (off) when the activations without it fit the free memory's
-    share, else N: recompute every N-th decoder layer, the largest N (fewest layers recomputed) that fits; 1 = all."""
-    budget = AUTO_CHECKPOINTING_SHARE * free_bytes
-    without = activation_bytes(shape, replace(s, gradient_checkpointing=False), device)
-    why = f"activations ≈ {without / GIB:.2f} GiB without it for batch {s.batch} × seq {s.seq}, {free_bytes / GIB:.1f} GiB free"
-    if without <= budget:
-        return 0, why
-    for every in range(shape.layers, 1, -1):
-        if (
-            activation_bytes(shape, replace(s, gradient_checkpointing=True, checkpoint_every=every), device)
-            <= budget
-        ):
-            return every, why
-    return 1, why
-
-
-def describe_checkpointing(every: int, layers: int) -> str:
-    """0 -> 'off', 1 -> 'on', N -> 'on for one decoder layer in every N (k of L)'."""
-    if every <= 1:
-        return "on" if every == 1 else "off"
-    return f"on for one decoder layer in every {every} ({-(-layers // every)} of {layers})"
-
-
-def free_memory(device: str) -> float | None:
-    """Bytes this process may still use: free GPU memory (CUDA) or available RAM (CPU), split between the
-    processes of this machine (LOCAL_WORLD_SIZE); None where unknown (MPS)."""
-    import os
-
-    if device == "cuda":
-        import torch
-
-        free = float(torch.cuda.mem_get_info()[0])
-    elif device == "cpu":
-        import psutil
-
-        free = float(psutil.virtual_memory().available)
-    else:
-        return None
-    return free / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-def run_settings(config: Any, device: str) -> Settings:
-    """The estimate's settings for a run of ``config`` on ``device`` (dtypes as this machine's plan resolves them)."""
-    settings = Settings.from_config(config)
-    return _on_this_cpu(settings, config) if device == "cpu" else settings
-
-
-def auto_gradient_checkpointing(
-    config: Any, model_config: dict[str, Any], device: str
-) -> tuple[int, str, str]:
-    """Resolve ``training.gradient_checkpointing: auto`` for a loaded model: (every N-th layer, 0 = off; what; why)."""
-    free = free_memory(device)
-    if free is None:
-        return 1, "on", f"free memory unknown on {device}"
-    try:
-        shape = ModelShape.from_config(model_config)
-    except WronAIError:
-        return 1, "on", "model shape unknown (not a Llama-style config)"
-    every, why = checkpointing_choice(
-        shape, run_settings(config, device), free, "cpu" if device == "cpu" else "cuda"
-    )
-    return every, describe_checkpointing(every, shape.layers), why
-
-
 def parse_gpu_size(text: str) -> float:
     """'24GB', '80', '7.5GiB' -> bytes (GPU sizes are sold in GiB even when labelled GB)."""
     raw = text.strip().lower().removesuffix("ib").removesuffix("gb").removesuffix("g").strip()
@@ -412,7 +334,7 @@ def render(plan: Plan, model_name: str, gpu_label: str) -> str:
     lines = [
         f"model: {model_name} — {_count(e.total_params)} parameters ({plan.shape.layers} layers, hidden {plan.shape.hidden}, vocab {plan.shape.vocab})",
         f"run: {s.quantization} weights, LoRA r={s.lora_r} on {len(s.lora_targets)} module types ({_count(e.trainable)} trainable), "
-        f"batch {s.batch} × seq {s.seq}, gradient checkpointing {describe_checkpointing(s.checkpoint_every if s.gradient_checkpointing else 0, plan.shape.layers)}, "
+        f"batch {s.batch} × seq {s.seq}, gradient checkpointing {_checkpointing_text(s, plan.shape.layers)}, "
         f"{s.nproc} {'process' if cpu else 'GPU'}(s), strategy {s.strategy}",
         "peak RSS increase per process (CPU; + ~0.4 GiB for Python and the libraries):"
         if cpu
@@ -429,7 +351,13 @@ def render(plan: Plan, model_name: str, gpu_label: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _on_this_cpu(settings: Settings, config: Any) -> Settings:
+def _checkpointing_text(s: Settings, layers: int) -> str:
+    from wronai.auto_checkpointing import describe_checkpointing
+
+    return describe_checkpointing(s.checkpoint_every if s.gradient_checkpointing else 0, layers)
+
+
+def on_this_cpu(settings: Settings, config: Any) -> Settings:
     """Dtypes and quantization as the device plan resolves them on this machine's CPU (fp32 without native bf16)."""
     import torch
 
@@ -463,12 +391,15 @@ def plan_config(config: Any, gpu: str = "24GB", nproc: int = 1, device: str = "c
     settings = Settings.from_config(config, nproc=nproc)
     settings = replace(settings, embedding_bytes=_embedding_bytes(config, model_config))
     if device == "cpu":
-        settings = _on_this_cpu(settings, config)
+        settings = on_this_cpu(settings, config)
     budget = parse_gpu_size(gpu)
     auto = ""
     if config.training.gradient_checkpointing == "auto":  # as `wronai train` decides it, after loading
-        loaded = estimate(shape, settings, device=device)
-        free = budget - (loaded.total - sum(loaded.parts.get(name, 0.0) for name in _ACTIVATION_PARTS))
+        from wronai.auto_checkpointing import activation_bytes, checkpointing_choice, describe_checkpointing
+
+        free = budget - (
+            estimate(shape, settings, device=device).total - activation_bytes(shape, settings, device)
+        )
         every, why = checkpointing_choice(shape, settings, free, device)
         settings = replace(settings, gradient_checkpointing=every > 0, checkpoint_every=max(1, every))
         auto = f"training.gradient_checkpointing: auto -> {describe_checkpointing(every, shape.layers)} ({why})\n"
