@@ -81,6 +81,8 @@ def test_free_memory_is_split_between_the_processes_of_a_machine(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert auto_checkpointing.free_memory("cpu") == pytest.approx(alone / 4, rel=0.2)
     assert auto_checkpointing.free_memory("mps") is None
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (8 * GIB, 16 * GIB))
+    assert auto_checkpointing.free_memory("cuda") == 8 * GIB  # each process has a GPU of its own
 
 
 def test_unknown_shape_or_memory_keeps_checkpointing_on(tiny_model_dir, alpaca_file, tmp_path):

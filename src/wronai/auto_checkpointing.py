@@ -2,8 +2,8 @@
 
 After the model is loaded, the activations of one step are estimated with ``wronai plan``'s formula
 (``planning.estimate``: the model's shape, ``per_device_train_batch_size``, ``data.max_seq_length``) and
-compared with the memory still free — the GPU's free memory on CUDA, available RAM on a CPU, split between
-the processes of the machine. Off when the activations without checkpointing take at most half of it; else
+compared with the memory still free — the process's GPU's free memory on CUDA, available RAM on a CPU split
+between the processes of the machine. Off when the activations without checkpointing take at most half of it; else
 one decoder layer in every N is recomputed (transformers 5's ``every_n_layers``), the largest N that fits,
 down to every layer. Unknown shapes and MPS keep it on for every layer.
 """
@@ -56,19 +56,17 @@ def describe_checkpointing(every: int, layers: int) -> str:
 
 
 def free_memory(device: str) -> float | None:
-    """Bytes this process may still use: free GPU memory (CUDA) or available RAM (CPU), split between the
-    processes of this machine (LOCAL_WORLD_SIZE); None where unknown (MPS)."""
+    """Bytes this process may still use: the free memory of its GPU (CUDA; each process has its own), or
+    the available RAM split between the processes of this machine (CPU; LOCAL_WORLD_SIZE); None on MPS."""
     if device == "cuda":
         import torch
 
-        free = float(torch.cuda.mem_get_info()[0])
-    elif device == "cpu":
+        return float(torch.cuda.mem_get_info()[0])
+    if device == "cpu":
         import psutil
 
-        free = float(psutil.virtual_memory().available)
-    else:
-        return None
-    return free / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return float(psutil.virtual_memory().available) / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return None
 
 
 def run_settings(config: Any, device: str) -> Settings:

@@ -254,7 +254,7 @@ class TrainingSection(Section):
         description="Recompute activations in the backward pass: less memory, ~30% more compute. auto = only where "
         "memory needs it: off while the activations of a step without it (estimated from the model's shape, "
         "batch and data.max_seq_length) take at most half of the memory free after loading the model "
-        "(RAM on a CPU, the GPU's free memory on CUDA; shared by the processes of one machine), else on for "
+        "(RAM on a CPU, shared by the processes of one machine; the process's GPU's free memory on CUDA), else on for "
         "as few decoder layers as make them fit (every N-th layer, see checkpoint_every_n_layers).",
     )
     checkpoint_every_n_layers: int = Field(
