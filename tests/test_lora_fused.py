@@ -76,7 +76,9 @@ def fused_calls(monkeypatch):
         ("dense", 0.3, 0, {}, (11,)),
     ],
 )
-def test_fused_layer_equals_peft(base, dropout, chunk_rows, lora, shape, fused_calls):
+def test_fused_layer_equals_peft(base, dropout, chunk_rows, lora, shape, fused_calls, monkeypatch):
+    from wronai import kbit_chunks
+
     model, layer = lora_layer(base, dropout, **lora)
     if chunk_rows:
         layer.base_layer.wronai_chunk_bytes = chunk_rows * 128 * 4
@@ -84,8 +86,18 @@ def test_fused_layer_equals_peft(base, dropout, chunk_rows, lora, shape, fused_c
     x = torch.randn(*shape, 128)
     reference = forward_backward(layer, x)
     assert lora_fused.fuse_lora_layers(model) == 1
+    slices: list[int] = []  # rows of every 4-bit slice dequantized (forward and backward)
+    rows = kbit_chunks.FourBitRows.rows
+    monkeypatch.setattr(
+        kbit_chunks.FourBitRows,
+        "rows",
+        lambda self, t, a, b, d: slices.append(b - a) or rows(self, t, a, b, d),
+    )
     fused = forward_backward(layer, x)
     assert len(fused_calls) == 1
+    if base != "dense":  # whole weight: once forward, once backward; else row slices, each way
+        step = chunk_rows or 192
+        assert slices == [min(step, 192 - start) for start in range(0, 192, step)] * 2
     torch.testing.assert_close(fused[0], reference[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused[1], reference[1], rtol=1e-5, atol=1e-5)
     assert len(fused[2]) == len(reference[2]) == 2  # lora_A and lora_B

@@ -122,6 +122,13 @@ class _RowSlicedLinear(torch.autograd.Function):
         return (grad_x, None, None, *(None for _ in tensors))
 
 
+def slice_rows(source: RowSource, chunk_bytes: int, dtype: torch.dtype) -> int:
+    """Rows per slice so that one slice in ``dtype`` takes at most ``chunk_bytes`` (0 = the whole weight)."""
+    if not chunk_bytes:
+        return source.out_features
+    return max(1, min(source.out_features, chunk_bytes // (source.in_features * dtype.itemsize)))
+
+
 def row_sliced_linear(
     x: torch.Tensor,
     source: RowSource,
@@ -130,8 +137,7 @@ def row_sliced_linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A frozen linear layer whose weight ``source`` builds ``chunk_bytes`` (in x's dtype) of rows at a time."""
-    rows = max(1, min(source.out_features, chunk_bytes // (source.in_features * x.element_size())))
-    out = _RowSlicedLinear.apply(x, source, rows, *tensors)
+    out = _RowSlicedLinear.apply(x, source, slice_rows(source, chunk_bytes, x.dtype), *tensors)
     if bias is not None:
         out = out + bias.to(out.dtype)
     return out
@@ -158,13 +164,19 @@ def chunkable(state: Any) -> bool:
     )
 
 
+def four_bit_rows(packed: torch.Tensor, state: Any) -> tuple[FourBitRows, tuple[torch.Tensor, ...]]:
+    """The row source of a (``chunkable``) 4-bit weight and its tensors: flat packed codes, float32 scales."""
+    rows_out, cols = state.shape
+    source = FourBitRows(rows_out, cols, state.blocksize, state.quant_type)
+    return source, (packed.reshape(-1), block_scales(state))
+
+
 def chunked_4bit_linear(
     x: torch.Tensor, packed: torch.Tensor, state: Any, chunk_bytes: int, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """A frozen 4-bit linear layer, its weight dequantized ``chunk_bytes`` (in x's dtype) of rows at a time."""
-    rows_out, cols = state.shape
-    source = FourBitRows(rows_out, cols, state.blocksize, state.quant_type)
-    return row_sliced_linear(x, source, (packed.reshape(-1), block_scales(state)), chunk_bytes, bias)
+    source, tensors = four_bit_rows(packed, state)
+    return row_sliced_linear(x, source, tensors, chunk_bytes, bias)
 
 
 def _chunked_forward(self: Any, x: torch.Tensor) -> torch.Tensor:

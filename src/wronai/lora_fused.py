@@ -29,10 +29,10 @@ import torch
 
 from wronai.kbit_chunks import (
     DenseRows,
-    FourBitRows,
     RowSource,
-    block_scales,
     chunkable,
+    four_bit_rows,
+    slice_rows,
     sliced_grad_input,
     sliced_matmul,
 )
@@ -100,11 +100,9 @@ def _base_rows(base: Any, x: torch.Tensor) -> tuple[RowSource, tuple[torch.Tenso
     if state is not None:
         if not chunkable(state) or (getattr(base, "compute_dtype", None) or x.dtype) != x.dtype:
             return None
-        out_features, in_features = state.shape
-        source: RowSource = FourBitRows(out_features, in_features, state.blocksize, state.quant_type)
+        source, tensors = four_bit_rows(base.weight.data, state)
         chunk = getattr(base, "wronai_chunk_bytes", 0)  # set by kbit_chunks.chunk_4bit_layers
-        rows = max(1, chunk // (in_features * x.element_size())) if chunk else out_features
-        return source, (base.weight.data.reshape(-1), block_scales(state)), rows
+        return source, tensors, slice_rows(source, chunk, x.dtype)
     if type(base) is torch.nn.Linear and base.weight.dtype == x.dtype and not base.weight.requires_grad:
         out_features, in_features = base.weight.shape
         return DenseRows(out_features, in_features), (base.weight,), out_features
