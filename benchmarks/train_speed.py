@@ -13,7 +13,8 @@ set (long-tailed answer lengths) for one epoch, i.e. the same examples:
     checkpointing `auto` (off for a model this small), bf16 only where the CPU has it.
 
 Printed per run: wall time, non-pad tokens per second, padding fraction, peak RSS, MFU against the matmul
-peak measured here at the start, and the answer-only eval loss on the same held-out examples.
+peak measured here at the start, the answer-only eval loss on the same held-out examples, and the minor
+page faults while training (buffers touched again after the heap handed them back).
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 # ------------------------------------------------------------------------------------------- the two runs
 
 
@@ -131,11 +136,16 @@ def run_classic(model_dir: Path, train_file: Path, out: Path, args) -> dict:
     collator = DataCollatorForLanguageModeling(tokenizer=tok, mlm=False)
     pad_stats = PaddingCounter(collator, tok.pad_token_id)
     trainer = Trainer(model=model, args=targs, train_dataset=ds, data_collator=pad_stats)
-    start = time.perf_counter()
+    faults, start = minor_faults(), time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
     model.save_pretrained(out / "adapter")
-    return {"wall_s": wall, **pad_stats.summary(), "gradient_checkpointing": True}
+    return {
+        "wall_s": wall,
+        **pad_stats.summary(),
+        "gradient_checkpointing": True,
+        "page_faults": minor_faults() - faults,
+    }
 
 
 class PaddingCounter:
@@ -177,6 +187,8 @@ ABLATIONS = {
     "wronai-checkpointing-half": {
         "training": {"gradient_checkpointing": True, "checkpoint_every_n_layers": 2}
     },  # recompute every 2nd decoder layer only
+    "wronai-return-freed": {"hardware": {"return_freed_memory": "on"}},  # the 1B+ memory setting
+    "wronai-glibc-heap": {},  # glibc's own heap thresholds (wronai.heap.keep_freed_memory skipped)
 }
 
 
@@ -201,6 +213,10 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
     }  # fmt: skip
     for group, values in ABLATIONS[args.child].items():
         raw[group].update(values)
+    if args.child == "wronai-glibc-heap":
+        from wronai import heap
+
+        heap.keep_freed_memory = lambda: False
     if not raw["data"]["packing"]:
         raw["training"]["per_device_train_batch_size"] = args.batch
     pipeline = WronAITrainer(load_config(data=raw))
@@ -208,13 +224,14 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
     trainer = pipeline.build_trainer()
     counter = PaddingCounter(trainer.data_collator, pipeline.tokenizer.pad_token_id)
     trainer.data_collator = counter
-    start = time.perf_counter()
+    faults, start = minor_faults(), time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
+    faults = minor_faults() - faults
     pipeline.model.save_pretrained(out / "adapter")
     checkpointing = gradient_checkpointing_on(pipeline.model)  # what auto decided
     return {"wall_s": wall, **counter.summary(), "gradient_checkpointing": checkpointing,
-            "precision": pipeline.plan.precision}  # fmt: skip
+            "precision": pipeline.plan.precision, "page_faults": faults}  # fmt: skip
 
 
 def eval_loss(model_dir: Path, adapter: Path, eval_file: Path, max_len: int) -> float:
@@ -370,7 +387,7 @@ def render_rounds(rounds: list[dict], peaks: dict, args, mean_len: int) -> str:
         f"machine: {os.cpu_count()} cores; matmul peak fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s",
         f"data: {args.rows} rows, mean {mean_len} tokens/row, max_len {args.max_len}; model: hidden {args.hidden}, {args.layers} layers",
         "",
-        f"{'run':28} {'wall s':>8} {'tokens/s':>9} {'padding':>8} {'peak RSS MB':>12} {'MFU':>6} {'eval loss':>10} {'vs classic':>10}",
+        f"{'run':28} {'wall s':>8} {'tokens/s':>9} {'padding':>8} {'peak RSS MB':>12} {'MFU':>6} {'eval loss':>10} {'vs classic':>10} {'faults k':>9}",
     ]
     for index, round_ in enumerate(rounds):
         tag = f" #{index + 1}" if len(rounds) > 1 else ""
@@ -378,7 +395,7 @@ def render_rounds(rounds: list[dict], peaks: dict, args, mean_len: int) -> str:
             lines.append(f"round {index + 1}: fp32 matmul peak {round_['fp32_peak_gflops']:.0f} GFLOP/s")
         for name, r in round_["results"].items():
             lines.append(f"{name + tag:28} {r['wall_s']:8.1f} {r['tokens_per_s']:9.0f} {100 * r['padding_fraction']:7.1f}% "
-                         f"{r['peak_rss_mb']:12.0f} {100 * r['mfu']:5.1f}% {r['eval_loss']:10.4f} {r['vs_classic']:9.2f}x")  # fmt: skip
+                         f"{r['peak_rss_mb']:12.0f} {100 * r['mfu']:5.1f}% {r['eval_loss']:10.4f} {r['vs_classic']:9.2f}x {r.get('page_faults', 0) / 1000:9.0f}")  # fmt: skip
     ratios = sorted(r["results"]["wronai"]["vs_classic"] for r in rounds)
     mfus = sorted(r["results"]["wronai"]["mfu"] for r in rounds)
     memory = [r["results"]["wronai"]["peak_rss_mb"] / r["results"]["classic"]["peak_rss_mb"] for r in rounds]

@@ -162,18 +162,40 @@ def test_what_the_fused_step_does_not_cover_runs_through_peft(base, lora, change
     torch.testing.assert_close(out, type(layer).forward(layer, x), rtol=0, atol=0)
 
 
-def test_disabled_adapters_autocast_and_extra_arguments_run_through_peft(fused_calls):
+def test_disabled_adapters_mixed_dtypes_and_extra_arguments_run_through_peft(fused_calls):
     model, layer = lora_layer("nf4")
     lora_fused.fuse_lora_layers(model)
     x = torch.randn(2, 128)
     with model.disable_adapter():
         torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        layer(x)
     layer(x, adapter_names=["default", "default"])
+    layer(x.to(torch.bfloat16))  # a bf16 input into fp32 adapters, no autocast: PEFT casts back and forth
     assert not fused_calls
     layer(x)
     assert len(fused_calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("base", "dropout", "input_dtype"),
+    [("nf4", 0.0, torch.float32), ("fp4", 0.2, torch.float32), ("dense", 0.0, torch.float32),
+     ("dense", 0.1, torch.bfloat16)],
+)  # fmt: skip
+def test_fused_layer_under_autocast_equals_peft(base, dropout, input_dtype, fused_calls):
+    """bf16 autocast (what the Trainer turns on for bf16 on CPUs that have it, and on GPUs): the matmuls in
+    bf16, the output and every gradient in the dtype PEFT's layer gives them."""
+    model, layer = lora_layer(base, dropout)
+    model.train()
+    x = torch.randn(3, 4, 128).to(input_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = forward_backward(layer, x)
+        lora_fused.fuse_lora_layers(model)
+        fused = forward_backward(layer, x)
+    assert len(fused_calls) == 1
+    assert fused[0].dtype == reference[0].dtype and fused[1].dtype == reference[1].dtype == input_dtype
+    assert [g.dtype for g in fused[2]] == [g.dtype for g in reference[2]] == [torch.float32] * 2
+    for got, want in zip([*fused[:2], *fused[2]], [*reference[:2], *reference[2]], strict=True):
+        error = (got.float() - want.float()).norm() / want.float().norm()
+        assert error < 1e-2  # bf16 rounding in a different order; a wrong scale or mask is off by far more
 
 
 @pytest.mark.parametrize(
@@ -207,6 +229,32 @@ def test_model_through_wronai_builders_has_the_same_loss_and_gradients(
         results.append(loss_and_gradients(model, batch))
         assert len(fused_calls) == len(layers) * (2 if checkpointing else 1)  # + recomputation
     assert_same_loss_and_gradients(results[1], results[0])
+
+
+def test_model_under_bf16_autocast_has_the_same_loss_and_gradients(
+    tiny_model_dir, tmp_path, alpaca_file, fused_calls
+):
+    """The tiny 4-bit Llama under bf16 autocast (training.bf16 where the CPU has it): every LoRA layer fused,
+    loss and gradients as PEFT's up to bf16 rounding."""
+    raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", quantization={"load_in_4bit": True})
+    cfg = load_config(data=raw)
+    plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+    batch = polish_batch(modeling.load_tokenizer(cfg.model, cfg.polish)[0])
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        base = modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
+        model = modeling.apply_lora(base, cfg.lora, [], gradient_checkpointing=0, fused_lora=fused).train()
+        fused_calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(loss_and_gradients(model, batch))
+        assert len(fused_calls) == (14 if fused else 0)
+    (loss, grads), (ref_loss, ref_grads) = results[1], results[0]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
+    assert grads.keys() == ref_grads.keys() and ref_grads
+    for name, want in ref_grads.items():
+        assert grads[name].dtype == want.dtype
+        assert (grads[name] - want).norm() <= 2e-2 * want.norm() + 1e-6, name
 
 
 @pytest.mark.parametrize(

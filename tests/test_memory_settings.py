@@ -55,17 +55,49 @@ def test_return_freed_memory_gives_buffers_back_as_they_are_freed():
 @pytest.mark.parametrize(
     ("mode", "device", "parameters", "expected"),
     [
-        ("auto", "cpu", 1_100_000_000, True),
-        ("auto", "cpu", 17_000_000, False),  # small models: page faults cost more than the memory saved
-        ("on", "cpu", 17_000_000, True),
-        ("off", "cpu", 7_000_000_000, False),
-        ("auto", "cuda", 7_000_000_000, False),  # GPU memory is not the C heap
-        ("on", "mps", 7_000_000_000, False),
+        ("auto", "cpu", 1_100_000_000, "return"),
+        ("auto", "cpu", 17_000_000, "keep"),  # small models: page faults cost more than the memory saved
+        ("on", "cpu", 17_000_000, "return"),
+        ("off", "cpu", 7_000_000_000, "keep"),
+        ("auto", "cuda", 7_000_000_000, None),  # GPU memory is not the C heap
+        ("on", "mps", 7_000_000_000, None),
+        ("off", "cuda", 17_000_000, None),
     ],
 )
 def test_return_freed_memory_decision(mode, device, parameters, expected):
-    resolved = heap.wants_fixed_mmap_threshold(HardwareSection(return_freed_memory=mode), device, parameters)
-    assert resolved is expected
+    resolved = heap.freed_memory_policy(HardwareSection(return_freed_memory=mode), device, parameters)
+    assert resolved == expected
+
+
+# a training step's activations: 96 MiB in buffers of 1-6 MiB, all freed when the step ends
+STEPS_FRAGMENT = """
+import resource, torch
+from wronai import heap
+from wronai.config.schema import HardwareSection
+{setup}
+def step():
+    acts = [torch.ones((1 + i % 6) * 2**18) for i in range(28)]
+    return len(acts)
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+"""
+KEEP = 'assert not heap.apply_memory_settings(HardwareSection(return_freed_memory="off"), "cpu", 10**10)'
+
+
+@linux_only
+@pytest.mark.parametrize(("setup", "kept"), [("", False), (KEEP, True)])
+def test_return_freed_memory_off_keeps_a_steps_buffers_for_the_next(setup, kept):
+    """glibc's default trims the heap top when a step's buffers are freed, so every step faults them in
+    again; with return_freed_memory off the next step reuses them."""
+    code = STEPS_FRAGMENT.format(setup=setup)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    pages = 96 * 2**20 / heap._PAGE
+    faults = float(out.split()[-1])
+    assert (faults < 0.15 * pages) is kept, faults
+    assert (faults > 0.4 * pages) is not kept, faults
 
 
 # buffers below the fixed 4 MiB threshold stay in the heap once freed, with the threshold on too
@@ -128,10 +160,17 @@ def test_heap_is_trimmed_between_layers_forward_and_backward(checkpointing):
     assert trimmer.trims == 3 + 3  # and before each layer's backward
 
 
-def test_return_freed_memory_off_installs_no_hooks():
+def test_return_freed_memory_off_keeps_memory_and_installs_no_hooks(monkeypatch):
+    kept = []
+    monkeypatch.setattr(
+        heap, "keep_freed_memory", lambda: kept.append(True) or True
+    )  # mallopt is per process
     model = tiny_llama(2)
     assert not heap.apply_memory_settings(HardwareSection(return_freed_memory="off"), "cpu", 10**10, model)
     assert all(not layer._forward_hooks for layer in heap.decoder_layers(model))
+    assert kept == [True]
+    assert not heap.apply_memory_settings(HardwareSection(return_freed_memory="off"), "cuda", 10**10, model)
+    assert kept == [True]  # GPU runs leave the C heap alone
 
 
 @linux_only
@@ -171,3 +210,21 @@ def test_pipeline_trims_between_the_layers_of_the_model_it_loads(tiny_model_dir,
         [sys.executable, "-c", code, str(config)], capture_output=True, text=True, check=True, cwd=here
     )
     assert out.stdout.split()[-1] == "2"  # the tiny model's two decoder layers
+
+
+def test_training_hands_the_kept_heap_back_when_it_ends(tiny_model_dir, alpaca_file, tmp_path, monkeypatch):
+    """return_freed_memory: off keeps a step's buffers for the next one; once training ends they go back."""
+    from conftest import make_config_dict
+    from wronai import pipeline
+    from wronai.config import load_config
+
+    kept, released = [], []
+    monkeypatch.setattr(heap, "keep_freed_memory", lambda: kept.append(True) or True)
+    monkeypatch.setattr(pipeline, "release_free_memory", lambda: released.append(len(kept)) or 0)
+    raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", training={"max_steps": 1, "save_strategy": "no",
+                           "eval_strategy": "no"}, hardware={"return_freed_memory": "off"})  # fmt: skip
+    trainer = pipeline.WronAITrainer(load_config(data=raw))
+    trainer.load_dataset()
+    trainer.train()
+    assert kept == [True]
+    assert released == [1]  # after the training loop, not before

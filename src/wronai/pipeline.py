@@ -33,7 +33,7 @@ from wronai.config import WronAIConfig, dump_config, load_config
 from wronai.errors import ConfigError, WronAIError
 from wronai.extensions import build_callbacks, load_object
 from wronai.hardware import DevicePlan, apply_thread_settings, plan_device
-from wronai.heap import apply_memory_settings
+from wronai.heap import apply_memory_settings, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +198,8 @@ class WronAITrainer:
             raise
         finally:
             self.signals.uninstall()
+            if self.plan.device == "cpu":  # the heap kept the activations for reuse between steps
+                release_free_memory()
         if self.signals.received:
             last = checkpointing.last_complete(output_dir)
             raise reliability.TrainingInterrupted(

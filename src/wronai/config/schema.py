@@ -591,11 +591,13 @@ class HardwareSection(Section):
     )
     return_freed_memory: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="CPU runs on Linux (glibc): give freed memory back to the OS instead of keeping it in the C heap — "
+        description="CPU runs on Linux (glibc): on = give freed memory back to the OS instead of keeping it in the C heap — "
         "buffers of 4 MiB and more are mapped and unmapped (mallopt M_MMAP_THRESHOLD), and between decoder layers "
         "(forward and backward) the heap's free pages are handed back once RSS grew by 16 MiB (malloc_trim). Lowers "
-        "the training peak of a 1.1B QLoRA run by ~20% (benchmarks/memory_qlora.py) for some page faults per step; "
-        "small models step up to ~10% slower with it. auto = on for CPU runs of models with at least 0.5B parameters.",
+        "the training peak of a 1.1B QLoRA run by ~20% (benchmarks/memory_qlora.py) for some page faults per step. "
+        "off = keep freed buffers (up to 32 MiB each, heap top not trimmed) for the next step: no page faults to "
+        "touch a step's activations again, a few % more peak RSS. auto = on for CPU runs of models with at least "
+        "0.5B parameters, off below.",
     )
     fused_lora: Literal["auto", "on", "off"] = Field(
         "auto",
