@@ -163,7 +163,8 @@ def apply_memory_settings(
     if policy == "keep":
         if keep_freed_memory():
             logger.info(
-                "hardware.return_freed_memory: off — freed buffers are kept for reuse (fewer page faults)"
+                "hardware.return_freed_memory: %s — freed buffers are kept for the next step (fewer page faults)",
+                "auto -> off" if hardware.return_freed_memory == "auto" else "off",
             )
         return False
     mallopt = getattr(_libc(), "mallopt", None)

@@ -68,9 +68,8 @@ class _LoraLinear(torch.autograd.Function):
             flat = x.reshape(-1, source.in_features)
             mask = None
             dropped = flat
-            if (
-                dropout > 0
-            ):  # what nn.Dropout computes (same generator, same numbers), keeping its boolean mask
+            # dropout: what nn.Dropout computes (same generator, same numbers), keeping its boolean mask
+            if dropout > 0:
                 dropped, mask = torch.native_dropout(flat, dropout, True)
             flat, dropped = flat.to(compute), dropped.to(compute)
             a, b = lora_a.to(compute), lora_b.to(compute)
