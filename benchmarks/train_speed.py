@@ -34,17 +34,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def matmul_peak(dtype_name: str, n: int = 1024, seconds: float = 2.0) -> float:
+def matmul_peak(dtype_name: str, device: str = "cpu", seconds: float = 2.0) -> float:
     import torch
 
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    dtype, n = getattr(torch, dtype_name), 1024 if device == "cpu" else 8192
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(3):
         a @ b
+    sync()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         count += 1
+        if count % 16 == 0:
+            sync()
+    sync()
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
@@ -88,6 +93,8 @@ def minor_faults() -> int:
 
 
 def run_classic(model_dir: Path, train_file: Path, out: Path, args) -> dict:
+    """The classic script: fp32 on a CPU; on a GPU bf16 compute and bf16 mixed precision, as GPU QLoRA
+    scripts of its kind set them."""
     import torch
     from datasets import load_dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -106,10 +113,11 @@ def run_classic(model_dir: Path, train_file: Path, out: Path, args) -> dict:
     set_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.pad_token = tok.eos_token  # as the classic script does
+    gpu = args.device == "cuda"
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+                               bnb_4bit_compute_dtype=torch.bfloat16 if gpu else torch.float32)  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=quant, device_map={"": "cpu"}, dtype=torch.float32
+        model_dir, quantization_config=quant, device_map={"": 0 if gpu else "cpu"}, dtype=torch.float32
     )
     model = prepare_model_for_kbit_training(model)  # gradient checkpointing on by default
     model = get_peft_model(
@@ -129,7 +137,7 @@ def run_classic(model_dir: Path, train_file: Path, out: Path, args) -> dict:
     ds = ds.map(tokenize, batched=True, remove_columns=ds.column_names)
     targs = TrainingArguments(
         output_dir=str(out), num_train_epochs=1, per_device_train_batch_size=args.batch, learning_rate=2e-4,
-        logging_steps=10, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
+        logging_steps=10, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=not gpu, bf16=gpu,
         gradient_checkpointing=True, train_sampling_strategy="group_by_length", optim="adamw_torch",
         remove_unused_columns=False, disable_tqdm=True, seed=0,
     )  # fmt: skip
@@ -145,6 +153,7 @@ def run_classic(model_dir: Path, train_file: Path, out: Path, args) -> dict:
         **pad_stats.summary(),
         "gradient_checkpointing": True,
         "page_faults": minor_faults() - faults,
+        "precision": "bf16" if gpu else "fp32",
     }
 
 
@@ -209,7 +218,7 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
         "data": {"dataset_name": str(train_file), "max_seq_length": args.max_len, "packing": True, "eval_fraction": 0.0,
                  "cache_dir": str(out / "cache")},
         "logging": {"report_to": ["none"]},
-        "hardware": {},
+        "hardware": {"device": args.device},
     }  # fmt: skip
     for group, values in ABLATIONS[args.child].items():
         raw[group].update(values)
@@ -291,6 +300,10 @@ def child(args) -> None:
     fn = run_classic if args.child == "classic" else run_wronai
     result = fn(out / "model", out / "train.jsonl", out / args.child, args)
     result["peak_rss_mb"] = peak_rss_mb()
+    if args.device == "cuda":
+        import torch
+
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result["eval_loss"] = eval_loss(
         out / "model", out / args.child / "adapter", out / "eval.jsonl", args.max_len
     )
@@ -309,6 +322,8 @@ def main() -> None:
     )
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--out", default="/tmp/wronai-bench")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where both runs train (auto: cuda when a GPU is visible); eval runs on the CPU")  # fmt: skip
     parser.add_argument(
         "--repeat",
         type=int,
@@ -323,6 +338,10 @@ def main() -> None:
     parser.add_argument("--child", choices=["classic", *ABLATIONS], help=argparse.SUPPRESS)
     parser.add_argument("--mean-len", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child:
         child(args)
         return
@@ -351,7 +370,7 @@ def main() -> None:
         if name == "train.jsonl":
             lengths = [len(tok(r["instruction"] + r["input"] + r["output"])["input_ids"]) + 20 for r in fits]
     mean_len = int(sum(lengths) / len(lengths))
-    peaks = {d: matmul_peak(d) / 1e9 for d in ("float32", "bfloat16")}
+    peaks = {d: matmul_peak(d, args.device) / 1e9 for d in ("float32", "bfloat16")}
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - {"classic", *ABLATIONS})
     if unknown or not {"classic", "wronai"} <= set(variants):
@@ -359,11 +378,11 @@ def main() -> None:
     fpt = flops_per_token(out / "model", mean_len)
     rounds = []  # each round runs every variant once, in order, after measuring the fp32 matmul peak again
     for index in range(args.repeat):
-        fp32_peak = peaks["float32"] if index == 0 else matmul_peak("float32") / 1e9
+        fp32_peak = peaks["float32"] if index == 0 else matmul_peak("float32", args.device) / 1e9
         results = {}
         for name in variants:
             cmd = [sys.executable, __file__, "--child", name, "--out", str(out), "--rows", str(args.rows), "--batch", str(args.batch),
-                   "--max-len", str(args.max_len), "--mean-len", str(mean_len)]  # fmt: skip
+                   "--max-len", str(args.max_len), "--mean-len", str(mean_len), "--device", args.device]  # fmt: skip
             subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             results[name] = json.loads((out / f"{name}.json").read_text())
         score_round(results, {**peaks, "float32": fp32_peak}, fpt)
@@ -384,10 +403,10 @@ def score_round(results: dict, peaks: dict, fpt: float) -> None:
 
 def render_rounds(rounds: list[dict], peaks: dict, args, mean_len: int) -> str:
     lines = [
-        f"machine: {os.cpu_count()} cores; matmul peak fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s",
+        f"machine: {os.cpu_count()} cores, training on {args.device}; matmul peak fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s",
         f"data: {args.rows} rows, mean {mean_len} tokens/row, max_len {args.max_len}; model: hidden {args.hidden}, {args.layers} layers",
         "",
-        f"{'run':28} {'wall s':>8} {'tokens/s':>9} {'padding':>8} {'peak RSS MB':>12} {'MFU':>6} {'eval loss':>10} {'vs classic':>10} {'faults k':>9}",
+        f"{'run':28} {'wall s':>8} {'tokens/s':>9} {'padding':>8} {'peak RSS MB':>12} {'MFU':>6} {'eval loss':>10} {'vs classic':>10} {'faults k':>9} {'CUDA MB':>8}",
     ]
     for index, round_ in enumerate(rounds):
         tag = f" #{index + 1}" if len(rounds) > 1 else ""
@@ -395,7 +414,7 @@ def render_rounds(rounds: list[dict], peaks: dict, args, mean_len: int) -> str:
             lines.append(f"round {index + 1}: fp32 matmul peak {round_['fp32_peak_gflops']:.0f} GFLOP/s")
         for name, r in round_["results"].items():
             lines.append(f"{name + tag:28} {r['wall_s']:8.1f} {r['tokens_per_s']:9.0f} {100 * r['padding_fraction']:7.1f}% "
-                         f"{r['peak_rss_mb']:12.0f} {100 * r['mfu']:5.1f}% {r['eval_loss']:10.4f} {r['vs_classic']:9.2f}x {r.get('page_faults', 0) / 1000:9.0f}")  # fmt: skip
+                         f"{r['peak_rss_mb']:12.0f} {100 * r['mfu']:5.1f}% {r['eval_loss']:10.4f} {r['vs_classic']:9.2f}x {r.get('page_faults', 0) / 1000:9.0f} {r.get('peak_cuda_mb', 0):8.0f}")  # fmt: skip
     ratios = sorted(r["results"]["wronai"]["vs_classic"] for r in rounds)
     mfus = sorted(r["results"]["wronai"]["mfu"] for r in rounds)
     memory = [r["results"]["wronai"]["peak_rss_mb"] / r["results"]["classic"]["peak_rss_mb"] for r in rounds]
