@@ -55,6 +55,11 @@ def describe_checkpointing(every: int, layers: int) -> str:
     return f"on for one decoder layer in every {every} ({-(-layers // every)} of {layers})"
 
 
+def auto_note(what: str, why: str) -> str:
+    """The line `wronai train` logs (and adds to the plan notes) and `wronai plan` prints for the decision."""
+    return f"training.gradient_checkpointing: auto -> {what} ({why})"
+
+
 def free_memory(device: str) -> float | None:
     """Bytes this process may still use: the free memory of its GPU (CUDA; each process has its own), or
     the available RAM split between the processes of this machine (CPU; LOCAL_WORLD_SIZE); None on MPS."""

@@ -160,6 +160,8 @@ def apply_memory_settings(
     buffers are trimmed between the decoder layers of ``model``. "keep": ``keep_freed_memory``.
     """
     policy = freed_memory_policy(hardware, device, parameters)
+    if policy is None:
+        return False
     if policy == "keep":
         if keep_freed_memory():
             logger.info(
@@ -168,7 +170,7 @@ def apply_memory_settings(
             )
         return False
     mallopt = getattr(_libc(), "mallopt", None)
-    if policy is None or mallopt is None or mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
+    if mallopt is None or mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
         return False
     trimming = model is not None and install_heap_trimming(model) is not None
     logger.info(

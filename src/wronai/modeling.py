@@ -204,7 +204,7 @@ def apply_lora(
     model: Any,
     lora_cfg: LoraSection,
     new_token_ids: list[int] | None = None,
-    gradient_checkpointing: int = True,
+    gradient_checkpointing: int = 1,
     keep_embeddings: bool = True,
     dequantize_chunk_bytes: int = 0,
     fused_lora: bool = False,

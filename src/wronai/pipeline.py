@@ -127,10 +127,10 @@ class WronAITrainer:
         training = self.config.training
         if training.gradient_checkpointing != "auto":
             return training.checkpoint_every_n_layers if training.gradient_checkpointing else 0
-        from wronai.auto_checkpointing import auto_gradient_checkpointing
+        from wronai.auto_checkpointing import auto_gradient_checkpointing, auto_note
 
         every, what, why = auto_gradient_checkpointing(self.config, base.config.to_dict(), self.plan.device)
-        note = f"training.gradient_checkpointing: auto -> {what} ({why})"
+        note = auto_note(what, why)
         logger.info(note)
         self.plan.notes.append(note)
         return every

@@ -395,13 +395,18 @@ def plan_config(config: Any, gpu: str = "24GB", nproc: int = 1, device: str = "c
     budget = parse_gpu_size(gpu)
     auto = ""
     if config.training.gradient_checkpointing == "auto":  # as `wronai train` decides it, after loading
-        from wronai.auto_checkpointing import activation_bytes, checkpointing_choice, describe_checkpointing
+        from wronai.auto_checkpointing import (
+            activation_bytes,
+            auto_note,
+            checkpointing_choice,
+            describe_checkpointing,
+        )
 
         free = budget - (
             estimate(shape, settings, device=device).total - activation_bytes(shape, settings, device)
         )
         every, why = checkpointing_choice(shape, settings, free, device)
         settings = replace(settings, gradient_checkpointing=every > 0, checkpoint_every=max(1, every))
-        auto = f"training.gradient_checkpointing: auto -> {describe_checkpointing(every, shape.layers)} ({why})\n"
+        auto = auto_note(describe_checkpointing(every, shape.layers), why) + "\n"
     plan = make_plan(shape, settings, budget, device)
     return plan, render(plan, config.model.name, gpu) + auto
