@@ -91,13 +91,18 @@ KEEP = 'assert not heap.apply_memory_settings(HardwareSection(return_freed_memor
 @pytest.mark.parametrize(("setup", "kept"), [("", False), (KEEP, True)])
 def test_return_freed_memory_off_keeps_a_steps_buffers_for_the_next(setup, kept):
     """glibc's default trims the heap top when a step's buffers are freed, so every step faults them in
-    again; with return_freed_memory off the next step reuses them."""
+    again; with return_freed_memory off the next step reuses them.
+
+    How much of the step glibc trims depends on where the interpreter's own small allocations land above
+    the buffers (they pin the heap top) and differs between processes: over 100 fresh interpreters the
+    default re-faulted 34%, 64%, 71% or 83% of the step's pages (four modes, none lower), the setting
+    1.4-3.8%."""
     code = STEPS_FRAGMENT.format(setup=setup)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     pages = 96 * 2**20 / heap._PAGE
     faults = float(out.split()[-1])
-    assert (faults < 0.15 * pages) is kept, faults
-    assert (faults > 0.4 * pages) is not kept, faults
+    assert (faults < 0.1 * pages) is kept, faults
+    assert (faults > 0.25 * pages) is not kept, faults
 
 
 # buffers below the fixed 4 MiB threshold stay in the heap once freed, with the threshold on too
