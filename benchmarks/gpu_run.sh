@@ -39,7 +39,6 @@ for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "dat
 import torch
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
 EOF
-set -o pipefail
 timeout 480 python3 benchmarks/train_speed.py --device cuda --rows 1200 --hidden 384 --layers 6 --repeat 2 \
     --variants classic,wronai --out /tmp/wronai-bench 2>&1 | tee "$OUT/train_speed.log"
 cp /tmp/wronai-bench/results.json "$OUT/train_speed.json"
