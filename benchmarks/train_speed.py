@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training speed, side by side in one run: the classic WronAI script vs `wronai train`.
 
-    python benchmarks/train_speed.py [--rows 1500] [--hidden 384] [--layers 6] [--repeat 3] [--out /tmp/wronai-bench]
+    python benchmarks/train_speed.py [--rows 4000] [--hidden 384] [--layers 6] [--repeat 3] [--out /tmp/wronai-bench]
 
 Both train the same locally built Llama model with 4-bit NF4 QLoRA on the same generated Polish instruction
 set (long-tailed answer lengths) for one epoch, i.e. the same examples:
@@ -314,7 +314,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rows", type=int, default=1500)
+    parser.add_argument(
+        "--rows",
+        type=int,
+        default=4000,
+        help="generated training rows (several thousand: the issue's default data)",
+    )
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument(
