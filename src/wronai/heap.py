@@ -137,16 +137,16 @@ def freed_memory_policy(hardware: HardwareSection, device: str, parameters: int)
     return "keep"
 
 
+def _mallopt(parameter: int, value: int) -> bool:
+    """glibc's ``mallopt``; whether it took the setting (False off glibc)."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    return mallopt is not None and mallopt(parameter, value) == 1
+
+
 def keep_freed_memory() -> bool:
     """Keep freed buffers in the C heap for reuse: buffers up to 32 MiB come from the heap, and its top is
     not trimmed when a step's activations are freed; returns whether glibc took both settings."""
-    mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is None:
-        return False
-    return bool(
-        mallopt(M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD) == 1
-        and mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD) == 1
-    )
+    return _mallopt(M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD) and _mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD)
 
 
 def apply_memory_settings(
@@ -169,8 +169,7 @@ def apply_memory_settings(
                 "auto -> off" if hardware.return_freed_memory == "auto" else "off",
             )
         return False
-    mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is None or mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
+    if not _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD):
         return False
     trimming = model is not None and install_heap_trimming(model) is not None
     logger.info(
