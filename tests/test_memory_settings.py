@@ -225,11 +225,13 @@ def test_training_hands_the_kept_heap_back_when_it_ends(tiny_model_dir, alpaca_f
 
     kept, released = [], []
     monkeypatch.setattr(heap, "keep_freed_memory", lambda: kept.append(True) or True)
-    monkeypatch.setattr(pipeline, "release_free_memory", lambda: released.append(len(kept)) or 0)
+    monkeypatch.setattr(  # the steps done when the heap is handed back
+        pipeline, "release_free_memory", lambda: released.append(trainer.trainer.state.global_step) or 0
+    )
     raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", training={"max_steps": 1, "save_strategy": "no",
                            "eval_strategy": "no"}, hardware={"return_freed_memory": "off"})  # fmt: skip
     trainer = pipeline.WronAITrainer(load_config(data=raw))
     trainer.load_dataset()
     trainer.train()
     assert kept == [True]
-    assert released == [1]  # after the training loop, not before
+    assert released == [1]  # after the training loop's one step, not before it
