@@ -4,17 +4,19 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-TORCH_SPEC ?= torch==2.13.0
+# Exact versions (what CI runs) live in constraints.txt; torch's pin is read from there too.
+CONSTRAINTS ?= constraints.txt
+TORCH_SPEC ?= $(shell grep -m1 '^torch==' $(CONSTRAINTS))
 
 .PHONY: demo test install lint typecheck docs clean
 
 install: $(VENV)/.wronai-installed
 
-$(VENV)/.wronai-installed: pyproject.toml
+$(VENV)/.wronai-installed: pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# torch first, pinned to the CPU build: an unpinned torch would pull a multi-GB CUDA build.
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ".[dev]"
 	@touch $@
 
 demo: install
