@@ -72,6 +72,17 @@ def render_reference() -> str:
         "",
         'Unknown keys are errors (with a *did you mean* hint). Numbers written as strings (`"2e-4"`) are accepted.',
         "",
+        "YAML 1.1 turns some unquoted words and numbers into other types; WronAI reads them by the key's type, so",
+        "you rarely need quotes. Where a key's choices include `no`, `none` or `off` (`eval_strategy`,",
+        "`save_strategy`, `lora.bias`, `hardware.fused_lora`, ...), an unquoted `no`/`off`/`false` means that",
+        "choice and `on`/`yes`/`true` means `on` where that is a choice. A text key gets the text as written:",
+        "`dataset_config: no` is `'no'`, `revision: 0755` is `'0755'`, `wandb_run_name: 12:30` is `'12:30'`,",
+        "`train_split: 2024-01-01` is `'2024-01-01'`. A number key reads a leading zero as decimal (`seed: 0042`",
+        "is 42, not the octal 34; noted at load), `1_000` as 1000 and a whole `1e3` as 1000; a base-60 `1:30`",
+        "is an error. An empty value, `null` and `~` are null: fine where the type includes `null`, an error",
+        "elsewhere. A key given twice in one mapping is an error (YAML would silently keep the last one).",
+        "`--set group.key=value` reads the value exactly as the file would.",
+        "",
     ]
     for name, field in WronAIConfig.model_fields.items():
         model = field.annotation

@@ -2,20 +2,29 @@
 
 ``load_config`` is the only entry point. It never loads a model; every problem it finds is reported at once,
 one line per problem, naming the dotted key, the bad value and the fix.
+
+YAML 1.1 (PyYAML) turns some unquoted text into other types: ``no``/``off`` into False, ``0755`` into the
+octal 493, ``12:30`` into the base-60 750, ``2024-01-01`` into a date. The loader keeps the text as written
+next to each such value (``_Plain``) and ``settle`` decides, from the schema type of the key, what the user
+meant: the text for text keys, the off choice for strategy keys, the decimal number for number keys — or a
+one-line problem where no reading is safe. ``--set key=value`` values and ``data=`` dicts go the same way.
 """
 
 from __future__ import annotations
 
+import decimal
 import difflib
 import logging
+import re
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from wronai.config.schema import WronAIConfig
+from wronai.config.schema import WronAIConfig, annotation_parts, switch_words
 from wronai.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -36,6 +45,12 @@ LEGACY_KEYS: dict[tuple[str, str], tuple[str, str] | None] = {
     ("polish", "polish_stopwords"): None,
     ("polish", "morphological_analysis"): None,
     ("data", "validation_split_percentage"): ("data", "eval_fraction"),
+}
+
+# Legacy keys whose value migrate_legacy converts: read as this type, not as the target key's type.
+_LEGACY_TYPES: dict[tuple[str, str], Any] = {
+    ("hardware", "max_memory_mb"): float | None,
+    ("data", "validation_split_percentage"): float | None,
 }
 
 _DROP_REASON = {
@@ -68,26 +83,223 @@ def load_config_with_notes(
     path: str | Path | None = None, overrides: list[str] | None = None, *, data: dict | None = None
 ) -> LoadedConfig:
     source = Path(path) if path is not None else None
+    where = str(source) if source else None
     raw = _read_yaml(source) if data is None else _deepcopy(data)
     problems: list[str] = []
     for item in overrides or []:
         problem = apply_override(raw, item)
         if problem:
             problems.append(problem)
-    notes = migrate_legacy(raw)
+    settled = settle(raw)
+    notes = settled.notes + migrate_legacy(raw)
     if problems:
-        raise ConfigError(problems, str(source) if source else None)
+        raise ConfigError(problems, where)
     base_dir = source.resolve().parent if source else Path.cwd()
     try:
         config = WronAIConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_errors(err), str(source) if source else None) from None
+        reported = set(settled.problems)
+        lines = [line for key, line in _problem_lines(err) if key not in reported]
+        raise ConfigError(list(settled.problems.values()) + lines, where) from None
+    if settled.problems:
+        raise ConfigError(list(settled.problems.values()), where)
     resolve_paths(config, base_dir)
     return LoadedConfig(config=config, notes=notes, source=source)
 
 
 def _deepcopy(data: dict) -> dict:
-    return yaml.safe_load(yaml.safe_dump(data))
+    """A copy of an already-parsed config, read back as WronAI reads a file (so `data=` and files agree)."""
+    copy = _parse(yaml.safe_dump(data))
+    return copy if isinstance(copy, dict) else {}
+
+
+@dataclass(frozen=True)
+class _Plain:
+    """An unquoted YAML scalar that YAML 1.1 made into a non-string (`no` -> False), with the text as written."""
+
+    value: Any
+    text: str
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, keeping the text of every unquoted scalar it would turn into a non-string.
+
+    Keys are always the text as written (`on:` is the key 'on', not True); a key given twice in one mapping
+    is an error instead of the first one being silently dropped.
+    """
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):
+            raise yaml.constructor.ConstructorError(None, None, "expected a mapping", node.start_mark)
+        first: dict[str, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in first:
+                    line = first[key_node.value].start_mark.line + 1
+                    raise _DuplicateKey(
+                        f"`{key_node.value}` is given twice (first at line {line}) — YAML would silently keep "
+                        "only the last one; merge the two",
+                        key_node.start_mark,
+                    )
+                first[key_node.value] = key_node
+        self.flatten_mapping(node)
+        mapping: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = key_node.value
+            else:
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, Hashable):
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        "found unhashable key",
+                        key_node.start_mark,
+                    )
+            mapping[key] = self.construct_object(value_node, deep=deep)
+        return mapping
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, problem: str, mark: yaml.Mark) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.problem_mark = mark
+
+
+def _keep_text(base: Any) -> Any:
+    def construct(loader: _Loader, node: yaml.ScalarNode) -> Any:
+        value = base(loader, node)
+        return _Plain(value, node.value) if node.style is None else value
+
+    return construct
+
+
+for _tag in ("bool", "int", "float", "null", "timestamp"):
+    _Loader.add_constructor(
+        f"tag:yaml.org,2002:{_tag}", _keep_text(getattr(yaml.SafeLoader, f"construct_yaml_{_tag}"))
+    )
+
+
+# a lone `=` or `<<` value is text (PyYAML has no constructor for the 1.1 `value` and `merge` tags there)
+def _as_text(loader: _Loader, node: yaml.ScalarNode) -> str:
+    return str(loader.construct_scalar(node))
+
+
+for _tag in ("value", "merge"):
+    _Loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _as_text)
+
+
+def _parse(text: str) -> Any:
+    """YAML text as WronAI reads it: like ``yaml.safe_load``, with `_Plain` where YAML 1.1 retyped a scalar."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 — a SafeLoader subclass
+
+
+@dataclass
+class Settled:
+    """What `settle` decided: notes on values read differently than YAML 1.1 would, and problems by key."""
+
+    notes: list[str] = field(default_factory=list)
+    problems: dict[str, str] = field(default_factory=dict)
+
+
+_LEADING_ZERO = re.compile(r"[-+]?0[0-7_]+")
+_EXPONENT = re.compile(r"[-+]?(\d[\d_]*)?\.?\d*[eE][-+]?\d+")
+
+
+def settle(raw: dict) -> Settled:
+    """Replace every `_Plain` in ``raw`` (in place) by what the user meant, judged by the key's schema type.
+
+    - text keys (str, list[str], dict[str, str]): the text as written (`dataset_config: no` is 'no',
+      `revision: 0755` is '0755', `wandb_run_name: 12:30` is '12:30');
+    - keys whose choices include no/none/off (on): YAML's false (true) stays a boolean, which the schema
+      reads as that choice (`eval_strategy: off` is 'no');
+    - boolean keys: the boolean (`packing: yes` is true);
+    - number keys: the number, but a leading-zero number is decimal (`seed: 0042` is 42, not octal 34,
+      with a note), a base-60 `1:30` is a problem, and a whole exponent number is whole (`max_steps: 1e3`);
+    - any other key (a boolean where it is not a choice, a date): the text, so a problem shows what was written;
+    - null/~/empty stays null: allowed where the key takes null, else a problem that says so.
+    Keys the schema does not know keep YAML's values (they are reported as unknown anyway).
+    """
+    settled = Settled()
+    _settle_mapping(raw, WronAIConfig, "", settled)
+    return settled
+
+
+def _settle_mapping(node: dict, model: type[BaseModel], prefix: str, settled: Settled) -> None:
+    for key, value in node.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        annotation: Any = Any
+        if key in model.model_fields:
+            annotation = model.model_fields[key].annotation
+        elif (prefix, key) in _LEGACY_TYPES:
+            annotation = _LEGACY_TYPES[(prefix, key)]
+        elif (target := LEGACY_KEYS.get((prefix, str(key)))) is not None:
+            group = WronAIConfig.model_fields.get(target[0])
+            section = _submodel(group.annotation) if group is not None else None
+            if section is not None and target[1] in section.model_fields:
+                annotation = section.model_fields[target[1]].annotation
+        node[key] = _settle(value, annotation, dotted, settled)
+
+
+def _settle(value: Any, annotation: Any, key: str, settled: Settled) -> Any:
+    parts = annotation_parts(annotation)
+    if isinstance(value, dict):
+        model = _submodel(annotation)
+        if model is not None and annotation is not Any:
+            _settle_mapping(value, model, key, settled)
+            return value
+        inner = next((get_args(p)[1] for p in parts if get_origin(p) is dict and get_args(p)), Any)
+        for k, v in value.items():
+            value[k] = _settle(v, inner, f"{key}.{k}", settled)
+        return value
+    if isinstance(value, list):
+        inner = next((get_args(p)[0] for p in parts if get_origin(p) is list and get_args(p)), Any)
+        return [_settle(v, inner, f"{key}[{i}]", settled) for i, v in enumerate(value)]
+    if isinstance(value, str):
+        return _whole_exponent(value, parts)
+    if not isinstance(value, _Plain):
+        return value
+    if annotation is Any or value.value is None:
+        return value.value
+    return _decide(value, annotation, parts, key, settled)
+
+
+def _decide(plain: _Plain, annotation: Any, parts: tuple[Any, ...], key: str, settled: Settled) -> Any:
+    value, text = plain.value, plain.text
+    if isinstance(value, bool):
+        off, on = switch_words(annotation)
+        if bool in parts or (off is not None and value is False) or (on is not None and value is True):
+            return value
+        return text
+    if isinstance(value, (int, float)):
+        if not any(p in (int, float) for p in parts):
+            return text if str in parts else value
+        if ":" in text:
+            settled.problems[key] = (
+                f"`{key}`: {text} is a base-60 number to YAML 1.1 ({value}) — write the number without ':'"
+            )
+            return text
+        if isinstance(value, int) and _LEADING_ZERO.fullmatch(text) and int(text) != value:
+            settled.notes.append(
+                f"`{key}`: {text} read as the decimal {int(text)} (YAML 1.1 would make a leading 0 octal: "
+                f"{value}) — write {int(text)} to silence this note"
+            )
+            return int(text)
+        return value
+    return text  # a date or time: the text as written (a text key takes it, other keys report it)
+
+
+def _whole_exponent(value: str, parts: tuple[Any, ...]) -> Any:
+    """`max_steps: 1e3`: PyYAML leaves a number without a '.' in its mantissa as text; a whole one is whole."""
+    if int in parts and float not in parts and str not in parts and _EXPONENT.fullmatch(value.strip()):
+        try:
+            number = decimal.Decimal(value.strip().replace("_", ""))
+        except decimal.InvalidOperation:
+            return value
+        if number.is_finite() and number.adjusted() < 19 and number == number.to_integral_value():
+            return int(number)  # (a 64-bit range; `1e999999999` stays text and is reported)
+    return value
 
 
 def _read_yaml(path: Path | None) -> dict:
@@ -104,11 +316,14 @@ def _read_yaml(path: Path | None) -> dict:
     except UnicodeDecodeError as err:
         raise ConfigError([f"{path} is not UTF-8 text (byte {err.start}) — save it as UTF-8"]) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _parse(text)
+        raw = raw.value if isinstance(raw, _Plain) else raw
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if isinstance(err, _DuplicateKey):
+            raise ConfigError([f"line {err.problem_mark.line + 1}: {problem}"], str(path)) from None
         raise ConfigError(
             [f"YAML syntax error at{where}: {problem} — fix the indentation/quoting there"], str(path)
         ) from None
@@ -131,13 +346,14 @@ def apply_override(raw: dict, item: str) -> str | None:
     if not parts:
         return f"bad --set {item!r} — the key before '=' is empty"
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        # parsed like a value in the file, so `--set training.eval_strategy=no` is `eval_strategy: no`
+        value = _parse(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
     node = raw
     for part in parts[:-1]:
         child = node.get(part)
-        if child is None:
+        if child is None or (isinstance(child, _Plain) and child.value is None):
             child = node[part] = {}
         if not isinstance(child, dict):
             return f"bad --set {item!r} — `{part}` is a value, not a group"
@@ -241,13 +457,30 @@ def _suggest(key: str) -> str:
 
 
 def _short(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]  # as YAML spells them
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _takes_null(key: str) -> bool:
+    section = _section_for(key)
+    name = key.rpartition(".")[2]
+    if section is None or name not in section.model_fields:
+        return False
+    return type(None) in annotation_parts(section.model_fields[name].annotation)
+
+
 def format_validation_errors(err: ValidationError) -> list[str]:
     """One line per problem: `dotted.key`: what is wrong — how to fix it."""
-    lines: list[str] = []
+    return [line for _, line in _problem_lines(err)]
+
+
+_NO_VALUE = "has no value (YAML reads an empty value, null and ~ as none)"
+
+
+def _problem_lines(err: ValidationError) -> list[tuple[str, str]]:
+    lines: list[tuple[str, str]] = []
     seen: set[str] = set()
     for e in err.errors():
         key, _ = _walk(WronAIConfig, tuple(e["loc"]))
@@ -261,14 +494,29 @@ def format_validation_errors(err: ValidationError) -> list[str]:
             line = f"`{key}` is required — add `{name}:` to {where}"
         elif kind.startswith("literal_error"):
             expected = e.get("ctx", {}).get("expected", "")
-            line = f"`{key}`: {_short(value)} is not allowed — use one of {expected}"
+            if _takes_null(key):
+                expected += ", or null"
+            if value is None:
+                line = f"`{key}` {_NO_VALUE} — use one of {expected}"
+            else:
+                line = f"`{key}`: {_short(value)} is not allowed — use one of {expected}"
         elif kind in ("float_parsing", "float_type", "int_parsing", "int_type", "int_from_float"):
             want = "a whole number" if kind.startswith("int") else "a number (e.g. 2e-4)"
-            line = f"`{key}`: {_short(value)} is not {want} — write {want}"
+            if value is None:
+                line = f"`{key}` {_NO_VALUE} — write {want}"
+            else:
+                line = f"`{key}`: {_short(value)} is not {want} — write {want}"
         elif kind in ("string_type", "list_type"):
-            line = f"`{key}`: {_short(value)} has the wrong type — write {'a list' if kind == 'list_type' else 'text'}"
+            want = "a list" if kind == "list_type" else "text"
+            if value is None:
+                line = f"`{key}` {_NO_VALUE} — write {want} (quoted, e.g. 'null', if you mean that word)"
+            else:
+                line = f"`{key}`: {_short(value)} has the wrong type — write {want}"
         elif kind in ("bool_parsing", "bool_type"):
-            line = f"`{key}`: {_short(value)} is not true/false — write true or false"
+            if value is None:
+                line = f"`{key}` {_NO_VALUE} — write true or false"
+            else:
+                line = f"`{key}`: {_short(value)} is not true/false — write true or false"
         elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
             line = f"`{key}`: {_short(value)} is out of range — {e['msg'].replace('Input should be', 'it must be')}"
         elif kind in ("model_type", "model_attributes_type", "dict_type"):
@@ -281,7 +529,7 @@ def format_validation_errors(err: ValidationError) -> list[str]:
         if key in seen and kind not in ("extra_forbidden", "missing"):
             continue  # union branches report the same key several times; the first line is enough
         seen.add(key)
-        lines.append(line)
+        lines.append((key, line))
     return lines
 
 

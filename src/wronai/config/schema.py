@@ -6,9 +6,10 @@ The descriptions here are the reference documentation: ``docs/configuration.md``
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import types
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 _DTYPE_ALIASES = {
@@ -27,10 +28,74 @@ def _normalize_dtype(value: Any) -> Any:
     return value
 
 
+# The values an unquoted YAML `no`/`off`/`false` stands for in a field whose choices include one, first match wins.
+OFF_WORDS = ("no", "none", "off")
+
+
+def annotation_parts(annotation: Any) -> tuple[Any, ...]:
+    """The members of a union (``str | None`` -> (str, NoneType)); a plain annotation is its own only member."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return get_args(annotation)
+    return (annotation,)
+
+
+def _choices(annotation: Any) -> tuple[set[str], set[str]]:
+    """The string Literal choices of a field: (choices of the value itself, choices of its list items)."""
+    own: set[str] = set()
+    items: set[str] = set()
+    for part in annotation_parts(annotation):
+        target = own
+        if get_origin(part) is list:
+            part, target = get_args(part)[0], items
+        for member in annotation_parts(part):
+            if get_origin(member) is Literal:
+                target.update(a for a in get_args(member) if isinstance(a, str))
+    return own, items
+
+
+def switch_words(annotation: Any) -> tuple[str | None, str | None]:
+    """What YAML's false and true stand for in a field of this type: its off choice and its `on` choice.
+
+    YAML 1.1 reads an unquoted no/off/false (yes/on/true) as a boolean, so ``eval_strategy: no`` arrives as
+    False. Where the field's choices (or its list items' choices) include no, none or off (on), that boolean
+    can only mean that choice. Fields that take a boolean themselves get (None, None): there it is the value.
+    """
+    if bool in annotation_parts(annotation):
+        return None, None
+    own, items = _choices(annotation)
+    words = own | items
+    off = next((w for w in OFF_WORDS if w in words), None)
+    return off, "on" if "on" in words else None
+
+
 class Section(BaseModel):
     """Base for every group: unknown keys are errors, values are checked on assignment too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: Any, info: ValidationInfo) -> Any:
+        """`eval_strategy: no` (YAML: False) means 'no'; `fused_lora: on` (True) means 'on' — see switch_words."""
+        if info.field_name is None or not isinstance(value, (bool, list)):
+            return value
+        annotation = cls.model_fields[info.field_name].annotation
+        off, on = switch_words(annotation)
+        if off is None and on is None:
+            return value
+
+        def word(item: Any) -> Any:
+            if item is False and off is not None:
+                return off
+            if item is True and on is not None:
+                return on
+            return item
+
+        if isinstance(value, list):
+            return [word(item) for item in value]
+        mapped = word(value)
+        own, _ = _choices(annotation)
+        return [mapped] if mapped is not value and mapped not in own else mapped  # `report_to: no`
 
 
 class TinyModelSpec(Section):
