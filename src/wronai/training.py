@@ -14,6 +14,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils.data import Sampler
+
 from wronai.config.schema import HardwareSection, TrainingSection
 from wronai.hardware import DevicePlan
 
@@ -173,6 +176,34 @@ def build_trainer(
     return trainer
 
 
+class EpochSeededSampler(Sampler):
+    """Draws ``sampler``'s shuffle from a generator seeded with ``seed + epoch`` instead of the global RNG.
+
+    transformers' ``LengthGroupedSampler`` (``training.group_by_length``) shuffles with the global torch RNG
+    when it has no generator, so an epoch's order depends on everything that drew from that RNG earlier
+    (dropout, earlier epochs). A run resumed mid-epoch starts with a freshly seeded RNG and fast-forwards
+    through a *different* order: it trains on other rows than the run it continues. Seeded per epoch (as
+    accelerate's ``SeedableRandomSampler`` does for plain shuffling), the order is a function of the seed and
+    the epoch only — the same in the resumed run and on every rank. The Trainer calls ``set_epoch`` (via
+    accelerate's data loader) at the start of each epoch, the resumed one included.
+    """
+
+    def __init__(self, sampler: Any, seed: int) -> None:
+        self.sampler = sampler
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        self.sampler.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(self.sampler)
+
+
 def make_trainer_class():
     """transformers' Trainer with atomic, manifest-sealed checkpoints and a guarded optimizer step."""
     from transformers import Trainer
@@ -217,6 +248,15 @@ def make_trainer_class():
             if scaled and self.args.average_tokens_across_devices:  # as Trainer.compute_loss does
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
             return loss
+
+        def _get_train_sampler(self, *args: Any, **kwargs: Any):
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            sampler = super()._get_train_sampler(*args, **kwargs)
+            if isinstance(sampler, LengthGroupedSampler) and sampler.generator is None:
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                return EpochSeededSampler(sampler, seed)
+            return sampler
 
         def training_step(self, *args: Any, **kwargs: Any):
             if self.gradient_guard is not None:
