@@ -124,7 +124,13 @@ def quantized_linear(rows: int, cols: int, quant_type: str, nested: bool, bias: 
         cols, rows, bias=bias, compute_dtype=torch.float32, quant_type=quant_type, compress_statistics=nested
     )
     layer.load_state_dict(dense.state_dict())
-    return layer.to("cpu")
+    layer = layer.to("cpu")
+    from wronai.kernels.bnb import forbid_packed_format
+
+    forbid_packed_format(
+        layer
+    )  # as every 4-bit model WronAI loads (tests/test_packed_format.py: the flag on)
+    return layer
 
 
 def polish_batch(tokenizer):

@@ -37,8 +37,22 @@ CASES = [
         "cuda",
         False,
         {"fp16": True, "optim": "paged_adamw_32bit"},
-        ("fp16", "paged_adamw_32bit", "4bit-nf4", torch.float32),
+        ("fp16", "paged_adamw_32bit", "4bit-nf4", torch.float16),  # T4/V100: fp16 compute, as QLoRA there
         None,
+    ),
+    (
+        "cuda",
+        False,
+        {"bf16": True},
+        ("fp16", "adamw_torch", "4bit-nf4", torch.float16),
+        "training.bf16 needs a GPU with native bf16",
+    ),
+    (
+        "cpu",
+        True,
+        {},  # native bf16 but fp32 mixed precision: 4-bit layers compute in float32 (fused LoRA, row slices)
+        ("fp32", "adamw_torch", "4bit-nf4", torch.float32),
+        "compute in the mixed-precision dtype",
     ),
     (
         "cpu",
@@ -152,3 +166,65 @@ def test_plan_keeps_16bit_embeddings_for_4bit(sections, keep):
     plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
     assert plan.keep_embeddings is keep
     assert ("kept in the checkpoint's dtype" in " ".join(plan.describe())) is keep
+
+
+def test_cuda_bf16_means_native_bf16(monkeypatch):
+    """T4/V100 emulate bf16 (torch.cuda.is_bf16_supported() is True there): only native bf16 counts."""
+    seen = []
+    monkeypatch.setattr(
+        torch.cuda,
+        "is_bf16_supported",
+        lambda including_emulation=True: seen.append(including_emulation) or including_emulation,
+    )
+    assert hardware._bf16_ok("cuda") is False and seen == [False]
+
+
+def test_wronai_cpu_kernels_are_off_on_cuda(monkeypatch):
+    plan = plan_for(monkeypatch, "cuda", True, bf16=True)
+    assert (plan.keep_embeddings, plan.dequantize_chunk_bytes, plan.fused_lora) == (False, 0, False)
+    cpu = plan_for(monkeypatch, "cpu", True, bf16=True)
+    assert cpu.keep_embeddings and cpu.dequantize_chunk_bytes and cpu.fused_lora
+
+
+def _flash_installed(monkeypatch, importable: BaseException | None, capability=(8, 0)):
+    import importlib.util
+    import sys
+    import types
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a)
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    if importable is None:
+        monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    else:
+
+        class Failing(types.ModuleType):
+            def __getattr__(self, name):
+                raise importable
+
+        finder = types.SimpleNamespace(
+            find_spec=lambda name, path=None, target=None: (
+                (_ for _ in ()).throw(importable) if name == "flash_attn" else None
+            )
+        )
+        monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+        monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+
+
+@pytest.mark.parametrize(
+    ("capability", "error", "expected", "note"),
+    [
+        ((8, 0), None, "flash_attention_2", None),
+        ((7, 5), None, "sdpa", "compute capability 8.0"),  # T4: flash-attention 2 needs Ampere
+        ((9, 0), ImportError("undefined symbol: _ZN3c10"), "sdpa", "does not import"),  # a broken build
+        ((9, 0), RuntimeError("another package named flash_attn"), "sdpa", "does not import"),
+    ],
+)
+def test_flash_attention_only_where_it_runs(monkeypatch, capability, error, expected, note):
+    _flash_installed(monkeypatch, error, capability)
+    plan = plan_for(monkeypatch, "cuda", True)
+    assert plan.attn_implementation == expected
+    notes = [n for n in plan.notes if "flash" in n]
+    assert (len(notes) == 1 and note in notes[0]) if note else notes == []

@@ -15,6 +15,8 @@ from conftest import (
 from wronai import hardware, lora_fused, modeling
 from wronai.config import load_config
 
+FUSED = tuple(lora_fused.SWAPS.values())
+
 
 class Wrapper(torch.nn.Module):
     def __init__(self, proj: torch.nn.Module, four_bit: bool) -> None:
@@ -77,15 +79,15 @@ def fused_calls(monkeypatch):
     ],
 )
 def test_fused_layer_equals_peft(base, dropout, chunk_rows, lora, shape, fused_calls, monkeypatch):
-    from wronai import kbit_chunks
+    from wronai.kernels import bnb as kbit_chunks
 
     model, layer = lora_layer(base, dropout, **lora)
     if chunk_rows:
-        layer.base_layer.wronai_chunk_bytes = chunk_rows * 128 * 4
+        layer.base_layer.chunk_bytes = chunk_rows * 128 * 4
     model.train()
     x = torch.randn(*shape, 128)
     reference = forward_backward(layer, x)
-    assert lora_fused.fuse_lora_layers(model) == 1
+    assert lora_fused.fuse_lora_layers(model, check=False) == 1
     slices: list[int] = []  # rows of every 4-bit slice dequantized (forward and backward)
     rows = kbit_chunks.FourBitRows.rows
     monkeypatch.setattr(
@@ -107,7 +109,7 @@ def test_fused_layer_equals_peft(base, dropout, chunk_rows, lora, shape, fused_c
 
 def test_input_without_gradient_gets_none_and_adapter_still_trains(fused_calls):
     model, layer = lora_layer("nf4")
-    lora_fused.fuse_lora_layers(model)
+    lora_fused.fuse_lora_layers(model, check=False)
     x = torch.randn(4, 128)  # e.g. the embeddings' output when nothing before the first layer is trained
     layer(x).sum().backward()
     assert fused_calls and x.grad is None
@@ -116,12 +118,12 @@ def test_input_without_gradient_gets_none_and_adapter_still_trains(fused_calls):
 
 def test_eval_mode_turns_dropout_off(fused_calls):
     model, layer = lora_layer("nf4", dropout=0.5)
-    lora_fused.fuse_lora_layers(model)
+    lora_fused.fuse_lora_layers(model, check=False)
     model.eval()
     x = torch.randn(3, 128)
     with torch.no_grad():
         first, second = layer(x), layer(x)
-        reference = type(layer).forward(layer, x)
+        reference = lora_fused.stock_forward(layer, x)
     assert len(fused_calls) == 2
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     torch.testing.assert_close(first, reference, rtol=1e-5, atol=1e-5)
@@ -155,16 +157,16 @@ def test_what_the_fused_step_does_not_cover_runs_through_peft(base, lora, change
     model, layer = lora_layer(base, **lora)
     if change is not None:
         change(model, layer)
-    lora_fused.fuse_lora_layers(model)
+    lora_fused.fuse_lora_layers(model, check=False)
     x = torch.randn(2, 128)
     out = layer(x)
     assert not fused_calls
-    torch.testing.assert_close(out, type(layer).forward(layer, x), rtol=0, atol=0)
+    torch.testing.assert_close(out, lora_fused.stock_forward(layer, x), rtol=0, atol=0)
 
 
 def test_disabled_adapters_mixed_dtypes_and_extra_arguments_run_through_peft(fused_calls):
     model, layer = lora_layer("nf4")
-    lora_fused.fuse_lora_layers(model)
+    lora_fused.fuse_lora_layers(model, check=False)
     x = torch.randn(2, 128)
     with model.disable_adapter():
         torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
@@ -188,7 +190,7 @@ def test_fused_layer_under_autocast_equals_peft(base, dropout, input_dtype, fuse
     x = torch.randn(3, 4, 128).to(input_dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference = forward_backward(layer, x)
-        lora_fused.fuse_lora_layers(model)
+        lora_fused.fuse_lora_layers(model, check=False)
         fused = forward_backward(layer, x)
     assert len(fused_calls) == 1
     assert fused[0].dtype == reference[0].dtype and fused[1].dtype == reference[1].dtype == input_dtype
@@ -221,7 +223,7 @@ def test_model_through_wronai_builders_has_the_same_loss_and_gradients(
             keep_embeddings=plan.keep_embeddings, dequantize_chunk_bytes=plan.dequantize_chunk_bytes and 16 * 64 * 4,
             fused_lora=fused,
         )  # fmt: skip
-        layers = [m for m in model.modules() if "forward" in vars(m) and hasattr(m, "lora_A")]
+        layers = [m for m in model.modules() if isinstance(m, FUSED)]
         assert len(layers) == (14 if fused else 0)  # 2 decoder layers × 7 linear layers
         model.train()
         fused_calls.clear()
@@ -291,4 +293,27 @@ def test_pipeline_fuses_the_lora_layers_of_the_model_it_loads(tiny_model_dir, al
     raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", hardware={"device": "cpu"})
     model = WronAITrainer(load_config(data=raw)).load_model()
     lora_layers = [m for m in model.modules() if hasattr(m, "lora_A")]
-    assert len(lora_layers) == 14 and all("forward" in vars(m) for m in lora_layers)
+    assert len(lora_layers) == 14 and all(isinstance(m, FUSED) for m in lora_layers)
+    assert "FusedLora4bit" in str(model)  # what runs shows in print(model)
+
+
+def test_an_untested_peft_version_keeps_peft_modules(monkeypatch, caplog):
+    model, _ = lora_layer("nf4")
+    monkeypatch.setattr(lora_fused.peft, "__version__", "1.2.0")
+    assert lora_fused.fuse_lora_layers(model) == 0
+    assert not any(isinstance(m, FUSED) for m in model.modules())
+    assert "outside the versions" in caplog.text
+
+
+def test_start_up_check_puts_peft_modules_back_on_a_mismatch(monkeypatch, caplog):
+    """The first layer's fused output is compared with PEFT's: a wrong fused step is never installed."""
+    model, layer = lora_layer("nf4")
+    real = lora_fused._fused_call
+    monkeypatch.setattr(
+        lora_fused, "_fused_call", lambda layer, x: None if (out := real(layer, x)) is None else out * 1.01
+    )
+    assert lora_fused.fuse_lora_layers(model) == 0
+    assert not isinstance(layer, FUSED)
+    assert "output differs from PEFT's" in caplog.text
+    monkeypatch.setattr(lora_fused, "_fused_call", real)
+    assert lora_fused.fuse_lora_layers(model) == 1 and isinstance(layer, FUSED)

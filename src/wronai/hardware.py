@@ -7,6 +7,7 @@ with one note per replacement. On CUDA the config is used as written. ``wronai v
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -38,6 +39,7 @@ class DevicePlan:
     # 4-bit on CPU: frozen weights dequantized in row slices of this many bytes (0 = whole weights)
     dequantize_chunk_bytes: int = 0
     fused_lora: bool = False  # LoRA layers computed by wronai.lora_fused (hardware.fused_lora)
+    cpu: CpuCapability | None = None  # what each source says of the CPU (CPU runs)
 
     @property
     def bf16(self) -> bool:
@@ -46,6 +48,11 @@ class DevicePlan:
     @property
     def fp16(self) -> bool:
         return self.precision == "fp16"
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype the Trainer's mixed precision autocasts to (None = fp32, no autocast)."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
     def describe(self) -> list[str]:
         return [
@@ -62,6 +69,7 @@ class DevicePlan:
             f"optimizer: {self.optimizer}",
             f"attention: {self.attn_implementation}",
             "LoRA layers: " + ("fused base + adapter step" if self.fused_lora else "PEFT's modules"),
+            *([self.cpu.describe()] if self.cpu is not None else []),
         ]
 
 
@@ -69,13 +77,60 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+_NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _cpuinfo_flags() -> set[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX); emulated bf16 is slower than fp32.
+
+    This one answer decides precision, compute dtype and kernels for CPU runs (``cpu_capability`` shows what
+    torch and bitsandbytes each say next to it).
+    """
+    return bool(_cpuinfo_flags() & set(_NATIVE_BF16_FLAGS))
+
+
+@dataclass(frozen=True)
+class CpuCapability:
+    """What /proc/cpuinfo, torch and bitsandbytes each say about this CPU, and the one decision WronAI takes."""
+
+    native_bf16: bool  # WronAI's decision (cpu_supports_bf16)
+    cpuinfo: tuple[str, ...]  # the native-bf16 flags /proc/cpuinfo lists
+    torch: str  # torch.backends.cpu.get_cpu_capability()
+    bitsandbytes: str  # what bitsandbytes' native library says (its packed 4-bit inference format)
+
+    def describe(self) -> str:
+        flags = " ".join(self.cpuinfo) or "none"
+        return (
+            f"cpu: native bf16 {'yes' if self.native_bf16 else 'no'} (/proc/cpuinfo: {flags}; torch: "
+            f"{self.torch}; bitsandbytes avx512bf16: {self.bitsandbytes}; its packed 4-bit format: never "
+            "while training, inference only where checked)"
+        )
+
+
+def cpu_capability() -> CpuCapability:
+    """The CPU as torch, bitsandbytes and /proc/cpuinfo see it (bitsandbytes asked only when installed)."""
+    try:
+        torch_says = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        torch_says = "unknown"
+    bnb_says = "not installed"
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        from wronai.kernels import bnb
+
+        bnb_says = bnb.native_avx512bf16()
+    flags = tuple(f for f in _NATIVE_BF16_FLAGS if f in _cpuinfo_flags())
+    return CpuCapability(cpu_supports_bf16(), flags, torch_says, bnb_says)
 
 
 def detect_device(requested: str = "auto") -> str:
@@ -98,8 +153,9 @@ def _device_name(device: str) -> str:
 
 
 def _bf16_ok(device: str) -> bool:
+    """Native bf16 on this device: CUDA from compute capability 8.0 (Ampere; T4/V100 only emulate it)."""
     if device == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device == "cpu":
         return cpu_supports_bf16()
     return False
@@ -126,6 +182,9 @@ def plan_device(
     if precision == "fp16" and device == "cpu":
         precision = "bf16" if bf16_ok else "fp32"
         notes.append(f"training.fp16 needs a GPU — using {precision} on cpu")
+    elif precision == "bf16" and not bf16_ok and device == "cuda":
+        notes.append("training.bf16 needs a GPU with native bf16 (compute capability 8.0+) — using fp16")
+        precision = "fp16"
     elif precision == "bf16" and not bf16_ok and device != "mps":
         notes.append(f"training.bf16 is not supported natively on this {device} — using fp32")
         precision = "fp32"
@@ -133,6 +192,52 @@ def plan_device(
         notes.append("training.bf16 mixed precision is not supported by the Trainer on mps — using fp32")
         precision = "fp32"
 
+    quant = _quantization(quantization, device, notes)
+    requested = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
+        quantization.bnb_4bit_compute_dtype
+    ]
+    compute = _compute_dtype(requested, device, precision, bf16_ok)
+    if compute != requested and quant.startswith("4bit"):
+        notes.append(_compute_note(requested, compute, device, bf16_ok))
+
+    model_dtype = _model_dtype(model.torch_dtype, precision, bf16_ok, device, notes)
+
+    optimizer = _optimizer(training.optim, device, notes)
+    if optimizer == "adamw_torch_fused" and device == "cpu":
+        optimizer = "adamw_torch"
+
+    attn = _attention(model.attn_implementation, device, notes)
+
+    pin = hardware.pin_memory if hardware.pin_memory is not None else device == "cuda"
+    if pin and device != "cuda":
+        notes.append("hardware.pin_memory only helps with CUDA — turned off")
+        pin = False
+
+    return DevicePlan(
+        device=device,
+        device_name=_device_name(device),
+        precision=precision,
+        model_dtype=model_dtype,
+        quantization=quant,
+        compute_dtype=compute,
+        optimizer=optimizer,
+        attn_implementation=attn,
+        pin_memory=pin,
+        notes=notes,
+        # WronAI's CPU kernels (kept 16-bit head in row slices, row-sliced 4-bit weights) are measured on
+        # CPUs only: on a GPU the stock bitsandbytes/PEFT path runs
+        keep_embeddings=quant.startswith("4bit")
+        and device == "cpu"
+        and keeps_16bit_embeddings(quantization, model, hardware),
+        dequantize_chunk_bytes=quantization.dequantize_chunk_mib * 2**20
+        if quant.startswith("4bit") and device == "cpu"
+        else 0,
+        fused_lora=_fused_lora(hardware, device, notes),
+        cpu=dataclasses.replace(cpu_capability(), native_bf16=bf16_ok) if device == "cpu" else None,
+    )
+
+
+def _quantization(quantization: QuantizationSection, device: str, notes: list[str]) -> str:
     quant = "none"
     if quantization.load_in_4bit:
         quant = f"4bit-{quantization.bnb_4bit_quant_type}"
@@ -151,59 +256,63 @@ def plan_device(
             "8-bit (LLM.int8) training needs CUDA — loading unquantized on cpu (use load_in_4bit for QLoRA on CPU)"
         )
         quant = "none"
+    return quant
 
-    compute = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
-        quantization.bnb_4bit_compute_dtype
-    ]
-    if device != "cuda" and compute == torch.float16:
-        compute = torch.bfloat16 if bf16_ok else torch.float32
-        notes.append(
-            f"quantization.bnb_4bit_compute_dtype=float16 is for GPUs — using {_dtype_name(compute)}"
-        )
-    elif compute == torch.bfloat16 and not bf16_ok:
-        compute = torch.float32
-        if quant.startswith("4bit"):
-            notes.append(
-                f"quantization.bnb_4bit_compute_dtype=bfloat16 is not supported on this {device} — using float32"
-            )
 
-    model_dtype = _model_dtype(model.torch_dtype, precision, bf16_ok, device, notes)
+def _compute_dtype(requested: torch.dtype, device: str, precision: str, bf16_ok: bool) -> torch.dtype:
+    """The dtype 4-bit weights are dequantized to and multiplied in.
 
-    optimizer = _optimizer(training.optim, device, notes)
-    if optimizer == "adamw_torch_fused" and device == "cpu":
-        optimizer = "adamw_torch"
+    On a CPU it follows the mixed precision: bf16 under bf16 autocast, else float32 — a bf16 compute dtype
+    outside autocast would make every LoRA layer mix dtypes (fused layers decline it, row slices would
+    accumulate in bf16, the kept embedding's output would stay bf16 while PEFT's is float32). On CUDA the
+    config is used, with fp16 where the GPU has no native bf16; elsewhere float32.
+    """
+    if device == "cuda":
+        return torch.float16 if requested == torch.bfloat16 and not bf16_ok else requested
+    if device == "cpu":
+        return torch.bfloat16 if precision == "bf16" else torch.float32
+    return torch.float32 if requested != torch.float32 else requested
 
-    attn = model.attn_implementation
-    if attn == "auto":
-        attn = "flash_attention_2" if device == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
-    elif attn == "flash_attention_2" and (device != "cuda" or importlib.util.find_spec("flash_attn") is None):
-        notes.append(
-            "model.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package — using sdpa"
-        )
-        attn = "sdpa"
 
-    pin = hardware.pin_memory if hardware.pin_memory is not None else device == "cuda"
-    if pin and device != "cuda":
-        notes.append("hardware.pin_memory only helps with CUDA — turned off")
-        pin = False
-
-    return DevicePlan(
-        device=device,
-        device_name=_device_name(device),
-        precision=precision,
-        model_dtype=model_dtype,
-        quantization=quant,
-        compute_dtype=compute,
-        optimizer=optimizer,
-        attn_implementation=attn,
-        pin_memory=pin,
-        notes=notes,
-        keep_embeddings=quant.startswith("4bit") and keeps_16bit_embeddings(quantization, model, hardware),
-        dequantize_chunk_bytes=quantization.dequantize_chunk_mib * 2**20
-        if quant.startswith("4bit") and device == "cpu"
-        else 0,
-        fused_lora=_fused_lora(hardware, device, notes),
+def _compute_note(requested: torch.dtype, compute: torch.dtype, device: str, bf16_ok: bool) -> str:
+    key = f"quantization.bnb_4bit_compute_dtype={_dtype_name(requested)}"
+    if requested == torch.float16 and device != "cuda":
+        return f"{key} is for GPUs — using {_dtype_name(compute)}"
+    if requested == torch.bfloat16 and not bf16_ok:
+        return f"{key} is not supported on this {device} — using {_dtype_name(compute)}"
+    return (
+        f"{key}: on {device} 4-bit layers compute in the mixed-precision dtype — using {_dtype_name(compute)}"
+        + (" (training.bf16: true computes in bfloat16)" if compute == torch.float32 else "")
     )
+
+
+def _flash_attention_problem() -> str | None:
+    """Why flash-attention 2 cannot run on this CUDA device (None = it can)."""
+    if torch.cuda.get_device_capability(0) < (8, 0):
+        return "needs compute capability 8.0+ (Ampere or newer)"
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as err:  # a broken build or another package of that name: any import failure
+        return f"flash_attn does not import ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    return None
+
+
+def _attention(requested: str, device: str, notes: list[str]) -> str:
+    """auto = flash-attention 2 where it runs (CUDA, capability 8.0+, flash_attn imports), else sdpa."""
+    if requested not in ("auto", "flash_attention_2"):
+        return requested
+    installed = importlib.util.find_spec("flash_attn") is not None
+    if device != "cuda" or not installed:
+        if requested == "flash_attention_2":
+            notes.append(
+                "model.attn_implementation=flash_attention_2 needs CUDA and the flash-attn package — using sdpa"
+            )
+        return "sdpa"
+    problem = _flash_attention_problem()
+    if problem is None:
+        return "flash_attention_2"
+    notes.append(f"flash-attention 2 {problem} — using sdpa (model.attn_implementation)")
+    return "sdpa"
 
 
 def _fused_lora(hardware: HardwareSection, device: str, notes: list[str]) -> bool:

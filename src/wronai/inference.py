@@ -196,6 +196,10 @@ def load_run(
         model = PeftModel.from_pretrained(model, str(run.path))
     model.config.use_cache = True
     model.eval()
+    if getattr(model, "is_loaded_in_4bit", False) and plan.device == "cpu":  # inference only: checked packing
+        from wronai.kernels.bnb import allow_checked_packed_format
+
+        logger.info("%s", allow_checked_packed_format(model))
     is_quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     quantized = plan.quantization if is_quantized else "none"
     logger.info(

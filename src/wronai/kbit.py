@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from types import MethodType
 from typing import Any
 
 import torch
@@ -41,10 +40,19 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return row_sliced_linear(x, source, (weight,), CHUNK_BYTES, bias)
 
 
-def _upcast_head_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.dtype == self.weight.dtype:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-    return upcast_linear(x, self.weight, self.bias)
+class UpcastLinear(torch.nn.Linear):
+    """A frozen ``nn.Linear`` kept in 16 bits, computed in its input's dtype from row slices upcast one at a
+    time (``upcast_linear``). Swapped in for the output head (``from_linear``, in place)."""
+
+    @classmethod
+    def from_linear(cls, module: torch.nn.Linear) -> UpcastLinear:
+        module.__class__ = cls
+        return module  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        return upcast_linear(x, self.weight, self.bias)
 
 
 def _cast_output(dtype: torch.dtype, _module: torch.nn.Module, _args: Any, output: torch.Tensor):
@@ -85,10 +93,10 @@ def prepare_kbit_model(
         ):
             param.data = param.data.to(torch.float32)
     _dequantize_to(model, compute_dtype)
-    if embed in kept and embed.weight.dtype != compute_dtype:
-        embed.register_forward_hook(partial(_cast_output, compute_dtype))
+    if embed in kept:  # PEFT's float32 copy gives a float32 output: the residual stream starts in float32
+        embed.register_forward_hook(partial(_cast_output, torch.float32))
     if head is not None and head in kept:
-        head.forward = MethodType(_upcast_head_forward, head)  # type: ignore[method-assign]
+        UpcastLinear.from_linear(head)
     if kept:
         logger.info(
             "4-bit: embeddings/output head kept in %s (outputs in %s) — %.0f MiB less than float32 copies",

@@ -13,7 +13,11 @@ row sources of ``wronai.kbit_chunks`` — 4-bit codes dequantized (in row slices
 ``quantization.dequantize_chunk_mib`` asks for them; the block scales once per forward, where
 bitsandbytes undoes the double quantization again in the backward) or a dense weight used as it is.
 
-``fuse_lora_layers`` switches PEFT's ``lora.Linear`` and ``lora.bnb.Linear4bit`` layers (``hardware.fused_lora``).
+``fuse_lora_layers`` swaps ``FusedLoraLinear`` / ``FusedLora4bit`` — subclasses of PEFT's ``lora.Linear`` and
+``lora.bnb.Linear4bit`` — in for PEFT's layers (``hardware.fused_lora``; in place, so PEFT's bookkeeping and
+saved adapters are unchanged; they show in ``print(model)``), after checking the first layer's output and
+gradients against PEFT's own forward: on a mismatch, or where that layer would not take the fused step at
+all, every layer goes back to PEFT's class, with one note.
 Under autocast (bf16 on CPUs with native bf16, CUDA) the matmuls run in autocast's dtype and the output
 has the dtype PEFT's would (a 4-bit base casts back to the input's, as bitsandbytes does). A call takes
 PEFT's own forward whenever the fused one would not be the same computation: adapters disabled or merged,
@@ -24,22 +28,25 @@ parameters a sharding wrapper holds in pieces.
 from __future__ import annotations
 
 import logging
-from types import MethodType
 from typing import Any
 
+import peft
 import torch
+from peft.tuners.lora import Linear as PeftLoraLinear
 
-from wronai.kbit_chunks import (
-    DenseRows,
-    RowSource,
-    chunkable,
-    four_bit_rows,
-    slice_rows,
-    sliced_grad_input,
-    sliced_matmul,
-)
+from wronai.kbit_chunks import DenseRows, RowSource, slice_rows, sliced_grad_input, sliced_matmul
 
 logger = logging.getLogger(__name__)
+
+# PEFT versions whose LoRA layer internals (lora_A/B, scaling, lora_dropout, lora_variant, active_adapters,
+# merged, disable_adapters) the fused step reads; outside them PEFT's modules run
+TESTED = ((0, 15), (1, 0))
+
+
+def peft_version_supported() -> bool:
+    major, minor = (int(p) if p.isdigit() else 0 for p in peft.__version__.split(".")[:2])
+    low, high = TESTED
+    return low <= (major, minor) < high
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -115,12 +122,14 @@ def _base_rows(
     of its output), if it is one."""
     state = getattr(base.weight, "quant_state", None)  # a bitsandbytes 4-bit weight (Params4bit)
     if state is not None:  # bitsandbytes computes in its compute_dtype (autocast's, under autocast)
+        from wronai.kernels.bnb import chunkable, four_bit_rows
+
         if not chunkable(state) or (
             not autocast and (getattr(base, "compute_dtype", None) or x.dtype) != x.dtype
         ):
             return None
         source, tensors = four_bit_rows(base.weight.data, state)
-        chunk = getattr(base, "wronai_chunk_bytes", 0)  # set by kbit_chunks.chunk_4bit_layers
+        chunk = getattr(base, "chunk_bytes", 0)  # a kernels.bnb.RowSlicedLinear4bit
         return source, tensors, slice_rows(source, chunk, compute), x.dtype  # cast back to x's dtype
     if (
         type(base) is torch.nn.Linear
@@ -166,33 +175,120 @@ def _fused_call(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
     return _LoraLinear.apply(x, lora_a, lora_b, bias, source, rows, scaling, p, compute, out_dtype, *tensors)
 
 
-def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """PEFT's LoRA forward computed by ``_LoraLinear`` (PEFT's own where that would differ)."""
-    out = None if args or kwargs else _fused_call(self, x)
-    return type(self).forward(self, x, *args, **kwargs) if out is None else out
+class _Fused:
+    """The fused forward, mixed into PEFT's LoRA layer classes (PEFT's own wherever it would differ)."""
+
+    stock: type  # the PEFT class this one was swapped in for
+    fused_calls: int = 0  # calls that took the fused step (what the plan says is what runs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = None if args or kwargs else _fused_call(self, x)
+        if out is None:
+            return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+        self.fused_calls += 1
+        return out
 
 
-def fuse_lora_layers(model: torch.nn.Module) -> int:
-    """Make PEFT's LoRA linear layers (dense and 4-bit bases) compute through ``_LoraLinear``.
+class FusedLoraLinear(_Fused, PeftLoraLinear):
+    """PEFT's ``lora.Linear`` computed by ``_LoraLinear``."""
 
-    Returns how many layers were switched; their modules, parameters and saved adapters stay PEFT's.
-    """
-    from peft.tuners.lora import Linear as LoraDense
+    stock = PeftLoraLinear
 
-    kinds: tuple[type, ...] = (LoraDense,)
+
+SWAPS: dict[type, type] = {PeftLoraLinear: FusedLoraLinear}
+try:  # PEFT defines its bitsandbytes layers only when bitsandbytes is installed
+    from peft.tuners.lora.bnb import Linear4bit as PeftLora4bit
+
+    class FusedLora4bit(_Fused, PeftLora4bit):
+        """PEFT's ``lora.bnb.Linear4bit`` computed by ``_LoraLinear``."""
+
+        stock = PeftLora4bit
+
+    SWAPS[PeftLora4bit] = FusedLora4bit
+except ImportError:
+    pass
+
+
+def stock_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """PEFT's own forward of a (possibly swapped) LoRA layer."""
+    return getattr(type(layer), "stock", type(layer)).forward(layer, x)
+
+
+def _self_check(layer: Any, autocast: torch.dtype | None) -> str | None:
+    """Fused vs PEFT's forward on the first swapped layer: output and gradients (input, A, B) on a sample
+    input in the adapter's dtype, dropout off, under the run's autocast. None when they agree; else why not."""
+    name = layer.active_adapters[0] if layer.active_adapters else None
+    if name is None or name not in layer.lora_A:
+        return "no active adapter"
+    params = (layer.lora_A[name].weight, layer.lora_B[name].weight)
+    dropout = layer.lora_dropout[name]
+    was_training = dropout.training
+    generator = torch.Generator().manual_seed(0)
     try:
-        from peft.tuners.lora.bnb import Linear4bit as Lora4bit
+        dropout.eval()
+        device = params[0].device.type
+        with (
+            torch.random.fork_rng(devices=[]),
+            torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None),
+        ):
+            x = torch.randn(2, 3, layer.in_features, generator=generator, dtype=params[0].dtype)
+            x = x.to(params[0].device).requires_grad_(True)
+            fused = _fused_call(layer, x)
+            if fused is None:
+                return "the fused step declines this layer (dtypes or layout differ from PEFT's)"
+            reference = stock_forward(layer, x)
+            grad = torch.randn(reference.shape, generator=generator).to(reference.device, reference.dtype)
+            ours = torch.autograd.grad(fused, (x, *params), grad.to(fused.dtype), allow_unused=True)
+            theirs = torch.autograd.grad(reference, (x, *params), grad, allow_unused=True)
+    finally:
+        dropout.train(was_training)
+    tol = 1e-4 if autocast is None and fused.dtype == torch.float32 else 3e-2
+    pairs = [("output", fused, reference), *zip(("input grad", "A grad", "B grad"), ours, theirs)]
+    for what, a, b in pairs:
+        if a is None or b is None or not torch.allclose(a.float(), b.float(), rtol=tol, atol=tol):
+            return f"{what} differs from PEFT's"
+    return None
 
-        kinds = (LoraDense, Lora4bit)
-    except ImportError:  # PEFT defines it only when bitsandbytes is installed
-        pass
-    switched = 0
-    for module in model.modules():
-        if type(module) in kinds:
-            module.forward = MethodType(_fused_forward, module)  # type: ignore[method-assign]
-            switched += 1
-    if switched:
-        logger.info(
-            "LoRA: %d layers compute base and adapter in one fused step (hardware.fused_lora)", switched
+
+def fuse_lora_layers(
+    model: torch.nn.Module, *, check: bool = True, autocast: torch.dtype | None = None
+) -> int:
+    """Swap the fused subclasses in for PEFT's LoRA linear layers (dense and 4-bit bases).
+
+    Returns how many layers were swapped (0 when the start-up check against PEFT's forward failed: then
+    every layer is PEFT's again, with a note). Their parameters and saved adapters stay PEFT's.
+    ``autocast``: the run's mixed-precision dtype (None = none), under which the check runs.
+    """
+    if not peft_version_supported():
+        logger.warning(
+            "LoRA: fused layers off — PEFT %s is outside the versions they were checked with %s; using PEFT's modules",
+            peft.__version__,
+            TESTED,
         )
-    return switched
+        return 0
+    swapped = [m for m in model.modules() if type(m) in SWAPS]
+    for module in swapped:
+        module.__class__ = SWAPS[type(module)]
+    problem = _self_check(swapped[0], autocast) if swapped and check else None
+    if problem is not None:
+        unfuse_lora_layers(model)
+        logger.warning("LoRA: fused layers off — %s; using PEFT's modules (hardware.fused_lora)", problem)
+        return 0
+    if swapped:
+        logger.info(
+            "LoRA: %d layers compute base and adapter in one fused step (hardware.fused_lora)", len(swapped)
+        )
+    return len(swapped)
+
+
+def unfuse_lora_layers(model: torch.nn.Module) -> int:
+    """PEFT's own classes back for every fused layer; returns how many."""
+    fused = [m for m in model.modules() if isinstance(m, _Fused)]
+    for module in fused:
+        module.__class__ = module.stock
+    return len(fused)
+
+
+def fused_call_count(model: torch.nn.Module) -> int:
+    """Calls that took the fused step so far, over all layers."""
+    return sum(m.fused_calls for m in model.modules() if isinstance(m, _Fused))

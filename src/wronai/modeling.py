@@ -178,6 +178,10 @@ def load_base_model(
     except (OSError, ValueError) as err:
         raise _from_pretrained_error("model", model_cfg.name, err) from None
     model.config.use_cache = False  # the KV cache is useless in training and leaks across packed examples
+    if getattr(model, "is_loaded_in_4bit", False):  # never bitsandbytes' packed CPU format unless checked
+        from wronai.kernels.bnb import forbid_packed_format
+
+        forbid_packed_format(model)
     if tokenizer is not None:
         resize_embeddings(model, len(tokenizer))
     return model
@@ -208,6 +212,7 @@ def apply_lora(
     keep_embeddings: bool = True,
     dequantize_chunk_bytes: int = 0,
     fused_lora: bool = False,
+    autocast: torch.dtype | None = None,
 ):
     """k-bit preparation (when quantized), gradient checkpointing and the LoRA adapter.
 
@@ -219,7 +224,7 @@ def apply_lora(
     ``dequantize_chunk_bytes`` (``DevicePlan.dequantize_chunk_bytes``): 4-bit layers whose dequantized weight
     is larger dequantize in row slices of this size (``wronai.kbit_chunks``); 0 = whole weights.
     ``fused_lora`` (``DevicePlan.fused_lora``): LoRA layers compute base and adapter in one step
-    (``wronai.lora_fused``).
+    (``wronai.lora_fused``), checked at start against PEFT's under ``autocast`` (``DevicePlan.autocast_dtype``).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -238,7 +243,7 @@ def apply_lora(
             keep_embeddings=keep_embeddings and not trained and four_bit,
         )
         if dequantize_chunk_bytes and four_bit:
-            from wronai.kbit_chunks import chunk_4bit_layers
+            from wronai.kernels.bnb import chunk_4bit_layers
 
             chunk_4bit_layers(model, dequantize_chunk_bytes)
     elif gradient_checkpointing:
@@ -268,7 +273,7 @@ def apply_lora(
     if fused_lora:
         from wronai.lora_fused import fuse_lora_layers
 
-        fuse_lora_layers(peft_model)
+        fuse_lora_layers(peft_model, autocast=autocast)
     from wronai.heap import release_free_memory
 
     freed = release_free_memory()  # loading, quantizing and casting leave freed buffers in the C heap
