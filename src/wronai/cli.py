@@ -2,7 +2,9 @@
 
 User errors (bad config, missing files, a finished run in the output dir) print one line per problem and
 exit with status 2 — never a traceback. Training stopped by SIGTERM/SIGINT (checkpoint written) exits 3,
-training stopped on a non-finite loss exits 4, a second Ctrl-C exits 130. Set WRONAI_DEBUG=1 for tracebacks.
+training stopped on a non-finite loss exits 4, a second Ctrl-C exits 130. An internal error (a bug) prints one
+line naming the exception and the file holding its traceback (``wronai-error.log`` in the run's output
+directory) and exits 1; ``--debug`` (or WRONAI_DEBUG=1) shows raw tracebacks.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def setup_logging(level: str = "INFO") -> None:
     )
     for noisy in ("httpx", "urllib3", "filelock", "fsspec", "datasets", "bitsandbytes", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from wronai.kernels import quiet_import_warnings
+
+    quiet_import_warnings()
     try:
         import transformers
 
@@ -58,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"wronai {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show raw tracebacks (also WRONAI_DEBUG=1); accepted anywhere on the command line",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
@@ -187,6 +197,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from wronai.pipeline import run
 
     loaded = _load(args)
+    args.error_log_dir = loaded.config.training.output_dir  # an internal error's traceback goes there
     rank = distributed.world()
     setup_logging(loaded.config.logging.log_level if rank.is_main else "WARNING")  # one console voice per job
     if getattr(args, "nproc", 1) > 1 and not rank.is_distributed:
@@ -212,7 +223,7 @@ def _launch_train(args: argparse.Namespace, config) -> int:
     if args.nproc < 1:
         raise WronAIError(f"--nproc {args.nproc}: use 1 or more processes")
     device = plan_device(config.hardware, config.training, config.quantization, config.model).device
-    problems = [*preflight(config), *distributed.preflight_problems(config, device)]
+    problems = preflight(config)  # includes distributed.preflight_problems
     if problems:
         raise ConfigError(problems, args.config)
     saving.check_output_dir(config.training.output_dir, overwrite=args.overwrite, resume=bool(args.resume))
@@ -308,7 +319,44 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+ERROR_LOG = "wronai-error.log"
+INTERNAL_ERROR_EXIT = 1
+
+
+def _error_log_dir(args: argparse.Namespace) -> Path:
+    """Where an internal error's traceback is written: the run's output dir (train) or run directory, else
+    the system's temporary directory."""
+    for candidate in (getattr(args, "error_log_dir", None), getattr(args, "target", None)):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    import tempfile
+
+    return Path(tempfile.gettempdir())
+
+
+def _report_internal_error(args: argparse.Namespace, err: BaseException) -> int:
+    """One line naming the exception and the log file that holds its full traceback."""
+    import traceback
+
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    path = _error_log_dir(args) / ERROR_LOG
+    try:
+        path.write_text(f"wronai {__version__}: {' '.join(sys.argv)}\n\n{text}", encoding="utf-8")
+        where = f"full traceback in {path}"
+    except OSError:
+        where = "the traceback could not be written to a file"
+    first = str(err).splitlines()[0] if str(err) else ""
+    sys.stderr.write(
+        f"error: internal error {type(err).__name__}: {first} — {where} (--debug shows it here); "
+        "please report it\n"
+    )
+    return INTERNAL_ERROR_EXIT
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("WRONAI_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]  # accepted before or after the command
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -318,13 +366,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except WronAIError as err:
-        if os.environ.get("WRONAI_DEBUG"):
+        if debug:
             raise
         sys.stderr.write(f"error: {err}\n")
         return err.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except Exception as err:
+        if debug:
+            raise
+        return _report_internal_error(args, err)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ people who extend the pipeline from Python::
 
     t = WronAITrainer("configs/offline_demo.yaml")
     t.load_tokenizer(); t.load_model(); t.load_dataset()
-    t.train(); t.save()
+    t.train(); t.save_adapter(); t.evaluate(); t.save()
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class WronAITrainer:
         self.vocab_tokens: list[Any] = []  # tokens added by polish.extend_vocab
         # HfDeepSpeedConfig while a ZeRO-3 model loads (distributed.prepare_for_sharded_load)
         self._zero3_load: Any = None
+        self.adapter_dir: Path | None = None  # set by save_adapter
 
     @staticmethod
     def load_config(path: str | Path, overrides: list[str] | None = None) -> WronAIConfig:
@@ -115,7 +116,7 @@ class WronAITrainer:
         self.model = modeling.apply_lora(
             base, self.config.lora, new_ids, self._gradient_checkpointing(base),
             keep_embeddings=self.plan.keep_embeddings, dequantize_chunk_bytes=self.plan.dequantize_chunk_bytes,
-            fused_lora=self.plan.fused_lora,
+            fused_lora=self.plan.fused_lora, autocast=self.plan.autocast_dtype,
         )  # fmt: skip
         _, parameters = self.model.get_nb_trainable_parameters()  # PEFT counts 4-bit weights unpacked
         apply_memory_settings(self.config.hardware, self.plan.device, parameters, self.model)
@@ -210,6 +211,10 @@ class WronAITrainer:
         guard = getattr(self.trainer, "gradient_guard", None)
         if guard is not None and guard.skipped:
             self.metrics["skipped_nonfinite_steps"] = guard.skipped
+        return self.metrics
+
+    def evaluate(self) -> dict[str, Any]:
+        """The final evaluation's metrics (added to ``self.metrics``), when the run evaluates."""
         if (
             self.data is not None
             and self.data.eval is not None
@@ -218,7 +223,16 @@ class WronAITrainer:
             self.metrics.update(final_eval_metrics(self.trainer))
         return self.metrics
 
+    def save_adapter(self) -> Path:
+        """The trained adapter, tokenizer, config and provenance — written as soon as the loop ends, before
+        anything else can fail; ``save`` completes the run."""
+        self.adapter_dir = saving.save_adapter(
+            self.trainer, self.tokenizer, self.config, {"device_plan": self.plan.describe()}
+        )
+        return self.adapter_dir
+
     def save(self) -> Path:
+        """Everything a finished run holds: ``save_adapter``'s files, data stats, state and metrics."""
         assert self.data is not None
         out = Path(self.config.training.output_dir)
         if self.trainer.args.should_save:  # rank 0 only
@@ -233,8 +247,9 @@ class WronAITrainer:
                 out, self.vocab_tokens, self.config.model.name, spec.data, len(self.tokenizer)
             )
         return saving.save_run(
-            self.trainer, self.tokenizer, self.config, self.metrics, {"device_plan": self.plan.describe()}
-        )
+            self.trainer, self.tokenizer, self.config, self.metrics, {"device_plan": self.plan.describe()},
+            with_adapter=self.adapter_dir is None,
+        )  # fmt: skip
 
 
 def _count_params(model: Any) -> int | None:
@@ -392,8 +407,19 @@ def run(
     with distributed.main_process_first():  # rank 0 writes the prepared-data cache; the others read it
         pipeline.load_dataset()
     pipeline.build_trainer()
-    metrics = pipeline.train(resume=resume, force_resume=force_resume)
-    out = pipeline.save()
+    pipeline.train(resume=resume, force_resume=force_resume)
+    out = pipeline.save_adapter()
+    try:
+        metrics = pipeline.evaluate()
+        pipeline.save()
+    except BaseException:
+        logger.error(
+            "failed after training — the trained adapter, tokenizer and config are saved in %s "
+            "(they load with PeftModel.from_pretrained, `wronai generate %s`); the final metrics are missing",
+            out,
+            out,
+        )
+        raise
     if config.logging.report and pipeline.trainer.is_world_process_zero():
         try:
             from wronai.report import write_report

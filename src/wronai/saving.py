@@ -106,19 +106,36 @@ def write_config_and_provenance(out: Path, config: WronAIConfig, extra: dict[str
     (out / PROVENANCE_FILE).write_text(json.dumps(provenance(extra), indent=2, default=str), encoding="utf-8")
 
 
+def save_adapter(
+    trainer: Any, tokenizer: Any, config: WronAIConfig, extra: dict[str, Any] | None = None
+) -> Path:
+    """The trained adapter, tokenizer, resolved config and provenance, in the output dir."""
+    out = Path(config.training.output_dir)
+    trainer.save_model(str(out))  # every rank: FSDP/DeepSpeed gather the shards inside
+    if trainer.args.should_save:  # rank 0 only; save_state/save_metrics check that themselves
+        tokenizer.save_pretrained(str(out))
+        write_config_and_provenance(out, config, extra)
+    logger.info("saved the trained adapter, tokenizer and config to %s", out)
+    return out
+
+
 def save_run(
     trainer: Any,
     tokenizer: Any,
     config: WronAIConfig,
     metrics: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    *,
+    with_adapter: bool = True,
 ) -> Path:
-    """Write the final adapter, tokenizer, config, provenance, state and metrics to the output dir."""
+    """Write the final adapter, tokenizer, config, provenance, state and metrics to the output dir.
+
+    ``with_adapter=False``: ``save_adapter`` already wrote those four (``wronai train`` calls it as soon as
+    the loop ends); only the state and metrics are added.
+    """
     out = Path(config.training.output_dir)
-    trainer.save_model(str(out))  # every rank: FSDP/DeepSpeed gather the shards inside
-    if trainer.args.should_save:  # rank 0 only; save_state/save_metrics check that themselves
-        tokenizer.save_pretrained(str(out))
-        write_config_and_provenance(out, config, extra)
+    if with_adapter:
+        save_adapter(trainer, tokenizer, config, extra)
     trainer.save_state()  # trainer_state.json with the full log history
     trainer.save_metrics("train", metrics)  # train_results.json (+ all_results.json); written last = finished
     logger.info("saved adapter, tokenizer, config and metrics to %s", out)
