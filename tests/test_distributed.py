@@ -133,9 +133,16 @@ def _cfg(**hardware):
     )
 
 
-def test_strategy_maps_to_training_arguments(tmp_path):
+def test_strategy_maps_to_training_arguments(tmp_path, monkeypatch):
     cfg = _cfg(distributed="ddp")
     plan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    kwargs = training_arguments_kwargs(
+        cfg.training, cfg.hardware, plan, report_to=["none"], run_name="r", has_eval=False
+    )
+    assert "ddp_backend" not in kwargs  # one process: no process group to join (tests/test_cuda_paths.py)
+    monkeypatch.setenv("WORLD_SIZE", "2")
     kwargs = training_arguments_kwargs(
         cfg.training, cfg.hardware, plan, report_to=["none"], run_name="r", has_eval=False
     )

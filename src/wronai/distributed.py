@@ -208,10 +208,15 @@ def deepspeed_config(stage: int) -> dict[str, Any]:
 
 
 def training_kwargs(hardware: Any, device: str) -> dict[str, Any]:
-    """TrainingArguments entries for the strategy (names as in transformers 4.4x–5.x)."""
+    """TrainingArguments entries for the strategy (names as in transformers 5.x).
+
+    ``ddp_backend`` only when launched with several processes: in one process accelerate would take a
+    backend as a request to join a process group that does not exist (configs/examples/ddp.yaml trained
+    without ``--nproc`` is then a plain one-process run).
+    """
     name = strategy(hardware)
     kwargs: dict[str, Any] = {}
-    if world().is_distributed or name != "none":
+    if world().is_distributed:
         kwargs["ddp_backend"] = backend_for(device)
         kwargs["ddp_find_unused_parameters"] = False  # LoRA uses every adapter; the search costs a pass
     if name == "fsdp":
