@@ -14,12 +14,14 @@ import torch
 
 # imported before any test patches torch.cuda: their import-time checks must see the real (CPU-only) torch
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType
-from transformers import TrainingArguments
+from accelerate.utils import DistributedType, get_max_memory
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainingArguments
 from transformers.training_args import ParallelMode
 
 from conftest import REPO
+from wronai import modeling
 from wronai.config import load_config
+from wronai.errors import WronAIError
 from wronai.hardware import plan_device
 from wronai.training import training_arguments_kwargs
 
@@ -104,3 +106,90 @@ def test_ddp_backend_passed_under_torchrun(device, backend, request, monkeypatch
     cfg = load_config(REPO / "configs/examples/ddp.yaml", [f"training.output_dir={tmp_path / 'out'}"])
     kwargs = _arguments_kwargs(cfg, _plan(cfg))
     assert kwargs["ddp_backend"] == backend and kwargs["ddp_find_unused_parameters"] is False
+
+
+# --- device_map auto, max_memory and cpu_offload in one CUDA process ----------------------------------------
+
+
+class _Loaded:
+    """What the patched from_pretrained returns: enough of a model for load_base_model's last lines."""
+
+    config = SimpleNamespace(use_cache=True)
+
+
+def _load(monkeypatch, hardware=None, quantization=None, device_map="auto"):
+    """modeling.load_base_model with from_pretrained patched; returns the keyword arguments it got."""
+    data = {"model": {"name": "org/model", "device_map": device_map}, "data": {"dataset_name": "org/data"},
+            "hardware": hardware or {}, "quantization": quantization or {"load_in_4bit": True}}  # fmt: skip
+    cfg = load_config(data=data)
+    seen: dict = {}
+
+    def from_pretrained(name, **kwargs):
+        seen.update(kwargs)
+        return _Loaded()
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, _plan(cfg))
+    return seen
+
+
+def test_one_cuda_process_lets_accelerate_spread_within_max_memory(fake_cuda, monkeypatch):
+    _one_process(monkeypatch)
+    kwargs = _load(monkeypatch, {"max_memory": "30GiB"})
+    assert kwargs["device_map"] == "auto"
+    assert kwargs["max_memory"] == {0: "30GiB", 1: "30GiB"}  # the GPUs only: cpu_offload is off
+    assert get_max_memory(dict(kwargs["max_memory"])) == {0: 30 * GIB, 1: 30 * GIB}  # accelerate takes it
+    bnb = kwargs["quantization_config"]
+    assert isinstance(bnb, BitsAndBytesConfig) and bnb.load_in_4bit
+    assert bnb.bnb_4bit_quant_storage == torch.uint8 and not bnb.llm_int8_enable_fp32_cpu_offload
+    # without max_memory: every GPU's free memory and no CPU share (accelerate's default would add the CPU)
+    assert _load(monkeypatch)["max_memory"] == {0: FREE, 1: FREE}
+    # a config's per-device mapping (YAML keys are strings): GPU indexes as ints, as accelerate requires
+    mapped = _load(monkeypatch, {"max_memory": {"0": "20GiB", "1": "10GiB"}})["max_memory"]
+    assert get_max_memory(dict(mapped)) == {0: 20 * GIB, 1: 10 * GIB}
+
+
+def test_cpu_offload_lets_accelerate_use_the_cpu(fake_cuda, monkeypatch):
+    _one_process(monkeypatch)
+    eight_bit = {"load_in_4bit": False, "load_in_8bit": True}
+    kwargs = _load(monkeypatch, {"max_memory": "20GiB", "cpu_offload": True}, eight_bit)
+    assert kwargs["device_map"] == "auto"
+    memory = kwargs["max_memory"]
+    assert memory[0] == memory[1] == "20GiB" and isinstance(memory["cpu"], int) and memory["cpu"] > 0
+    assert list(get_max_memory(dict(memory))) == [0, 1, "cpu"]
+    assert kwargs["quantization_config"].llm_int8_enable_fp32_cpu_offload is True
+    unset = _load(monkeypatch, {"cpu_offload": True}, eight_bit)
+    assert unset["device_map"] == "auto" and "max_memory" not in unset  # accelerate's default: GPUs, then CPU
+
+
+def test_offload_settings_that_cannot_work_are_refused(fake_cuda, monkeypatch):
+    _one_process(monkeypatch)
+    with pytest.raises(WronAIError) as err:
+        _load(monkeypatch, {"cpu_offload": True})  # 4-bit
+    assert str(err.value).startswith("hardware.cpu_offload: 4-bit (QLoRA) layers cannot be offloaded")
+    assert "\n" not in str(err.value) and "load_in_8bit" in str(err.value)
+    with pytest.raises(WronAIError) as err:
+        _load(monkeypatch, {"max_memory": {"0": "20GiB", "cpu": "30GiB"}})
+    assert str(err.value).startswith("hardware.max_memory: a cpu entry") and "cpu_offload: true" in str(
+        err.value
+    )
+
+
+def test_ddp_keeps_one_gpu_per_rank_and_sharded_strategies_place_weights(fake_cuda, monkeypatch):
+    _rank(monkeypatch, 1)
+    kwargs = _load(monkeypatch, {"max_memory": "30GiB", "distributed": "ddp"})
+    assert kwargs["device_map"] == {"": 1} and "max_memory" not in kwargs
+    assert _load(monkeypatch, {"distributed": "none"})["device_map"] == {"": 1}  # torchrun without a strategy
+    fsdp = _load(monkeypatch, {"distributed": "fsdp"}, {"load_in_4bit": True})
+    assert fsdp["device_map"] is None and "max_memory" not in fsdp
+    _one_process(monkeypatch)
+    assert _load(monkeypatch, device_map={"model": 0, "lm_head": 1})["device_map"] == {
+        "model": 0,
+        "lm_head": 1,
+    }
+
+
+def test_cpu_run_loads_on_the_cpu(monkeypatch):
+    _one_process(monkeypatch)
+    kwargs = _load(monkeypatch, {"max_memory": "30GiB"})
+    assert kwargs["device_map"] == {"": "cpu"} and "max_memory" not in kwargs

@@ -335,11 +335,17 @@ def quant_storage_dtype(hardware: Any, model_dtype: Any) -> Any:
 
 
 def device_map(hardware: Any, device: str) -> Any:
-    """Where each rank loads the base model: its own GPU (DDP), nowhere yet (FSDP/ZeRO-3 place it), or the device."""
+    """Where the base model loads for ``model.device_map: auto``.
+
+    FSDP/ZeRO-3: None (they place the weights). CUDA launched with several processes (DDP): the whole model
+    on the rank's own GPU. CUDA in one process: "auto" — accelerate spreads the layers over the visible GPUs
+    (and the CPU with ``hardware.cpu_offload``) within ``hardware.max_memory``. Elsewhere: the device.
+    """
     if strategy(hardware) in SHARDED:
         return None
     if device == "cuda":
-        return {"": world().local_rank}
+        w = world()
+        return {"": w.local_rank} if w.is_distributed else "auto"
     return {"": device}
 
 

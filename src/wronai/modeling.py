@@ -130,21 +130,52 @@ def quantization_config(
 
 
 def _device_map(model_cfg: ModelConfig, plan: DevicePlan, hardware: HardwareSection | None = None) -> Any:
+    """auto: "auto" in one CUDA process (accelerate spreads the layers), the rank's GPU under DDP, None under
+    FSDP/ZeRO-3 (they place the weights), else the device (``distributed.device_map``)."""
     if model_cfg.device_map in (None, "auto"):
-        if hardware is not None:  # each DDP rank on its own GPU; FSDP/ZeRO-3 place the weights themselves
-            return distributed.device_map(hardware, plan.device)
-        return {"": 0} if plan.device == "cuda" else {"": plan.device}
+        return distributed.device_map(hardware or HardwareSection(), plan.device)
     if isinstance(model_cfg.device_map, str):
         return {"": model_cfg.device_map}
     return model_cfg.device_map
 
 
-def _max_memory(hardware: HardwareSection, plan: DevicePlan) -> dict[Any, str] | None:
-    if hardware.max_memory is None or plan.device != "cuda":
+def _max_memory(hardware: HardwareSection, plan: DevicePlan, device_map: Any = "auto") -> dict | None:
+    """accelerate's ``max_memory`` for ``device_map="auto"`` on CUDA: ``hardware.max_memory`` per GPU, and the
+    CPU only with ``hardware.cpu_offload`` (then also when max_memory is unset: accelerate's default)."""
+    if plan.device != "cuda":
         return None
+    if device_map != "auto":  # one GPU per rank (DDP), FSDP/ZeRO-3 or an explicit map: nothing to plan
+        if hardware.max_memory is not None or hardware.cpu_offload:
+            logger.warning(
+                "hardware.max_memory / hardware.cpu_offload apply to one process with model.device_map: auto — "
+                "ignored here (device_map %s)",
+                device_map,
+            )
+        return None
+    if hardware.cpu_offload and plan.quantization.startswith("4bit"):
+        raise WronAIError(
+            "hardware.cpu_offload: 4-bit (QLoRA) layers cannot be offloaded to the CPU — set cpu_offload: false "
+            "(cap the GPUs with hardware.max_memory), or use quantization.load_in_8bit with cpu_offload"
+        )
+    gpus = range(torch.cuda.device_count())
+    if hardware.max_memory is None:
+        if hardware.cpu_offload:
+            return None  # accelerate's default: every GPU's free memory, then the CPU's
+        return {i: torch.cuda.mem_get_info(i)[0] for i in gpus}  # the GPUs only, not accelerate's CPU share
     if isinstance(hardware.max_memory, str):
-        return {i: hardware.max_memory for i in range(torch.cuda.device_count())}
-    return {int(k) if k.isdigit() else k: v for k, v in hardware.max_memory.items()}
+        caps: dict[Any, Any] = dict.fromkeys(gpus, hardware.max_memory)
+    else:
+        caps = {int(k) if k.isdigit() else k: v for k, v in hardware.max_memory.items()}
+    if "cpu" in caps and not hardware.cpu_offload:
+        raise WronAIError(
+            "hardware.max_memory: a cpu entry places layers on the CPU — set hardware.cpu_offload: true "
+            "(8-bit only), or remove the cpu entry"
+        )
+    if hardware.cpu_offload and "cpu" not in caps:
+        import psutil
+
+        caps["cpu"] = psutil.virtual_memory().available  # what accelerate allows the CPU by default
+    return caps
 
 
 def load_base_model(
@@ -170,7 +201,7 @@ def load_base_model(
         kwargs["quantization_config"] = bnb
     if plan.keep_embeddings:  # non-quantized weights in the checkpoint's dtype: no float32 copy (wronai.kbit)
         kwargs["dtype"] = "auto"
-    max_memory = _max_memory(hardware, plan)
+    max_memory = _max_memory(hardware, plan, kwargs["device_map"])
     if max_memory:
         kwargs["max_memory"] = max_memory
     try:
