@@ -7,19 +7,23 @@ the keyword arguments of ``AutoModelForCausalLM.from_pretrained`` — and check 
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 # imported before any test patches torch.cuda: their import-time checks must see the real (CPU-only) torch
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, get_max_memory
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, get_max_memory
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainingArguments
+from transformers import training_args as hf_training_args
+from transformers.distributed.fsdp import is_fsdp_enabled
 from transformers.training_args import ParallelMode
 
 from conftest import REPO
-from wronai import modeling
+from wronai import distributed, modeling
 from wronai.config import load_config
 from wronai.errors import WronAIError
 from wronai.hardware import plan_device
@@ -193,3 +197,66 @@ def test_cpu_run_loads_on_the_cpu(monkeypatch):
     _one_process(monkeypatch)
     kwargs = _load(monkeypatch, {"max_memory": "30GiB"})
     assert kwargs["device_map"] == {"": "cpu"} and "max_memory" not in kwargs
+
+
+# --- FSDP + QLoRA: fsdp=True, the load-time environment only around from_pretrained -------------------------
+
+
+def test_fsdp_training_arguments_in_the_current_form(fake_cuda, monkeypatch, tmp_path):
+    """fsdp=True + fsdp_config: no deprecation warning; accelerate builds its FSDP2 plugin from it."""
+    _isolate_env(monkeypatch, "FSDP_CPU_RAM_EFFICIENT_LOADING", "ACCELERATE_USE_FSDP")
+    _one_process(monkeypatch)
+    cfg = load_config(REPO / "configs/examples/fsdp_qlora.yaml", [f"training.output_dir={tmp_path / 'out'}"])
+    kwargs = _arguments_kwargs(cfg, _plan(cfg))
+    assert kwargs["fsdp"] is True
+    warned: list[str] = []
+    monkeypatch.setattr(hf_training_args.logger, "warning", lambda msg, *a, **k: warned.append(str(msg)))
+    args = TrainingArguments(**kwargs)
+    assert not [w for w in warned if "deprecated" in w], warned
+    assert args.fsdp is True
+    assert args.fsdp_plugin_args == {"fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                     "cpu_ram_efficient_loading": True, "state_dict_type": "FULL_STATE_DICT",
+                                     "reshard_after_forward": True}  # fmt: skip
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    assert plugin.fsdp_version == 2 and plugin.cpu_ram_efficient_loading is True
+    assert plugin.reshard_after_forward is True
+
+
+def test_fsdp_loading_environment_holds_only_inside_from_pretrained(fake_cuda, monkeypatch, tmp_path):
+    _isolate_env(monkeypatch, *distributed.FSDP_LOAD_ENV)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # a value set before: restored afterwards
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # as after init_process_group
+    _rank(monkeypatch, 1)
+    seen = []
+
+    def from_pretrained(name, **kwargs):
+        seen.append(({k: os.environ.get(k) for k in distributed.FSDP_LOAD_ENV}, is_fsdp_enabled()))
+        return _Loaded()
+
+    def load(hardware, quantization=None):
+        cfg = load_config(data={"model": {"name": "org/model"}, "data": {"dataset_name": "org/data"},
+                                "hardware": hardware, "quantization": quantization or {"load_in_4bit": True}})  # fmt: skip
+        monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+        modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, _plan(cfg))
+        return seen.pop()
+
+    outside = {"ACCELERATE_USE_FSDP": "false", "FSDP_CPU_RAM_EFFICIENT_LOADING": None}
+    assert load({"distributed": "fsdp"}) == (dict(distributed.FSDP_LOAD_ENV), True)  # transformers sees FSDP
+    assert {k: os.environ.get(k) for k in distributed.FSDP_LOAD_ENV} == outside and not is_fsdp_enabled()
+    assert load({"distributed": "ddp"}) == (outside, False)
+    off = tmp_path / "accelerate_fsdp.yaml"
+    off.write_text(
+        yaml.safe_dump({"distributed_type": "FSDP", "fsdp_config": {"fsdp_cpu_ram_efficient_loading": False}})
+    )
+    assert load({"distributed_config": str(off)}) == (outside, False)
+
+    def failing(name, **kwargs):
+        assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
+        raise OSError("no such model")
+
+    cfg = load_config(data={"model": {"name": "org/model"}, "data": {"dataset_name": "org/data"},
+                            "hardware": {"distributed": "fsdp"}})  # fmt: skip
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", failing)
+    with pytest.raises(WronAIError):
+        modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, _plan(cfg))
+    assert {k: os.environ.get(k) for k in distributed.FSDP_LOAD_ENV} == outside  # restored on the error too

@@ -148,7 +148,7 @@ def test_strategy_maps_to_training_arguments(tmp_path, monkeypatch):
     )
     assert kwargs["ddp_backend"] == "gloo" and kwargs["ddp_find_unused_parameters"] is False
     fsdp = distributed.training_kwargs(_cfg(distributed="fsdp").hardware, "cuda")
-    assert fsdp["ddp_backend"] == "nccl" and fsdp["fsdp"] == "full_shard auto_wrap"
+    assert fsdp["ddp_backend"] == "nccl" and fsdp["fsdp"] is True
     assert fsdp["fsdp_config"]["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     zero3 = distributed.training_kwargs(_cfg(distributed="deepspeed_zero3").hardware, "cuda")["deepspeed"]
     assert zero3["zero_optimization"]["stage"] == 3

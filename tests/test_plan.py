@@ -13,12 +13,14 @@ from wronai.config import load_config
 from wronai.planning import (
     CPU_HEAP_SLACK,
     CPU_RUNTIME,
+    CUDA_CONTEXT,
     GIB,
     ModelShape,
     Settings,
     estimate,
     make_plan,
     parse_gpu_size,
+    render,
 )
 
 LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -127,6 +129,33 @@ def test_sharding_divides_weights_and_states():
         estimate(shape, settings(gradient_checkpointing=False)).parts["activations"]
         > 10 * one.parts["activations"]
     )
+
+
+def test_sharded_quantized_run_counts_the_whole_model_while_loading():
+    """FSDP/ZeRO-3 + 4-bit: every rank loads the whole 4-bit model (and casts the rest to float32, adds LoRA)
+    before the Trainer shards it — a peak more GPUs do not lower, and the verdict uses it."""
+    shape = ModelShape.from_config(LLAMA3_70B)
+    fsdp = estimate(shape, settings(strategy="fsdp", nproc=2))
+    whole = shape.linear_params * (0.5 + 0.127 / 8) + shape.other_params * 4  # NF4 + double quant; fp32 rest
+    largest_16bit = shape.vocab * shape.hidden * 2  # the embedding's bf16 original next to its fp32 copy
+    assert fsdp.load_peak == pytest.approx(whole + largest_16bit + fsdp.trainable * 4 + CUDA_CONTEXT)
+    assert fsdp.total / GIB == pytest.approx(30.6, rel=0.02)  # a training step, sharded (KNOWN)
+    assert fsdp.peak == fsdp.load_peak and fsdp.load_peak / GIB == pytest.approx(44.2, rel=0.02)
+    assert estimate(shape, settings(strategy="fsdp", nproc=8)).load_peak == fsdp.load_peak
+    assert estimate(shape, settings(strategy="deepspeed_zero3", nproc=2)).load_peak == fsdp.load_peak
+    for unsharded_load in (
+        settings(strategy="ddp", nproc=2),
+        settings(strategy="fsdp", nproc=2, quantization="none"),
+    ):
+        assert estimate(shape, unsharded_load).load_peak == 0
+    tight = make_plan(shape, settings(strategy="fsdp", nproc=2), 40 * GIB)  # a step fits, loading does not
+    assert not tight.fits
+    assert tight.advice == [
+        "still too large: use GPUs with more memory (each holds the whole quantized model while it loads), or a smaller model"
+    ]
+    text = render(tight, "llama3-70b", "40GB")
+    assert "load peak" in text and "does NOT fit on a 40GB GPU (40 GiB): 110% used" in text
+    assert make_plan(shape, settings(strategy="fsdp", nproc=2), 48 * GIB).fits
 
 
 def test_fits_and_advice():

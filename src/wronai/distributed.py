@@ -220,8 +220,8 @@ def training_kwargs(hardware: Any, device: str) -> dict[str, Any]:
         kwargs["ddp_backend"] = backend_for(device)
         kwargs["ddp_find_unused_parameters"] = False  # LoRA uses every adapter; the search costs a pass
     if name == "fsdp":
-        kwargs["fsdp"] = "full_shard auto_wrap"
-        kwargs["fsdp_config"] = _file_fsdp_config(hardware) or fsdp_config()
+        kwargs["fsdp"] = True  # what to shard is in fsdp_config (the string form is deprecated)
+        kwargs["fsdp_config"] = fsdp_settings(hardware)
     elif name.startswith("deepspeed"):
         path = hardware.distributed_config
         if path and "zero_optimization" in _read_config_file(Path(path)):
@@ -325,6 +325,56 @@ def _file_fsdp_config(hardware: Any) -> dict[str, Any] | None:
     data = _read_config_file(Path(hardware.distributed_config))
     section = data.get("fsdp_config")
     return {**fsdp_config(), **section} if isinstance(section, dict) else None
+
+
+def fsdp_settings(hardware: Any) -> dict[str, Any]:
+    """The ``fsdp_config`` the Trainer gets: an accelerate config's ``fsdp_config`` over WronAI's defaults."""
+    return _file_fsdp_config(hardware) or fsdp_config()
+
+
+def _setting(config: dict[str, Any], key: str, default: Any) -> Any:
+    """An fsdp_config entry under its name or accelerate's ``fsdp_``-prefixed one (which transformers also reads)."""
+    return config.get(f"fsdp_{key}", config.get(key, default))
+
+
+FSDP_LOAD_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+
+
+@contextlib.contextmanager
+def sharded_load_environment(hardware: Any) -> Iterator[None]:
+    """Around ``from_pretrained`` under FSDP with ``cpu_ram_efficient_loading``: the environment accelerate's
+    launcher would have set for the whole process (``ACCELERATE_USE_FSDP``, ``FSDP_CPU_RAM_EFFICIENT_LOADING``).
+
+    torchrun (``wronai train --nproc``) sets neither, so transformers would not know the model is loaded for
+    FSDP; with them it loads as under ``accelerate launch`` (ranks other than each node's first skip
+    initialising weights the checkpoint lacks — accelerate broadcasts rank 0's when it shards a 16-bit
+    model). The variables hold only inside the block: the previous values (or their absence) are restored
+    on exit, also on an error. A no-op for every other strategy.
+
+    What it cannot change (transformers 5.24, accelerate 1.15): a bitsandbytes 4-bit model is still read
+    whole on every rank — accelerate's FSDP2 preparation skips its rank-0-only path for ``Params4bit``
+    weights — so each GPU holds the whole 4-bit model until the Trainer shards it; ``wronai plan`` counts
+    that load-time peak (``planning.estimate``: ``load_peak``).
+    """
+    if strategy(hardware) != "fsdp" or not _truthy(
+        _setting(fsdp_settings(hardware), "cpu_ram_efficient_loading", False)
+    ):
+        yield
+        return
+    saved = {key: os.environ.get(key) for key in FSDP_LOAD_ENV}
+    os.environ.update(FSDP_LOAD_ENV)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _truthy(value: Any) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 def quant_storage_dtype(hardware: Any, model_dtype: Any) -> Any:

@@ -205,7 +205,8 @@ def load_base_model(
     if max_memory:
         kwargs["max_memory"] = max_memory
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.name, **kwargs)
+        with distributed.sharded_load_environment(hardware):  # FSDP: what accelerate's launcher would set
+            model = AutoModelForCausalLM.from_pretrained(model_cfg.name, **kwargs)
     except (OSError, ValueError) as err:
         raise _from_pretrained_error("model", model_cfg.name, err) from None
     model.config.use_cache = False  # the KV cache is useless in training and leaks across packed examples

@@ -5,6 +5,11 @@ across GPUs), the LoRA adapter with its fp32 gradients and AdamW states, activat
 batch and sequence length (with or without gradient checkpointing), the logits of the loss, and a fixed CUDA
 context. ``estimate(..., device="cpu")`` sizes a CPU run's peak RSS instead: no CUDA context, plus the heap
 that glibc's malloc keeps after freeing activations and a small fixed runtime term.
+
+A quantized model under FSDP or ZeRO-3 has a second peak, while loading: transformers reads the whole
+4-bit model on every rank (onto its GPU), k-bit preparation casts the other weights to float32 and LoRA is
+added, all before the Trainer shards anything. ``Estimate.load_peak`` is that peak per GPU and
+``Estimate.peak`` (the larger of the two) is what the verdict and the advice use.
 ``benchmarks/plan_accuracy.py`` checks it against measured peaks (docs/distributed.md).
 """
 
@@ -124,13 +129,21 @@ class Settings:
 
 @dataclass
 class Estimate:
-    parts: dict[str, float] = field(default_factory=dict)  # bytes per GPU
+    parts: dict[str, float] = field(default_factory=dict)  # bytes per GPU during a training step
     trainable: int = 0
     total_params: int = 0
+    # bytes per GPU right after loading, before FSDP/ZeRO-3 shard the weights (0 = loading stays below a step)
+    load_peak: float = 0.0
 
     @property
     def total(self) -> float:
+        """A training step's bytes per GPU (the sum of ``parts``)."""
         return sum(self.parts.values())
+
+    @property
+    def peak(self) -> float:
+        """The most the run needs at once per GPU: a training step, or the load before sharding."""
+        return max(self.total, self.load_peak)
 
     def without_context(self) -> float:
         return self.total - self.parts.get("CUDA context", 0.0)
@@ -185,6 +198,18 @@ def estimate(shape: ModelShape, s: Settings, *, cuda_context: bool = True, devic
         max(a * b for a, b in linears.values()) * d if quantized else 0
     )  # one dequantized weight at a time
 
+    load_peak = 0.0
+    if shard_weights and quantized:
+        # before the Trainer shards anything every rank holds the whole model: transformers reads all 4-bit
+        # weights on each rank (accelerate's rank-0-only FSDP loading skips bitsandbytes weights), k-bit
+        # preparation casts the other weights to float32 (the 16-bit original of the largest alive meanwhile),
+        # and LoRA's float32 weights are added; ``cuda_context`` as for a step
+        whole = shape.linear_params * per_linear + shape.other_params * other_bytes
+        largest = max(max(a * b for a, b in linears.values()), shape.vocab * shape.hidden) * s.weight_bytes
+        load_peak = whole + largest + lora * 4
+        if device != "cpu" and cuda_context:
+            load_peak += CUDA_CONTEXT
+
     parts = {
         "base weights": weights,
         "LoRA weights": lora_weights,
@@ -198,7 +223,7 @@ def estimate(shape: ModelShape, s: Settings, *, cuda_context: bool = True, devic
         parts["CPU runtime"] = CPU_RUNTIME
     elif cuda_context:
         parts["CUDA context"] = CUDA_CONTEXT
-    return Estimate(parts=parts, trainable=lora, total_params=shape.total_params)
+    return Estimate(parts=parts, trainable=lora, total_params=shape.total_params, load_peak=load_peak)
 
 
 def parse_gpu_size(text: str) -> float:
@@ -260,7 +285,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.estimate.total <= self.gpu_bytes
+        return self.estimate.peak <= self.gpu_bytes
 
 
 def _variants(s: Settings, device: str = "cuda") -> list[tuple[str, Settings]]:
@@ -306,24 +331,26 @@ def _variants(s: Settings, device: str = "cuda") -> list[tuple[str, Settings]]:
 def make_plan(shape: ModelShape, settings: Settings, gpu_bytes: float, device: str = "cuda") -> Plan:
     est = estimate(shape, settings, device=device)
     advice: list[str] = []
-    if est.total > gpu_bytes:
-        current = settings
+    if est.peak > gpu_bytes:
+        current, peak = settings, est.peak
         for _ in range(6):  # greedy: the change that saves most, until it fits
             options = [
-                (estimate(shape, v, device=device).total, text, v) for text, v in _variants(current, device)
+                (estimate(shape, v, device=device).peak, text, v) for text, v in _variants(current, device)
             ]
-            if not options:
+            if not options or min(o[0] for o in options) >= peak:  # nothing left lowers the peak
                 break
-            total, text, current = min(options, key=lambda o: o[0])
-            advice.append(f"{text} -> {total / GIB:.1f} GiB")
-            if total <= gpu_bytes:
+            peak, text, current = min(options, key=lambda o: o[0])
+            advice.append(f"{text} -> {peak / GIB:.1f} GiB")
+            if peak <= gpu_bytes:
                 break
-        if estimate(shape, current, device=device).total > gpu_bytes:
-            where = (
-                "more RAM"
-                if device == "cpu"
-                else "a GPU with more memory, more GPUs with hardware.distributed: fsdp"
-            )
+        final = estimate(shape, current, device=device)
+        if final.peak > gpu_bytes:
+            if final.load_peak > final.total:  # more GPUs do not help: each loads the whole quantized model
+                where = "GPUs with more memory (each holds the whole quantized model while it loads)"
+            elif device == "cpu":
+                where = "more RAM"
+            else:
+                where = "a GPU with more memory, more GPUs with hardware.distributed: fsdp"
             advice.append(f"still too large: use {where}, or a smaller model")
     return Plan(shape, settings, est, gpu_bytes, advice, device)
 
@@ -342,10 +369,16 @@ def render(plan: Plan, model_name: str, gpu_label: str) -> str:
         *[f"  {name:<20} {value / GIB:7.2f} GiB" for name, value in e.parts.items()],
         f"  {'total':<20} {e.total / GIB:7.2f} GiB",
     ]
+    if e.load_peak > e.total:
+        where = "process" if cpu else "GPU"
+        lines.append(
+            f"  {'load peak':<20} {e.load_peak / GIB:7.2f} GiB  (each {where} holds the whole "
+            f"{s.quantization} model until {s.strategy} shards it)"
+        )
     verdict = "fits" if plan.fits else "does NOT fit"
     target = f"in {gpu_label} of RAM" if cpu else f"on a {gpu_label} GPU"
     lines.append(
-        f"{verdict} {target} ({plan.gpu_bytes / GIB:.0f} GiB): {100 * e.total / plan.gpu_bytes:.0f}% used"
+        f"{verdict} {target} ({plan.gpu_bytes / GIB:.0f} GiB): {100 * e.peak / plan.gpu_bytes:.0f}% used"
     )
     lines += [f"  to fit: {a}" for a in plan.advice]
     return "\n".join(lines) + "\n"
