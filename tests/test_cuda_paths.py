@@ -260,3 +260,25 @@ def test_fsdp_loading_environment_holds_only_inside_from_pretrained(fake_cuda, m
     with pytest.raises(WronAIError):
         modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, _plan(cfg))
     assert {k: os.environ.get(k) for k in distributed.FSDP_LOAD_ENV} == outside  # restored on the error too
+
+
+# --- a paged optimizer under FSDP is refused ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optim", ["paged_adamw_8bit", "paged_adamw_32bit"])
+def test_paged_optimizer_with_fsdp_is_refused_in_one_line(optim, tmp_path):
+    def cfg(optim, **hardware):
+        return load_config(data={"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"},
+                                 "training": {"optim": optim}, "hardware": hardware})  # fmt: skip
+
+    (problem,) = distributed.preflight_problems(cfg(optim, distributed="fsdp"), "cuda")
+    assert problem.startswith(f"training.optim={optim} does not work with hardware.distributed=fsdp")
+    assert (
+        problem.endswith("set training.optim: adamw_torch (FSDP shards its states)") and "\n" not in problem
+    )
+    assert distributed.preflight_problems(cfg("adamw_torch", distributed="fsdp"), "cuda") == []
+    assert distributed.preflight_problems(cfg(optim, distributed="ddp"), "cuda") == []
+    accelerate_fsdp = tmp_path / "fsdp.yaml"
+    accelerate_fsdp.write_text("distributed_type: FSDP\n")
+    (problem,) = distributed.preflight_problems(cfg(optim, distributed_config=str(accelerate_fsdp)), "cuda")
+    assert problem.startswith(f"training.optim={optim}")

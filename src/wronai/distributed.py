@@ -176,6 +176,12 @@ def preflight_problems(config: Any, device: str) -> list[str]:
         problems.append(
             f"hardware.distributed={name} cannot shard 8-bit weights — use quantization.load_in_4bit (QLoRA) or ddp"
         )
+    optim = config.training.optim
+    if name == "fsdp" and optim.startswith("paged_"):
+        problems.append(
+            f"training.optim={optim} does not work with hardware.distributed=fsdp (bitsandbytes' paged optimizers "
+            "do not take FSDP's sharded parameters) — set training.optim: adamw_torch (FSDP shards its states)"
+        )
     return problems
 
 
