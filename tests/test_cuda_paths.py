@@ -22,8 +22,9 @@ from transformers import training_args as hf_training_args
 from transformers.distributed.fsdp import is_fsdp_enabled
 from transformers.training_args import ParallelMode
 
-from conftest import REPO
+from conftest import REPO, make_config_dict
 from wronai import distributed, modeling
+from wronai.cli import main
 from wronai.config import load_config
 from wronai.errors import WronAIError
 from wronai.hardware import plan_device
@@ -282,3 +283,19 @@ def test_paged_optimizer_with_fsdp_is_refused_in_one_line(optim, tmp_path):
     accelerate_fsdp.write_text("distributed_type: FSDP\n")
     (problem,) = distributed.preflight_problems(cfg(optim, distributed_config=str(accelerate_fsdp)), "cuda")
     assert problem.startswith(f"training.optim={optim}")
+
+
+# --- wronai train --nproc: each problem printed once --------------------------------------------------------
+
+
+def test_train_nproc_prints_each_problem_once(tmp_path, tiny_model_dir, alpaca_file, capsys, monkeypatch):
+    _one_process(monkeypatch)
+    raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", hardware={"distributed": "fsdp"})
+    raw["training"]["optim"] = "paged_adamw_8bit"
+    path = tmp_path / "fsdp.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    assert main(["train", str(path), "--nproc", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("hardware.distributed=fsdp needs CUDA GPUs") == 1, err
+    assert err.count("training.optim=paged_adamw_8bit does not work with hardware.distributed=fsdp") == 1, err
+    assert "2 problem(s)" in err and "Traceback" not in err
