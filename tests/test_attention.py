@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wronai.attention import PACKED_SDPA, enable_packed_attention, example_lengths, sequence_boundaries
+from wronai.attention import (
+    LENGTHS_KWARG,
+    PACKED_SDPA,
+    enable_packed_attention,
+    example_lengths,
+    packed_sdpa,
+    sequence_boundaries,
+)
 from wronai.data.collate import PackedCollator, pack_examples
 from wronai.data.tokenize import IGNORE_INDEX
 from wronai.kbit import enable_gradient_checkpointing
@@ -45,17 +52,23 @@ def test_example_lengths(bounds, batch, length, expected):
     rows = example_lengths(torch.tensor(bounds, dtype=torch.int32), batch, length)
     assert rows == expected
     assert [sum(r) for r in rows] == [length] * batch
+    assert example_lengths(bounds, batch, length) == expected  # the same from plain ints
 
 
 def test_collator_adds_boundaries_only_when_asked():
     rows = pack_examples([{"input_ids": list(range(n)), "labels": list(range(n))} for n in (3, 2, 4)], 5)
     plain = PackedCollator(pad_token_id=0)(rows)
-    assert "cu_seq_lens_q" not in plain
+    assert "cu_seq_lens_q" not in plain and LENGTHS_KWARG not in plain
     batch = PackedCollator(pad_token_id=0, with_boundaries=True)(rows)
     assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist()
     lengths = (batch["cu_seq_lens_q"][1:] - batch["cu_seq_lens_q"][:-1]).tolist()
     assert sum(lengths) == batch["input_ids"].numel()
     assert batch["max_length_q"] == batch["max_length_k"] == max(lengths) == 4
+    # the per-row example lengths as plain Python ints, for the attention calls (no device sync there)
+    per_row = batch[LENGTHS_KWARG]
+    assert per_row == example_lengths(batch["cu_seq_lens_q"], *batch["input_ids"].shape)
+    assert [n for row in per_row for n in row] == lengths
+    assert all(type(n) is int for row in per_row for n in row)
 
 
 def _model(tiny_model_dir):
@@ -136,6 +149,70 @@ def test_packed_gradients_equal_the_masked_path(tiny_model_dir, packed_rows):
     assert grads.keys() == ref_grads.keys() and len(grads) > 10
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_attention_calls_read_no_tensor_back_to_the_host(
+    tiny_model_dir, tiny_tokenizer, packed_rows, monkeypatch
+):
+    """The cut points come once per batch from the collator: no attention call reads a boundary tensor back
+    (on CUDA each .tolist()/.item() waits for the GPU: once per layer per step), also after the Trainer's
+    input preparation; every example still gets its own sdpa call."""
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from wronai.training import build_trainer
+
+    _, rows = packed_rows
+    model = _model(tiny_model_dir).eval()
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], remove_unused_columns=False)
+    trainer = build_trainer(
+        model, tiny_tokenizer, args, SimpleNamespace(packed=True, train=rows, eval=None), []
+    )
+    batch = trainer._prepare_inputs(trainer.data_collator(rows))  # what compute_loss hands the model
+    per_row = batch[LENGTHS_KWARG]
+    assert isinstance(per_row, list) and all(type(n) is int for row in per_row for n in row)
+    watched = {id(batch["cu_seq_lens_q"]), id(batch["cu_seq_lens_k"])}
+    reads: list[str] = []
+    for name in ("tolist", "item", "numpy", "cpu", "__int__", "__index__", "__iter__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _original=original, _name=name, **k):
+            if id(self) in watched:
+                reads.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
+    )
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    assert reads == []
+    assert len(calls) == model.config.num_hidden_layers * sum(len(row) for row in per_row)  # per example
+
+
+def test_boundaries_off_the_cpu_without_lengths_fall_back_to_sdpa():
+    """Without the collator's lengths a boundary tensor on a device is never read back: plain sdpa runs
+    (a meta tensor stands in for a CUDA one — reading it back raises)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module().eval()
+    module.is_causal = True
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=gen) for _ in range(3))
+    ref, _ = sdpa_attention_forward(module, q, k, v, None)
+    on_device = torch.tensor([0, 2, 6], dtype=torch.int32, device="meta")
+    out, _ = packed_sdpa(module, q, k, v, None, cu_seq_lens_q=on_device, cu_seq_lens_k=on_device)
+    torch.testing.assert_close(out, ref)
+    # with the lengths the boundary tensor is not needed: two examples, each causal on its own
+    split, _ = packed_sdpa(module, q, k, v, None, cu_seq_lens_q=on_device, **{LENGTHS_KWARG: [[2, 4]]})
+    torch.testing.assert_close(
+        split[:, 2:], sdpa_attention_forward(module, q[:, :, 2:], k[:, :, 2:], v[:, :, 2:], None)[0]
+    )
+    assert not torch.allclose(split[:, 2:], ref[:, 2:])
 
 
 def test_without_boundaries_it_is_plain_sdpa_generation_included(tiny_model_dir, tiny_tokenizer):

@@ -5,12 +5,17 @@ from the position ids, but sdpa then still computes (and on CPU, with a dense ma
 over the whole row: a row of 512 tokens holding five examples of ~100 costs 512² instead of 5·100².
 
 ``packed_sdpa`` is registered with transformers' ``AttentionInterface`` under the name ``wronai_packed_sdpa``.
-When the batch carries the example boundaries (``cu_seq_lens_q``/``cu_seq_lens_k``, the keyword arguments
-transformers already uses for variable-length flash attention, here counted over the flattened batch, one
-row after another) it runs causal sdpa on every example separately; without them (generation, padded
-evaluation batches, models that do not forward the keyword arguments) it is plain sdpa with transformers'
-own mask, so results never depend on which path ran. ``PackedCollator(with_boundaries=True)`` adds the
-boundaries; ``enable_packed_attention(model)`` switches an sdpa model over.
+When the batch carries the example lengths it runs causal sdpa on every example separately; without them
+(generation, padded evaluation batches, models that do not forward the keyword arguments) it is plain sdpa
+with transformers' own mask, so results never depend on which path ran. ``PackedCollator(with_boundaries=True)``
+adds them; ``enable_packed_attention(model)`` switches an sdpa model over.
+
+The lengths arrive as plain Python lists (``wronai_example_lengths``: per row, the lengths of the examples
+it holds), computed once per batch by the collator on the CPU, so no attention call reads a GPU tensor back
+to the host (a ``.tolist()`` of a CUDA tensor waits for the GPU: once per layer per step). The collator also
+adds ``cu_seq_lens_q``/``cu_seq_lens_k`` (the boundaries as transformers' variable-length flash-attention
+keyword arguments, counted over the flattened batch); ``packed_sdpa`` reads those only when they are on the
+CPU and the lengths are missing.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 PACKED_SDPA = "wronai_packed_sdpa"
+# per row, the lengths of the examples it holds: Python ints, from the collator
+LENGTHS_KWARG = "wronai_example_lengths"
 
 
 def packed_sdpa(
@@ -38,14 +45,15 @@ def packed_sdpa(
     """Causal sdpa per example when the boundaries are given; transformers' sdpa otherwise."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    per_row = kwargs.get(LENGTHS_KWARG)
     bounds = kwargs.get("cu_seq_lens_q")
-    if bounds is None or query.shape[2] != key.shape[2] or kwargs.get("output_attentions"):
+    if per_row is None and isinstance(bounds, torch.Tensor) and bounds.device.type == "cpu":
+        per_row = example_lengths(bounds, query.shape[0], query.shape[2])  # a CPU tensor: no device sync
+    if per_row is None or query.shape[2] != key.shape[2] or kwargs.get("output_attentions"):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    length = query.shape[2]
     gqa = query.shape[1] != key.shape[1]
-    per_row = example_lengths(bounds, query.shape[0], length)
     # split/unbind (not slicing): their backward writes each gradient once, where a slice's backward
     # fills a zero tensor of the whole row per example
     rows = []
@@ -67,13 +75,15 @@ def packed_sdpa(
     return out.transpose(1, 2).contiguous(), None
 
 
-def example_lengths(bounds: torch.Tensor, batch: int, length: int) -> list[list[int]]:
+def example_lengths(bounds: torch.Tensor | list[int], batch: int, length: int) -> list[list[int]]:
     """Per row, the lengths of the examples it holds, from boundaries over the flattened batch.
 
-    An example that crosses a row end (never made by WronAI's packer) is cut at the row end.
+    An example that crosses a row end (never made by WronAI's packer) is cut at the row end. Reads
+    ``bounds`` back to the host: call it once per batch on CPU boundaries (the collator does).
     """
     total = batch * length
-    cuts = sorted({*(int(x) for x in bounds.tolist() if 0 <= int(x) <= total), *range(0, total + 1, length)})
+    values = bounds.tolist() if isinstance(bounds, torch.Tensor) else list(bounds)
+    cuts = sorted({*(int(x) for x in values if 0 <= int(x) <= total), *range(0, total + 1, length)})
     rows: list[list[int]] = [[] for _ in range(batch)]
     for start, end in zip(cuts[:-1], cuts[1:], strict=True):
         rows[start // length].append(end - start)

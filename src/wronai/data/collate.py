@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from wronai.attention import sequence_boundaries
+from wronai.attention import LENGTHS_KWARG, example_lengths, sequence_boundaries
 from wronai.data.tokenize import IGNORE_INDEX
 
 
@@ -56,15 +56,17 @@ class PaddingCollator:
 class PackedCollator:
     """Batches packed rows: ``position_ids`` restart per example; padding becomes its own masked block.
 
-    ``with_boundaries`` adds ``cu_seq_lens_q``/``cu_seq_lens_k`` (example start offsets over the flattened
-    batch) and ``max_length_q``/``max_length_k``, which ``wronai_packed_sdpa`` uses to attend per example.
+    ``with_boundaries`` adds ``wronai_example_lengths`` (per row, the lengths of its examples, as Python
+    lists: ``wronai_packed_sdpa`` attends per example without reading a GPU tensor back), and
+    ``cu_seq_lens_q``/``cu_seq_lens_k`` (example start offsets over the flattened batch) with
+    ``max_length_q``/``max_length_k``, transformers' names for the same boundaries.
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     with_boundaries: bool = False
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         ids = [f["input_ids"] for f in features]
         length = _target_length([len(x) for x in ids], self.pad_to_multiple_of)
         positions = []
@@ -78,11 +80,13 @@ class PackedCollator:
             "position_ids": torch.as_tensor(positions, dtype=torch.long),
         }
         if self.with_boundaries:
-            bounds = sequence_boundaries(batch["position_ids"])
-            longest = int((bounds[1:] - bounds[:-1]).max())
+            bounds = sequence_boundaries(batch["position_ids"])  # on the CPU: reading it back is free
+            per_row = example_lengths(bounds, len(features), length)
+            longest = max(n for row in per_row for n in row)
             batch.update(
                 cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest
             )
+            batch[LENGTHS_KWARG] = per_row
         return batch
 
 
