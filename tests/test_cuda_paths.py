@@ -299,3 +299,28 @@ def test_train_nproc_prints_each_problem_once(tmp_path, tiny_model_dir, alpaca_f
     assert err.count("hardware.distributed=fsdp needs CUDA GPUs") == 1, err
     assert err.count("training.optim=paged_adamw_8bit does not work with hardware.distributed=fsdp") == 1, err
     assert "2 problem(s)" in err and "Traceback" not in err
+
+
+def test_a_model_beyond_max_memory_names_the_settings(fake_cuda, monkeypatch):
+    """accelerate's refusal to dispatch 4-bit layers to the CPU is about memory, not a broken model dir."""
+    _one_process(monkeypatch)
+    cfg = load_config(data={"model": {"name": "org/model"}, "data": {"dataset_name": "org/data"},
+                            "hardware": {"max_memory": "1GiB"}})  # fmt: skip
+
+    def from_pretrained(name, **kwargs):
+        raise ValueError(
+            "Some modules are dispatched on the CPU or the disk. Make sure you have enough GPU RAM"
+        )
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(WronAIError, match=r"within hardware.max_memory .* raise hardware.max_memory"):
+        modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, _plan(cfg))
+
+
+def test_fsdp_in_one_process_is_refused_with_the_fix(tmp_path, tiny_model_dir, alpaca_file):
+    from wronai.errors import ConfigError
+    from wronai.pipeline import run
+
+    raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", hardware={"distributed": "fsdp"})
+    with pytest.raises(ConfigError, match=r"hardware.distributed: fsdp shards .* --nproc"):
+        run(load_config(data=raw))

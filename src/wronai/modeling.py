@@ -47,6 +47,12 @@ def ensure_model_available(model_cfg: ModelConfig) -> None:
         )
 
 
+def _is_offload_error(err: Exception) -> bool:
+    """accelerate's refusal to place layers on the CPU or disk (device_map auto beyond max_memory)."""
+    text = str(err)
+    return "dispatched on the CPU or the disk" in text or "offload_folder" in text
+
+
 def _from_pretrained_error(what: str, name: str, err: Exception) -> WronAIError:
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
     if not _is_local(name):
@@ -208,6 +214,11 @@ def load_base_model(
         with distributed.sharded_load_environment(hardware):  # FSDP: what accelerate's launcher would set
             model = AutoModelForCausalLM.from_pretrained(model_cfg.name, **kwargs)
     except (OSError, ValueError) as err:
+        if _is_offload_error(err):
+            raise WronAIError(
+                f"the model does not fit on the GPU(s) within hardware.max_memory ({str(err).splitlines()[0]}) — "
+                "raise hardware.max_memory, set hardware.cpu_offload: true (8-bit only), or use a smaller model"
+            ) from None
         raise _from_pretrained_error("model", model_cfg.name, err) from None
     model.config.use_cache = False  # the KV cache is useless in training and leaks across packed examples
     if getattr(model, "is_loaded_in_4bit", False):  # never bitsandbytes' packed CPU format unless checked

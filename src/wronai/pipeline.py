@@ -388,6 +388,11 @@ def run(
 ) -> RunResult:
     """The whole pipeline, one builder per stage."""
     problems = preflight(config)
+    if config.hardware.distributed == "fsdp" and not distributed.world().is_distributed:
+        problems.append(
+            "hardware.distributed: fsdp shards the model across processes and this is one — run with "
+            "`wronai train CONFIG --nproc N` (N GPUs), or set hardware.distributed: none"
+        )
     if problems:
         raise ConfigError(problems)
     pipeline = WronAITrainer(config)
