@@ -1,44 +1,61 @@
 #!/usr/bin/env bash
-# Issue 6's GPU checks as one prepared command, for a session lent a device machine (one call, < 10 min).
+# The GPU checks as one prepared command, for a session lent a device machine (one call, < 10 min): the smoke
+# suite of benchmarks/gpu_smoke.py (a locally built ~1B Llama, 4-bit QLoRA train + eval + save + resume,
+# eval, generate, merge, GGUF export, DDP on 2+ GPUs) with issue 6's speed benchmark as its last step, and a
+# pass/fail table at the end (exit 1 if a step failed). Nothing comes from the Hub.
 #
 #   here, once:   bash benchmarks/gpu_run.sh --fetch-wheels   # the packages the device image lacks -> .whl/ (~45 MB)
 #   device:       run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=600)
+#   here, on CPU: bash benchmarks/gpu_run.sh --tiny           # the same steps on a tiny model (CPU dry run, ~6 min)
+#
+# Options after the first are gpu_smoke.py's: --tiny, --skip speed,ddp, --only speed (the speed benchmark
+# alone, as this script ran before), --budget SECONDS (default 480), --device cpu|cuda.
 #
 # The device image has torch, transformers, peft, accelerate, tokenizers, safetensors, psutil, pyyaml and
-# matplotlib, but not bitsandbytes, datasets or pydantic (/work/.library/device/KINDS.md). The run installs
-# the carried wheels into /tmp/site, runs `benchmarks/train_speed.py --device cuda` (classic in bf16 mixed
-# precision with bf16 4-bit compute, as GPU QLoRA scripts run; wronai with its GPU plan) and writes the
-# table, its JSON, the versions and nvidia-smi to $OUT.
+# matplotlib, but not bitsandbytes, datasets, pydantic or gguf (/work/.library/device/KINDS.md). Their wheels,
+# at the versions of constraints.txt (what CI runs), are installed into /tmp/site when the Python here cannot
+# import them. Table, JSON, logs, versions and nvidia-smi go to $OUT; models and runs to /tmp/wronai-smoke.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# packages the device image lacks (datasets' and pydantic's own dependencies included); versions: constraints.txt
+WHEELS="bitsandbytes datasets dill multiprocess pydantic pydantic-core annotated-types typing-inspection gguf"
+
+pin() {  # the name==version line of constraints.txt for a package (- and _ alike, any case)
+    grep -iE "^${1//-/[-_]}==" constraints.txt | head -1
+}
+
+if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PYTHON=.venv/bin/python; fi
+PYTHON="${PYTHON:-python3}"
+
 if [ "${1:-}" = "--fetch-wheels" ]; then
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-    for pkg in bitsandbytes==0.50.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pydantic==2.14.4 \
-        pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5; do
-        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-            --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-            --platform manylinux2014_x86_64 -d .whl "$pkg"
+    specs=()
+    for pkg in $WHEELS; do
+        spec="$(pin "$pkg")"
+        [ -n "$spec" ] || { echo "constraints.txt pins no $pkg" >&2; exit 2; }
+        specs+=("$spec")
     done
+    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl "${specs[@]}"
+    ls .whl
     du -sh .whl
     exit 0
 fi
 
 OUT="${OUT:-/tmp/wronai-gpu}"
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export OUT
+if ! "$PYTHON" -c "import bitsandbytes, datasets, pydantic, gguf" 2>/dev/null; then
+    if compgen -G ".whl/*.whl" > /dev/null; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    else
+        echo "warning: $PYTHON lacks bitsandbytes/datasets/pydantic/gguf and no .whl/ was carried (--fetch-wheels here first)" >&2
+    fi
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-python3 - <<'EOF' | tee "$OUT/versions.txt"
-import importlib
-for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "pydantic"):
-    module = importlib.import_module(name)
-    print(name, getattr(module, "__version__", "?"))
-import torch
-print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
-EOF
-timeout 480 python3 benchmarks/train_speed.py --device cuda --rows 1200 --hidden 384 --layers 6 --repeat 2 \
-    --variants classic,wronai --out /tmp/wronai-bench 2>&1 | tee "$OUT/train_speed.log"
-cp /tmp/wronai-bench/results.json "$OUT/train_speed.json"
+nvidia-smi -L 2>/dev/null || echo "nvidia-smi: no GPU listed"
+exec "$PYTHON" benchmarks/gpu_smoke.py --out "$OUT" "$@"
