@@ -176,7 +176,7 @@ def test_too_many_long_rows_stop_preparation(tmp_path, tiny_tokenizer):
     with pytest.raises(
         DataError, match=r"too_long: 3 of 10 rows \(30.0%\) are longer than data.max_seq_length=64"
     ) as err:
-        build_datasets(_cfg(path, max_seq_length=64, on_bad_row="skip"), tiny_tokenizer, use_cache=False)
+        build_datasets(_cfg(path, max_seq_length=64), tiny_tokenizer, use_cache=False)  # on_bad_row: error
     assert "long.jsonl:1" in str(err.value) and "raise data.max_truncated_share" in str(err.value)
     ok = build_datasets(
         _cfg(path, max_seq_length=64, on_bad_row="skip", max_truncated_share=0.5),

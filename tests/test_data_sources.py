@@ -151,7 +151,6 @@ BAD_LINES = [
     pytest.param(b'{"instruction": "x", "output": 5}', "wrong_type", "output", id="wrong-type"),
     pytest.param(b'{"instruction": "x", "output": "   "}', "empty_field", "output", id="empty-answer"),
     pytest.param(b'{"output": "y"}', "missing_field", "instruction", id="missing-field"),
-    pytest.param(TOO_LONG, "too_long", "(whole row)", id="too-long"),
 ]
 
 
@@ -179,8 +178,18 @@ def test_bad_row_in_csv_names_data_row(tmp_path, tiny_tokenizer):
         build_datasets(_cfg(path), tiny_tokenizer, use_cache=False)
 
 
+def test_a_too_long_row_is_dropped_and_counted_by_default(tmp_path, tiny_tokenizer):
+    """One row over max_seq_length in 25 (4%, under max_truncated_share 5%): the run goes on without it."""
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\n".join([GOOD] * 12 + [TOO_LONG] + [GOOD] * 12) + b"\n")
+    prepared = build_datasets(_cfg(path), tiny_tokenizer, use_cache=False)  # on_bad_row: error (default)
+    assert prepared.stats.skipped == {"too_long": 1} and len(prepared.train) == 24
+    assert f"{path}:13:" in prepared.stats.skipped_examples["too_long"]
+    assert "skipped rows: too_long 1" in prepared.stats.summary_lines()
+
+
 def test_bad_rows_skipped_and_counted(tmp_path, tiny_tokenizer):
-    lines = [GOOD]
+    lines = [GOOD, TOO_LONG, GOOD]
     for param in BAD_LINES:
         lines += [param.values[0], GOOD]
     path = tmp_path / "rows.jsonl"
@@ -202,7 +211,7 @@ def test_bad_rows_skipped_and_counted(tmp_path, tiny_tokenizer):
     assert set(stats.skipped_examples) == set(expected)
     assert str(path) in stats.skipped_examples["too_long"]
     kept = sum(stats.examples.values())
-    assert kept == len(prepared.train) == len(BAD_LINES) + 1
+    assert kept == len(prepared.train) == len(BAD_LINES) + 2
     # no row disappears uncounted: every non-blank line is kept or skipped
     assert len([x for x in lines if x.strip()]) == kept + sum(stats.skipped.values())
     assert any("skipped rows" in line for line in stats.summary_lines())

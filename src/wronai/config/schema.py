@@ -451,7 +451,9 @@ class DataSection(Section):
     )
     on_bad_row: Literal["error", "skip"] = Field(
         "error",
-        description="A malformed, empty or too-long row: error (stop, naming file, row and field) or skip (count it and go on).",
+        description="A malformed or empty row, or one with no trained token: error (stop, naming file, row and field) or skip "
+        "(count it and go on). Rows longer than max_seq_length are dropped and counted either way (data.max_truncated_share "
+        "stops the run when too many are).",
     )
     packing: bool = Field(
         False,
@@ -481,7 +483,8 @@ class DataSection(Section):
         0.05,
         ge=0.0,
         le=1.0,
-        description="With checks: stop when more than this share of rows were dropped as longer than max_seq_length.",
+        description="With checks: stop when more than this share of rows were dropped as longer than max_seq_length (too-long "
+        "rows are dropped and counted by default; the summary and data_stats.json show how many).",
     )
 
     @field_validator("weights")

@@ -425,8 +425,9 @@ def _process(
                 continue
             try:
                 check_length(example, data_cfg.max_seq_length)
-            except BadRow as bad:
-                policy.handle(_where(row), bad.field, bad.reason, bad.code)
+            except BadRow as bad:  # too long: dropped and counted (data.max_truncated_share guards the share)
+                drop = policy.count if bad.code == "too_long" else policy.handle
+                drop(_where(row), bad.field, bad.reason, bad.code)
                 continue
             examples.append(example)
             wheres.append(_where(row))

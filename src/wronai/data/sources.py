@@ -42,13 +42,18 @@ class BadRowPolicy:
     first: dict[str, str] = field(default_factory=dict)
 
     def handle(self, where: str, field_name: str, reason: str, code: str) -> None:
-        message = f"{where}: field `{field_name}`: {reason}"
+        """A malformed row: stop naming it (``on_bad_row: error``) or count it and go on (``skip``)."""
         if self.on_bad_row == "error":
             raise DataError(
-                f"{message} — fix the row, or set data.on_bad_row: skip to skip such rows (they are counted)"
+                f"{where}: field `{field_name}`: {reason} — fix the row, or set data.on_bad_row: skip to skip "
+                "such rows (they are counted)"
             )
+        self.count(where, field_name, reason, code)
+
+    def count(self, where: str, field_name: str, reason: str, code: str) -> None:
+        """A row dropped whatever ``on_bad_row`` says (too long for max_seq_length): counted, the first kept."""
         self.skipped[code] += 1
-        self.first.setdefault(code, message)
+        self.first.setdefault(code, f"{where}: field `{field_name}`: {reason}")
 
 
 def is_local(name: str) -> bool:
