@@ -52,8 +52,8 @@ PROMPT = "Jaka jest stolica Polski?"
 # model shapes: ~1B (TinyLlama-1.1B's width, depth and MLP; the vocabulary is the local tokenizer's) and tiny
 SHAPES = {
     "1b": {"vocab": 8000, "hidden": 2048, "layers": 22, "heads": 32, "lr": 2e-4},
-    # init-model's default width: its MLP (352) is a multiple of 32, as bitsandbytes' packed CPU inference format
-    # needs (with hidden 64 -> MLP 176, `wronai eval`/`generate` of a 4-bit run fail on an AVX512-BF16 CPU)
+    # init-model's default width (MLP 352, a multiple of 32: on an AVX512-BF16 CPU, eval/generate may use
+    # bitsandbytes' packed 4-bit kernel, as on real models)
     "tiny": {"vocab": 1000, "hidden": 128, "layers": 2, "heads": 4, "lr": 2e-3},
 }
 
