@@ -6,8 +6,10 @@ import inspect
 import warnings
 
 import pytest
+from transformers import TrainingArguments
 
 from wronai.config import load_config
+from wronai.errors import WronAIError
 from wronai.hardware import plan_device
 from wronai.training import training_arguments_kwargs
 
@@ -22,23 +24,16 @@ RAW = {
     },
 }
 
-# transformers 4.x names vs 5.x names
-OLD = {
-    "eval_strategy",
-    "evaluation_strategy",
-    "warmup_ratio",
-    "warmup_steps",
-    "group_by_length",
-    "gradient_checkpointing",
-    "output_dir",
-    "optim",
-}
-NEW = {"eval_strategy", "warmup_steps", "train_sampling_strategy", "use_cache", "output_dir", "optim",
-       "activation_checkpointing", "gradient_checkpointing"}  # fmt: skip
+# the installed signature turned into a transformers 4.x one and a 5.x one (every other argument as installed)
+INSTALLED = set(inspect.signature(TrainingArguments.__init__).parameters)
+V4_ONLY = {"evaluation_strategy", "warmup_ratio", "group_by_length"}
+V5_ONLY = {"train_sampling_strategy", "activation_checkpointing", "use_cache"}
+OLD = (INSTALLED - V5_ONLY) | V4_ONLY | {"eval_strategy", "gradient_checkpointing"}
+NEW = (INSTALLED - V4_ONLY) | V5_ONLY | {"eval_strategy", "gradient_checkpointing"}
 
 
-def kwargs_for(accepted: set[str], has_eval: bool = True) -> dict:
-    cfg = load_config(data=RAW)
+def kwargs_for(accepted: set[str] | None, has_eval: bool = True, **training) -> dict:
+    cfg = load_config(data={**RAW, "training": {**RAW["training"], **training}})
     plan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
     return training_arguments_kwargs(
         cfg.training,
@@ -71,15 +66,26 @@ def test_transformers_4_names():
 
 
 def test_installed_version_accepts_every_argument_we_pass():
-    from transformers import TrainingArguments
-
-    accepted = set(inspect.signature(TrainingArguments.__init__).parameters)
-    kw = kwargs_for(accepted)
-    assert set(kw) <= accepted
+    kw = kwargs_for(None)  # the installed signature: an argument it lacks raises instead of being dropped
     assert kw["optim"] == "adamw_8bit"  # paged optimizer unpaged on this CPU machine
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # no deprecated argument names
         TrainingArguments(**{**kw, "output_dir": "/tmp/wronai-args-test"})  # constructs without error
+
+
+def test_an_argument_the_installed_version_lacks_is_an_error_naming_it():
+    with pytest.raises(WronAIError) as info:
+        kwargs_for(NEW - {"ignore_data_skip"})
+    message = str(info.value)
+    assert (
+        "`ignore_data_skip`" in message
+        and "installed transformers" in message
+        and "does not accept" in message
+    )
+    assert "constraints.txt" in message  # the fix
+    with pytest.raises(WronAIError, match="`group_by_length`"):  # neither the old nor the new name exists
+        kwargs_for(NEW - {"train_sampling_strategy"})
+    assert "group_by_length" not in kwargs_for(NEW - {"train_sampling_strategy"}, group_by_length=False)
 
 
 def test_no_eval_data_turns_evaluation_off():

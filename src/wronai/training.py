@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Sampler
 
 from wronai.config.schema import HardwareSection, TrainingSection
+from wronai.errors import WronAIError
 from wronai.hardware import DevicePlan
 
 logger = logging.getLogger(__name__)
@@ -95,11 +96,11 @@ def training_arguments_kwargs(
             )  # transformers 5: a float in [0, 1) is a ratio
     else:
         kwargs["warmup_steps"] = training.warmup_steps
-    if training.group_by_length:
-        if "group_by_length" in accepted:
-            kwargs["group_by_length"] = True
-        elif "train_sampling_strategy" in accepted:
+    if training.group_by_length:  # transformers 5: train_sampling_strategy replaced group_by_length
+        if "train_sampling_strategy" in accepted and "group_by_length" not in accepted:
             kwargs["train_sampling_strategy"] = "group_by_length"
+        else:
+            kwargs["group_by_length"] = True
     if "use_cache" in accepted:
         kwargs["use_cache"] = False
     from wronai import distributed
@@ -107,7 +108,25 @@ def training_arguments_kwargs(
     kwargs.update(
         distributed.training_kwargs(hardware, plan.device)
     )  # ddp_backend, fsdp/fsdp_config, deepspeed
-    return {k: v for k, v in kwargs.items() if k in accepted}
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:  # never dropped silently: the setting would not apply
+        raise WronAIError(unaccepted_arguments_message(unknown))
+    return kwargs
+
+
+def unaccepted_arguments_message(keys: list[str]) -> str:
+    """One line: which arguments the installed transformers refuses, and the fix."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        version = "(version unknown)"
+    names = ", ".join(f"`{k}`" for k in keys)
+    return (
+        f"TrainingArguments: the installed transformers {version} does not accept {names} — install the "
+        "tested version (constraints.txt: `make install`, or pip install -c constraints.txt transformers)"
+    )
 
 
 def build_training_arguments(
@@ -280,8 +299,6 @@ def make_trainer_class():
                 if self.args.should_save:
                     shutil.rmtree(staging, ignore_errors=True)
                 previous = checkpointing.last_complete(run_dir)
-                from wronai.errors import WronAIError
-
                 raise WronAIError(
                     f"could not write checkpoint {final} ({err.strerror or err}) — the previous checkpoint "
                     f"{previous or '(none)'} is intact; free disk space or fix permissions, then resume with --resume"
