@@ -7,9 +7,10 @@ as much as all of its 4-bit linear layers together.
 
 ``prepare_kbit_model`` does the same preparation (freeze; norms and other small weights to float32;
 gradient checkpointing) but keeps the embedding and head in the checkpoint's 16-bit dtype. Their outputs
-are still computed in the compute dtype, with the same numbers: bf16/fp16 → fp32 is exact, so an embedding
-lookup cast to fp32, and a head whose weight is upcast chunk by chunk (``upcast_linear``, never the whole
-matrix at once, and nothing but the 16-bit weight kept for backward), give what PEFT's fp32 copies give.
+are what PEFT's fp32 copies give: bf16/fp16 → fp32 is exact, so an embedding lookup cast to fp32 (always:
+the residual stream starts in fp32, as with PEFT's copy), and a head computed in its input's dtype from row
+slices of its weight upcast one at a time (``UpcastLinear``, swapped in for the head; never the whole
+matrix at once, and nothing but the 16-bit weight kept for backward).
 The 4-bit layers, quantized from the 16-bit weights (the same codes and scales as from float32 copies),
 are set to dequantize straight to the compute dtype. Trained embeddings (``lora.modules_to_save``, new
 token rows) are cast to float32 as PEFT does.
@@ -99,9 +100,9 @@ def prepare_kbit_model(
         UpcastLinear.from_linear(head)
     if kept:
         logger.info(
-            "4-bit: embeddings/output head kept in %s (outputs in %s) — %.0f MiB less than float32 copies",
+            "4-bit: embeddings/output head kept in %s (outputs in float32, as PEFT's copies give) — %.0f MiB "
+            "less than float32 copies",
             str(kept[0].weight.dtype).replace("torch.", ""),
-            str(compute_dtype).replace("torch.", ""),
             sum(kept_params.values()) * 2 / 2**20,  # 2 bytes saved per parameter
         )
     if gradient_checkpointing:
