@@ -305,6 +305,78 @@ def test_nan_skip_step_stops_after_consecutive_limit(tmp_path, tiny_model_dir):
         pipeline.train()
 
 
+GUARD_RANK = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from wronai.reliability import GradientGuard, NonFiniteLossError
+
+policy, init = sys.argv[1], sys.argv[2]
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+weight = torch.nn.Parameter(torch.ones(3))
+optimizer = torch.optim.SGD([weight], lr=0.1)
+guard = GradientGuard(policy, max_consecutive=5)
+guard.attach(optimizer)
+calls = []
+original = dist.all_reduce
+dist.all_reduce = lambda *a, **k: calls.append(1) or original(*a, **k)
+weight.grad = torch.tensor([1.0, float("inf") if rank == 1 else 1.0, 1.0])  # only rank 1 sees the inf
+try:
+    optimizer.step()
+    decision = "stepped" if not torch.equal(weight.detach(), torch.ones(3)) else "skipped"
+except NonFiniteLossError:
+    decision = "stopped"
+dist.barrier()  # every rank reaches the next collective: no rank is left waiting
+print(json.dumps({"rank": rank, "decision": decision, "skipped": guard.skipped, "all_reduces": len(calls)}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize(("policy", "expected"), [("skip_step", "skipped"), ("stop", "stopped")])
+def test_nan_guard_takes_one_decision_across_ranks(tmp_path, policy, expected):
+    """2 gloo processes, an inf in rank 1's gradient only: both ranks skip (or both stop), none steps."""
+    script = tmp_path / "guard_rank.py"
+    script.write_text(GUARD_RANK)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), policy, init],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2"},
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert [r["decision"] for r in results] == [expected, expected]
+    assert [r["all_reduces"] for r in results] == [1, 1]  # one collective per step
+    if policy == "skip_step":
+        assert [r["skipped"] for r in results] == [1, 1]
+
+
+def test_nan_guard_without_process_group_needs_no_collective(monkeypatch):
+    import torch.distributed as dist
+
+    from wronai.reliability import grads_finite
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("all_reduce without a process group")
+
+    monkeypatch.setattr(dist, "all_reduce", no_collective)
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    weight.grad = torch.tensor([1.0, float("nan")])
+    assert grads_finite(optimizer) is False
+    weight.grad = torch.ones(2)
+    assert grads_finite(optimizer) is True
+
+
 def test_disk_full_during_save_leaves_previous_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     from transformers import Trainer
 

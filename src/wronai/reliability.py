@@ -2,7 +2,8 @@
 
 - SIGTERM/SIGINT: the current step finishes, a checkpoint is written, the run exits with code 3 and says how
   to resume. A second Ctrl-C aborts at once.
-- Non-finite gradients (a NaN/inf loss gives them too) are caught right before the optimizer step:
+- Non-finite gradients (a NaN/inf loss gives them too) are caught right before the optimizer step, with one
+  decision for all ranks (``grads_finite``):
   ``training.on_nan: stop`` ends the run (exit code 4) keeping the last good checkpoint; ``skip_step``
   drops that update (no optimizer or momentum change), counts it, and stops after
   ``training.max_consecutive_nan_steps`` in a row.
@@ -17,6 +18,7 @@ import threading
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from wronai.errors import WronAIError
 
@@ -123,6 +125,24 @@ class GradientGuard:
 
 
 def grads_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient is finite — on *every* rank when a process group is running.
+
+    Under DDP/FSDP/ZeRO an inf can reach one rank's gradients only (its own shard, its own micro-batch
+    before the reduction, an fp16 overflow); deciding per rank would let one rank skip or stop while the
+    others step, and the next collective would hang. So the ranks agree with one all_reduce (MIN of a 0/1
+    flag) per optimizer step; with no process group, no collective.
+    """
+    local = _local_grads_finite(optimizer)
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    nccl = dist.get_backend() == "nccl"  # NCCL reduces CUDA tensors only; gloo (CPU runs) CPU tensors
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _local_grads_finite(optimizer: torch.optim.Optimizer) -> bool:
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if not grads:
         return True
