@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import alpaca_rows, make_config_dict, write_jsonl
-from wronai import checkpointing
+from wronai import checkpointing, training
 from wronai.config import load_config
 from wronai.errors import ConfigError, WronAIError
 from wronai.pipeline import WronAITrainer, run
@@ -398,6 +398,61 @@ def test_disk_full_during_save_leaves_previous_checkpoint(tmp_path, tiny_model_d
     assert checkpointing.last_complete(out) == out / "checkpoint-2"
     weights = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
+
+
+def no_cpu_repacking(model) -> None:
+    """bitsandbytes rewrites 4-bit weights in place for its CPU inference path the first time a layer runs in
+    eval mode (evaluation here), which corrupts later training steps; keep it off in this test."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def test_best_checkpoint_tracked_and_kept_under_its_published_name(tmp_path, tiny_model_dir):
+    """transformers' save runs in the staging folder; the best checkpoint must still name checkpoint-N."""
+    raw = run_config(
+        tiny_model_dir, tmp_path, "out", max_steps=6, save_steps=2, eval_steps=2, eval_strategy="steps",
+        save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+        greater_is_better=True,  # the eval loss falls: the best is the first evaluation, an older checkpoint
+    )  # fmt: skip
+    out = tmp_path / "out"
+    seen = {}
+
+    from transformers import TrainerCallback
+
+    class AfterSave(TrainerCallback):  # called right after each _save_checkpoint
+        def on_save(self, args, state, control, **kwargs):
+            names = sorted(p.name for p in out.iterdir() if "checkpoint" in p.name)
+            newest = out / f"checkpoint-{state.global_step}"
+            saved = json.loads((newest / "trainer_state.json").read_text())
+            extras = (newest / "wronai_config.yaml").is_file()  # checkpoint_extras in every checkpoint
+            seen[state.global_step] = (
+                names,
+                saved["best_model_checkpoint"],
+                checkpointing.is_complete(newest),
+                extras,
+            )
+
+    pipeline = WronAITrainer(load_config(data=raw))
+    pipeline.build_trainer()
+    pipeline.trainer.add_callback(AfterSave())
+    no_cpu_repacking(pipeline.model)
+    pipeline.train()
+    best = str(out / "checkpoint-2")
+    assert (
+        pipeline.trainer.state.best_global_step == 2 and pipeline.trainer.state.best_model_checkpoint == best
+    )
+    # the best is named by its published path in every saved state (what --resume reads), and rotation to
+    # one checkpoint keeps it next to the newest; nothing is left in staging
+    assert seen == {
+        2: (["checkpoint-2"], best, True, True),
+        4: (["checkpoint-2", "checkpoint-4"], best, True, True),
+        6: (["checkpoint-2", "checkpoint-6"], best, True, True),
+    }
+    assert "wronai_config.yaml" in pipeline.trainer.checkpoint_extras
+    assert not hasattr(training.make_trainer_class(), "checkpoint_extras")  # per instance, never shared
 
 
 def test_unwritable_output_dir(tmp_path, tiny_model_dir):

@@ -1,11 +1,13 @@
 """Crash-safe checkpoints: written to a staging folder, sealed with a manifest, renamed into place.
 
 A checkpoint is *complete* only when ``wronai_checkpoint.json`` (the manifest, written last) is present and
-every file it lists exists with the recorded size. The staging folder ``.tmp-checkpoint-N`` sits in the same
-output directory, so the final ``rename`` is atomic on one filesystem; all ranks write into it, then after a
-barrier the main process seals and renames it, and the others wait at a second barrier. A process killed at
-any moment leaves either the previous complete checkpoints untouched plus a stale staging folder (removed at
-the next start), or the new complete checkpoint.
+every file it lists exists with the recorded size. transformers' Trainer writes its checkpoint as usual, but
+into the staging folder ``.tmp-checkpoint-N/checkpoint-N`` (``training.make_trainer_class`` points the
+Trainer's output folder there while it saves); the staging folder sits in the output directory, so the final
+``rename`` to ``checkpoint-N`` is atomic on one filesystem. All ranks write into it, then after a barrier the
+main process seals and renames it, and the others wait at a second barrier. A process killed at any moment
+leaves either the previous complete checkpoints untouched plus a stale staging folder (removed at the next
+start), or the new complete checkpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ def staging_dir(run_dir: str | Path, step: int) -> Path:
 
 def final_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / f"checkpoint-{step}"
+
+
+def staged_checkpoint(staging: Path, step: int) -> Path:
+    """The checkpoint the Trainer writes inside ``staging`` (the staging folder is its output folder)."""
+    return final_dir(staging, step)
 
 
 def write_manifest(folder: Path, step: int) -> None:
@@ -62,12 +69,15 @@ def _fsync(path: Path) -> None:
 
 
 def seal_and_publish(staging: Path, final: Path, step: int) -> Path:
-    """Main process only: manifest, then atomic rename of the staging folder to ``checkpoint-N``."""
-    write_manifest(staging, step)
+    """Main process only: manifest, then atomic rename of the staged checkpoint to ``checkpoint-N``; the
+    emptied staging folder is removed (a kill before that leaves it to ``remove_stale_staging``)."""
+    written = staged_checkpoint(staging, step)
+    write_manifest(written, step)
     if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
         shutil.rmtree(final)
-    os.replace(staging, final)
+    os.replace(written, final)
     _fsync(final.parent)
+    shutil.rmtree(staging, ignore_errors=True)
     return final
 
 

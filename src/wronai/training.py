@@ -7,6 +7,7 @@ signature and passes each setting under the name this version takes.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -22,8 +23,6 @@ from wronai.errors import WronAIError
 from wronai.hardware import DevicePlan
 
 logger = logging.getLogger(__name__)
-
-COMPLETE_MARKER = "trainer_state.json"
 
 
 def _accepted() -> set[str]:
@@ -223,18 +222,27 @@ class EpochSeededSampler(Sampler):
         return iter(self.sampler)
 
 
-def make_trainer_class():
-    """transformers' Trainer with atomic, manifest-sealed checkpoints and a guarded optimizer step."""
+@functools.cache
+def make_trainer_class() -> type:
+    """transformers' Trainer with atomic, manifest-sealed checkpoints and a guarded optimizer step.
+
+    Built on first use rather than at module level: ``from transformers import Trainer`` loads the
+    Trainer's whole stack (accelerate, datasets, the integrations) — seconds — and ``wronai.training`` is
+    imported by every command that reads a config (``wronai validate``, ``wronai plan``, ``wronai data ...``
+    import ``wronai.pipeline``), most of which never train. Cached: one class, so ``isinstance`` works.
+    """
     from transformers import Trainer
+    from transformers.trainer import TRAINER_STATE_NAME
 
     from wronai import checkpointing
 
     class WronAIHFTrainer(Trainer):
-        gradient_guard: Any = None
-        trained_logits_only: bool = False  # logits only at trained positions (wronai.loss)
-        checkpoint_extras: dict[
-            str, str
-        ] = {}  # file name -> text, written into every checkpoint (the config)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.gradient_guard: Any = None  # reliability.GradientGuard, set by build_trainer
+            self.trained_logits_only = False  # logits only at trained positions (wronai.loss)
+            self.checkpoint_extras: dict[str, str] = {}  # file name -> text, in every checkpoint (the config)
+            self._staging_root: Path | None = None  # where super()._save_checkpoint writes, while it runs
+            super().__init__(*args, **kwargs)
 
         def create_optimizer(self, *args: Any, **kwargs: Any):
             optimizer = super().create_optimizer(*args, **kwargs)
@@ -282,18 +290,39 @@ def make_trainer_class():
                 self.gradient_guard.global_step = self.state.global_step
             return super().training_step(*args, **kwargs)
 
+        def _get_output_dir(self, trial: Any) -> str:
+            if self._staging_root is not None:  # inside _save_checkpoint: the Trainer writes into staging
+                return str(self._staging_root)
+            return super()._get_output_dir(trial)
+
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
-            run_dir = Path(self._get_output_dir(trial=trial))
+            """transformers' own checkpoint save, pointed at a staging folder, then sealed and renamed.
+
+            ``super()._save_checkpoint`` writes ``<run>/.tmp-checkpoint-N/checkpoint-N`` (``_get_output_dir``
+            returns the staging folder meanwhile); all ranks write there (RNG states, shards). After a barrier
+            the main process adds the extras, corrects the best checkpoint's path, writes the manifest and
+            renames the folder to ``<run>/checkpoint-N``; then it rotates (the Trainer's own rotation saw only
+            the staging folder).
+            """
+            run_dir = Path(super()._get_output_dir(trial))
             step = self.state.global_step
             staging = checkpointing.staging_dir(run_dir, step)
             final = checkpointing.final_dir(run_dir, step)
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
             self._barrier()
+            self._staging_root = staging
             try:
-                self._write_checkpoint(model, staging, run_dir, final)
+                super()._save_checkpoint(model, trial)
                 self._barrier()
+                # on every rank: load_best_model_at_end reads it on each
+                best_moved = self._point_best_at_published(run_dir, final)
                 if self.args.should_save:
+                    written = checkpointing.staged_checkpoint(staging, step)
+                    for name, text in self.checkpoint_extras.items():
+                        (written / name).write_text(text, encoding="utf-8")
+                    if best_moved:  # the state written by the Trainer names the staging folder
+                        self.state.save_to_json(str(written / TRAINER_STATE_NAME))
                     checkpointing.seal_and_publish(staging, final, step)
             except OSError as err:
                 if self.args.should_save:
@@ -303,40 +332,21 @@ def make_trainer_class():
                     f"could not write checkpoint {final} ({err.strerror or err}) — the previous checkpoint "
                     f"{previous or '(none)'} is intact; free disk space or fix permissions, then resume with --resume"
                 ) from None
+            finally:
+                self._staging_root = None
             self._barrier()
             if self.args.should_save:
                 checkpointing.rotate(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
 
-        def _write_checkpoint(self, model: Any, staging: Path, run_dir: Path, final: Path) -> None:
-            if self.hp_search_backend is None:
-                self.store_flos()
-            self.save_model(str(staging), _internal_call=True)
-            if self.state.best_global_step:
-                best = checkpointing.final_dir(run_dir, self.state.best_global_step)
-                if best.exists() or best == final:
-                    self.state.best_model_checkpoint = str(best)
-            if not self.args.save_only_model:
-                self._save_optimizer_and_scheduler(str(staging))
-                self._save_scaler(str(staging))
-                self._save_rng_state(str(staging))
-            if self.args.should_save:
-                for name, text in self.checkpoint_extras.items():
-                    (staging / name).write_text(text, encoding="utf-8")
-                self._store_callback_states()
-                self.state.save_to_json(str(staging / COMPLETE_MARKER))
-
-        def _store_callback_states(self) -> None:
-            from transformers.trainer_callback import ExportableState
-
-            states: Any = self.state.stateful_callbacks
-            for cb in [
-                c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)
-            ]:
-                name = cb.__class__.__name__
-                if isinstance(states.get(name), list):
-                    states[name].append(cb.state())
-                else:
-                    states[name] = cb.state()
+        def _point_best_at_published(self, run_dir: Path, final: Path) -> bool:
+            """The Trainer looked for the best checkpoint in the staging folder: name its published path."""
+            if not self.state.best_global_step:
+                return False
+            best = checkpointing.final_dir(run_dir, self.state.best_global_step)
+            if (best == final or best.is_dir()) and self.state.best_model_checkpoint != str(best):
+                self.state.best_model_checkpoint = str(best)
+                return True
+            return False
 
         def _barrier(self) -> None:
             import torch.distributed as dist
