@@ -357,13 +357,6 @@ def make_trainer_class() -> type:
     return WronAIHFTrainer
 
 
-def is_complete_checkpoint(path: Path) -> bool:
-    """Complete = sealed by WronAI's manifest with every listed file at its recorded size."""
-    from wronai import checkpointing
-
-    return checkpointing.is_complete(Path(path))
-
-
 def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
     """The highest-step *complete* checkpoint (transformers' get_last_checkpoint does not check)."""
     from wronai import checkpointing
