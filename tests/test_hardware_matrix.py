@@ -55,11 +55,22 @@ def test_plan_is_consistent(monkeypatch, tiny_model_dir, tmp_path, alpaca_file, 
 def _build(cfg, plan, fused: bool):
     torch.manual_seed(0)
     base = modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
-    return modeling.apply_lora(
+    model = modeling.apply_lora(
         base, cfg.lora, [], gradient_checkpointing=0, keep_embeddings=plan.keep_embeddings,
         dequantize_chunk_bytes=plan.dequantize_chunk_bytes and 16 * 64 * 4,  # several slices per layer
         fused_lora=fused, autocast=plan.autocast_dtype,
     ).train()  # fmt: skip
+    return with_trained_adapter(model)
+
+
+def with_trained_adapter(model):
+    """lora_B as after some training (PEFT starts it at zero, where A's gradient is zero either way)."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model
 
 
 @pytest.mark.slow
