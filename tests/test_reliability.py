@@ -377,6 +377,26 @@ def test_nan_guard_without_process_group_needs_no_collective(monkeypatch):
     assert grads_finite(optimizer) is True
 
 
+def test_skipped_step_counts_survive_a_resume(tmp_path, tiny_model_dir):
+    """The guard's counts are in the checkpoint: a NaN right after resuming is the 2nd in a row, not the 1st."""
+    raw = run_config(
+        tiny_model_dir, tmp_path, "out", on_nan="skip_step", max_consecutive_nan_steps=2, max_steps=4, save_steps=4
+    )  # fmt: skip
+    first = WronAITrainer(load_config(data=raw))
+    first.build_trainer()
+    nan_at(first.trainer, {4})
+    assert first.train()["skipped_nonfinite_steps"] == 1
+    saved = json.loads((tmp_path / "out" / "checkpoint-4" / "wronai_gradient_guard.json").read_text())
+    assert saved == {"skipped": 1, "consecutive": 1}
+    raw["training"]["max_steps"] = 8
+    resumed = WronAITrainer(load_config(data=raw))
+    resumed.build_trainer()
+    nan_at(resumed.trainer, {5})
+    with pytest.raises(NonFiniteLossError, match="2 consecutive steps"):
+        resumed.train(resume=True)
+    assert resumed.trainer.gradient_guard.skipped == 2
+
+
 def test_disk_full_during_save_leaves_previous_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     from transformers import Trainer
 

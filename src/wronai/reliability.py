@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,6 +83,9 @@ def make_stop_callback(signals: SignalState):
     return StopOnSignalCallback()
 
 
+GUARD_STATE_FILE = "wronai_gradient_guard.json"
+
+
 class GradientGuard:
     """Wraps ``optimizer.step``: a step with non-finite gradients is stopped on or skipped."""
 
@@ -91,6 +96,23 @@ class GradientGuard:
         self.consecutive = 0
         self.step_of_failure: int | None = None
         self.global_step = 0  # kept current by the trainer
+
+    def state_dict(self) -> dict[str, int]:
+        """The counts a resumed run continues from (written into every checkpoint)."""
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped = int(state.get("skipped", 0))
+        self.consecutive = int(state.get("consecutive", 0))
+
+    def save(self, folder: Path) -> None:
+        (folder / GUARD_STATE_FILE).write_text(json.dumps(self.state_dict()), encoding="utf-8")
+
+    def load(self, folder: Path) -> None:
+        """Counts from a checkpoint written by ``save``; a checkpoint without them starts from zero."""
+        path = folder / GUARD_STATE_FILE
+        if path.is_file():
+            self.load_state_dict(json.loads(path.read_text(encoding="utf-8")))
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         inner = optimizer.step

@@ -244,6 +244,11 @@ def make_trainer_class() -> type:
             self._staging_root: Path | None = None  # where super()._save_checkpoint writes, while it runs
             super().__init__(*args, **kwargs)
 
+        def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any):
+            if isinstance(resume_from_checkpoint, (str, os.PathLike)) and self.gradient_guard is not None:
+                self.gradient_guard.load(Path(resume_from_checkpoint))  # the Trainer restores the rest
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+
         def create_optimizer(self, *args: Any, **kwargs: Any):
             optimizer = super().create_optimizer(*args, **kwargs)
             if self.gradient_guard is not None and not getattr(optimizer, "_wronai_guarded", False):
@@ -321,6 +326,8 @@ def make_trainer_class() -> type:
                     written = checkpointing.staged_checkpoint(staging, step)
                     for name, text in self.checkpoint_extras.items():
                         (written / name).write_text(text, encoding="utf-8")
+                    if self.gradient_guard is not None:  # skipped-step counts (equal on all ranks)
+                        self.gradient_guard.save(written)
                     if best_moved:  # the state written by the Trainer names the staging folder
                         self.state.save_to_json(str(written / TRAINER_STATE_NAME))
                     checkpointing.seal_and_publish(staging, final, step)
