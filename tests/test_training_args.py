@@ -91,3 +91,16 @@ def test_an_argument_the_installed_version_lacks_is_an_error_naming_it():
 def test_no_eval_data_turns_evaluation_off():
     kw = kwargs_for(NEW, has_eval=False)
     assert kw["eval_strategy"] == "no"
+
+
+def test_logging_strategy_written_as_yaml_no_reaches_the_trainer(tmp_path):
+    """`logging_strategy: no` (YAML's false) is passed on as transformers' "no"."""
+    from wronai.config import load_config
+
+    cfg = load_config(data={"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"},
+                            "training": {"output_dir": str(tmp_path), "logging_strategy": False}})  # fmt: skip
+    plan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+    kwargs = training_arguments_kwargs(
+        cfg.training, cfg.hardware, plan, report_to=[], run_name="r", has_eval=False
+    )
+    assert kwargs["logging_strategy"] == "no"

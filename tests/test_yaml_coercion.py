@@ -59,6 +59,8 @@ ACCEPTED = [
     ("training.save_strategy", "no", None, "no"),
     ("training.save_strategy", "off", None, "no"),
     ("training.evaluation_strategy", "no", "training.eval_strategy", "no"),  # the old name
+    ("training.logging_strategy", "no", None, "no"),
+    ("training.save_strategy", "off", None, "no"),
     ("training.eval_strategy", "epoch", None, "epoch"),
     # other keys whose choices include none/off/on
     ("lora.bias", "no", None, "none"),

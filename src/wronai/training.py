@@ -58,6 +58,7 @@ def training_arguments_kwargs(
         "max_grad_norm": training.max_grad_norm,
         "bf16": plan.bf16,
         "fp16": plan.fp16,
+        "logging_strategy": training.logging_strategy,
         "logging_steps": training.logging_steps,
         "logging_first_step": training.logging_first_step,
         "save_strategy": training.save_strategy,

@@ -294,6 +294,11 @@ class TrainingSection(Section):
     bf16: bool = Field(
         False, description="bfloat16 mixed precision (CUDA with bf16 support, or CPUs with AVX512-BF16/AMX)."
     )
+    logging_strategy: IntervalName = Field(
+        "steps",
+        description="When to log loss and learning rate: no, steps (every logging_steps), epoch. no = no loss "
+        "history (trainer_state.json, the report and TensorBoard stay empty).",
+    )
     logging_steps: int = Field(10, ge=1, description="Log loss and learning rate every N optimizer steps.")
     logging_first_step: bool = Field(True, description="Also log the very first step.")
     eval_strategy: IntervalName = Field(
