@@ -9,7 +9,6 @@ off, before the layers are built, so every invariant below is checked on both ki
 from __future__ import annotations
 
 import contextlib
-import json
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
@@ -80,9 +79,9 @@ def test_an_eval_forward_changes_nothing_a_training_model_computes(
         assert torch.equal(after[1][name], grad), name  # bit-identical in fp32
 
 
-def test_a_packed_layer_would_have_lost_the_gradient(monkeypatch):
-    """What the rule prevents (the library's behaviour, shown with its flag forced on): after one packed eval
-    forward, the input gets no gradient through the base."""
+def test_a_layer_bitsandbytes_packed_is_converted_back_and_kept_out(monkeypatch):
+    """The library's own behaviour with its flag on: one eval forward packs the weight in place;
+    ``forbid_packed_format`` converts it back and switches the flag off."""
     monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
     layer = quantized_linear(64, 128, "nf4", True, False)
     layer.support_avx512bf16_for_cpu = True  # bitsandbytes' own state, as without WronAI
@@ -152,4 +151,3 @@ def test_training_with_evaluation_has_the_losses_of_training_without(
         if strategy == "steps":
             assert sum("eval_loss" in e for e in history) == 3
     assert len(losses[0]) == 6 and losses[0] == losses[1]
-    json.dumps(losses)  # plain numbers

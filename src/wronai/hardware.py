@@ -8,6 +8,7 @@ with one note per replacement. On CUDA the config is used as written. ``wronai v
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import logging
 import os
@@ -118,8 +119,11 @@ class CpuCapability:
         )
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_capability() -> CpuCapability:
-    """The CPU as torch, bitsandbytes and /proc/cpuinfo see it (bitsandbytes asked only when installed)."""
+    """The CPU as torch, bitsandbytes and /proc/cpuinfo see it (bitsandbytes asked only when installed).
+
+    Asked once per process: ``plan_device`` runs several times per command (preflight, the pipeline)."""
     try:
         torch_says = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):

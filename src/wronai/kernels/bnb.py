@@ -278,13 +278,13 @@ def allow_checked_packed_format(model: torch.nn.Module) -> str:
         return ""
     if not bnbf.has_avx512bf16():
         return "4-bit: bitsandbytes' packed CPU format not available on this CPU — dequantizing kernels"
-    checked: dict[tuple[int, ...], str | None] = {}
+    checked: dict[tuple[Any, ...], str | None] = {}
     chosen = []
     for module in layers:
         if not packable(module):
             continue
         state = module.weight.quant_state
-        key = (*state.shape, state.blocksize, hash(state.quant_type))
+        key = (*state.shape, state.blocksize, state.quant_type)
         if key not in checked:
             checked[key] = packed_matches_reference(module)
         if checked[key] is None:
