@@ -39,7 +39,8 @@ def build_model(out: Path) -> Path:
 def one(model_dir: Path, native: bool, precision: str, quant: str) -> dict:
     import bitsandbytes as bnb
 
-    from wronai import hardware, lora_fused, modeling
+    from wronai import lora_fused, modeling
+    from wronai.runtime import hardware
     from wronai.config import load_config
 
     quantization = {"4bit": {"load_in_4bit": True}, "8bit": {"load_in_4bit": False, "load_in_8bit": True},
@@ -119,7 +120,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/wronai-matrix"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from wronai.hardware import cpu_capability
+    from wronai.runtime.hardware import cpu_capability
 
     print(cpu_capability().describe())
     model_dir = build_model(args.out / "model")

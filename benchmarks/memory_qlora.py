@@ -26,7 +26,7 @@ Variants:
   fp32-lora   fp32 weights, no quantization
 
 bf16 matmuls are emulated on AVX2-only CPUs (~10x slower than fp32 here): keep --seq short for bf16 variants;
-the peak is dominated by the weights anyway. ``--predict`` uses ``wronai.planning.estimate(device="cpu")``,
+the peak is dominated by the weights anyway. ``--predict`` uses ``wronai.runtime.memory.estimate(device="cpu")``,
 whose CPU terms are calibrated by benchmarks/plan_accuracy.py.
 """
 
@@ -115,7 +115,8 @@ def run_variant(
 ) -> dict:  # fmt: skip
     import torch
 
-    from wronai import heap, modeling
+    from wronai import modeling
+    from wronai.runtime import heap
     from wronai.config.schema import (
         HardwareSection,
         LoraSection,
@@ -123,7 +124,7 @@ def run_variant(
         QuantizationSection,
         TrainingSection,
     )
-    from wronai.hardware import plan_device
+    from wronai.runtime.hardware import plan_device
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
@@ -201,13 +202,13 @@ def run_variant(
 
 
 def _shape(name: str):
-    from wronai.planning import ModelShape
+    from wronai.runtime.memory import ModelShape
 
     return ModelShape.from_config(llama_config(**SHAPES[name]).to_dict())
 
 
 def _cpu_settings(seq: int):
-    from wronai.planning import Settings
+    from wronai.runtime.memory import Settings
 
     return Settings(quantization="4bit", double_quant=True, weight_bytes=4, compute_bytes=4, lora_r=16,
                     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -217,7 +218,7 @@ def _cpu_settings(seq: int):
 
 def predict(ram_gib: float, seq: int) -> None:
     """Largest shape that fits: planning.estimate(device="cpu") plus the Python process itself."""
-    from wronai.planning import estimate
+    from wronai.runtime.memory import estimate
 
     sys.stdout.write(f"QLoRA (nf4 + double quant, fp32 compute), LoRA r=16 all-linear, GC on, batch 1 x seq {seq}; "
                      f"CPU estimate + {PROCESS_BASELINE / MIB:.0f} MiB Python process; RAM {ram_gib:g} GiB\n")  # fmt: skip

@@ -81,8 +81,8 @@ def run_case(name: str, checkpoint: str) -> dict:
         QuantizationSection,
         TrainingSection,
     )
-    from wronai.hardware import plan_device
-    from wronai.planning import ModelShape, Settings, estimate
+    from wronai.runtime.hardware import plan_device
+    from wronai.runtime.memory import ModelShape, Settings, estimate
 
     shape_name, quant, batch, seq, gc_on = CASES[name]
     torch.manual_seed(0)

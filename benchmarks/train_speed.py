@@ -203,7 +203,7 @@ ABLATIONS = {
         "training": {"gradient_checkpointing": True, "checkpoint_every_n_layers": 2}
     },  # recompute every 2nd decoder layer only
     "wronai-return-freed": {"hardware": {"return_freed_memory": "on"}},  # the 1B+ memory setting
-    "wronai-glibc-heap": {},  # glibc's own heap thresholds (wronai.heap.keep_freed_memory skipped)
+    "wronai-glibc-heap": {},  # glibc's own heap thresholds (wronai.runtime.heap.keep_freed_memory skipped)
 }
 
 
@@ -229,7 +229,7 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
     for group, values in ABLATIONS[args.child].items():
         raw[group].update(values)
     if args.child == "wronai-glibc-heap":
-        from wronai import heap
+        from wronai.runtime import heap
 
         heap.keep_freed_memory = lambda: False
     if not raw["data"]["packing"]:

@@ -33,7 +33,7 @@ def main() -> None:
 
     from wronai import saving
     from wronai.extensions import load_object
-    from wronai.hardware import apply_thread_settings
+    from wronai.runtime.hardware import apply_thread_settings
     from wronai.pipeline import WronAITrainer
 
     # 1. Config: the YAML file plus `--set`-style overrides, validated (a ConfigError lists every problem).

@@ -11,13 +11,13 @@ import yaml
 
 from conftest import assert_same_loss_and_gradients, loss_and_gradients, make_config_dict, polish_batch
 from test_plan import MISTRAL_7B, settings
-from wronai import auto_checkpointing
-from wronai.auto_checkpointing import activation_bytes, checkpointing_choice
+from wronai.runtime import activation_checkpointing
+from wronai.runtime.activation_checkpointing import activation_bytes, checkpointing_choice
 from wronai.cli import main
 from wronai.config import load_config
 from wronai.errors import ConfigError
 from wronai.kbit import gradient_checkpointing_on
-from wronai.planning import GIB, ModelShape, estimate
+from wronai.runtime.memory import GIB, ModelShape, estimate
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 500}  # fmt: skip
@@ -76,23 +76,23 @@ def test_the_threshold_is_half_the_free_memory():
 
 def test_free_memory_is_split_between_the_processes_of_a_machine(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    alone = auto_checkpointing.free_memory("cpu")
+    alone = activation_checkpointing.free_memory("cpu")
     assert alone is not None and alone > 0
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert auto_checkpointing.free_memory("cpu") == pytest.approx(alone / 4, rel=0.2)
-    assert auto_checkpointing.free_memory("mps") is None
+    assert activation_checkpointing.free_memory("cpu") == pytest.approx(alone / 4, rel=0.2)
+    assert activation_checkpointing.free_memory("mps") is None
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (8 * GIB, 16 * GIB))
-    assert auto_checkpointing.free_memory("cuda") == 8 * GIB  # each process has a GPU of its own
+    assert activation_checkpointing.free_memory("cuda") == 8 * GIB  # each process has a GPU of its own
 
 
 def test_unknown_shape_or_memory_keeps_checkpointing_on(tiny_model_dir, alpaca_file, tmp_path):
     cfg = load_config(data=make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out"))
-    assert auto_checkpointing.auto_gradient_checkpointing(cfg, {"model_type": "mamba"}, "cpu") == (
+    assert activation_checkpointing.auto_gradient_checkpointing(cfg, {"model_type": "mamba"}, "cpu") == (
         1,
         "on",
         "model shape unknown (not a Llama-style config)",
     )
-    assert auto_checkpointing.auto_gradient_checkpointing(cfg, TINY, "mps")[:2] == (1, "on")
+    assert activation_checkpointing.auto_gradient_checkpointing(cfg, TINY, "mps")[:2] == (1, "on")
 
 
 def checkpointed_layers(model) -> list[bool]:
@@ -114,10 +114,10 @@ def test_pipeline_decides_auto_from_the_loaded_model(
     }
     raw["training"]["gradient_checkpointing"] = "auto"
     cfg = load_config(data=raw)
-    shape, s = ModelShape.from_config(TINY4), auto_checkpointing.run_settings(cfg, "cpu")
+    shape, s = ModelShape.from_config(TINY4), activation_checkpointing.run_settings(cfg, "cpu")
     budget = {"all": 10 * GIB, "none": 1024.0,
               "partial": 2 * activation_bytes(shape, replace(s, gradient_checkpointing=True, checkpoint_every=2), "cpu")}[free]  # fmt: skip
-    monkeypatch.setattr(auto_checkpointing, "free_memory", lambda device: budget)
+    monkeypatch.setattr(activation_checkpointing, "free_memory", lambda device: budget)
     pipeline = WronAITrainer(cfg)
     model = pipeline.load_model()
     assert checkpointed_layers(model) == flags
@@ -140,7 +140,7 @@ def test_every_nth_layer_when_asked(tiny_model_dir, alpaca_file, tmp_path):
 
 def test_partial_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir, alpaca_file, tmp_path):
     from wronai import modeling
-    from wronai.hardware import plan_device
+    from wronai.runtime.hardware import plan_device
 
     cfg = load_config(data=make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out"))
     plan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)

@@ -23,11 +23,12 @@ from transformers.distributed.fsdp import is_fsdp_enabled
 from transformers.training_args import ParallelMode
 
 from conftest import REPO, make_config_dict
-from wronai import distributed, modeling
+from wronai import modeling
+from wronai.runtime import distributed
 from wronai.cli import main
 from wronai.config import load_config
 from wronai.errors import WronAIError
-from wronai.hardware import plan_device
+from wronai.runtime.hardware import plan_device
 from wronai.training import training_arguments_kwargs
 
 GIB = 2**30

@@ -20,10 +20,10 @@ import pytest
 import yaml
 
 from conftest import REPO, make_config_dict
-from wronai import distributed
+from wronai.runtime import distributed
 from wronai.cli import main
 from wronai.config import load_config
-from wronai.hardware import plan_device
+from wronai.runtime.hardware import plan_device
 from wronai.training import training_arguments_kwargs
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wronai import hardware
+from wronai.runtime import hardware
 from wronai.config import load_config
 
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import loss_and_gradients, make_config_dict, polish_batch
-from wronai import hardware, lora_fused, modeling
+from wronai import lora_fused, modeling
+from wronai.runtime import hardware
 from wronai.config import load_config
 
 QUANT = {"4bit": {"load_in_4bit": True}, "8bit": {"load_in_4bit": False, "load_in_8bit": True},

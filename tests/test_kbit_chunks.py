@@ -14,7 +14,8 @@ from conftest import (
     polish_batch,
     quantized_linear,
 )
-from wronai import hardware, modeling
+from wronai import modeling
+from wronai.runtime import hardware
 from wronai.config import load_config
 from wronai.kernels import bnb as kbit_chunks
 

@@ -12,7 +12,8 @@ from conftest import (
     polish_batch,
     quantized_linear,
 )
-from wronai import hardware, lora_fused, modeling
+from wronai import lora_fused, modeling
+from wronai.runtime import hardware
 from wronai.config import load_config
 
 FUSED = tuple(lora_fused.SWAPS.values())

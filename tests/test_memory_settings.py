@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wronai import heap
+from wronai.runtime import heap
 from wronai.config.schema import HardwareSection
 from wronai.kbit import enable_gradient_checkpointing
 
@@ -17,7 +17,7 @@ from wronai.kbit import enable_gradient_checkpointing
 # Run in a fresh interpreter: the heap of the test process is in no known state.
 FRAGMENT = """
 import torch
-from wronai import heap
+from wronai.runtime import heap
 from wronai.config.schema import HardwareSection
 {setup}
 big = torch.ones(16 * 2**20 // 4); del big            # raises glibc's dynamic mmap threshold to 16 MiB
@@ -72,7 +72,7 @@ def test_return_freed_memory_decision(mode, device, parameters, expected):
 # a training step's activations: 96 MiB in buffers of 1-6 MiB, all freed when the step ends
 STEPS_FRAGMENT = """
 import resource, torch
-from wronai import heap
+from wronai.runtime import heap
 from wronai.config.schema import HardwareSection
 {setup}
 def step():
@@ -108,7 +108,7 @@ def test_return_freed_memory_off_keeps_a_steps_buffers_for_the_next(setup, kept)
 # buffers below the fixed 4 MiB threshold stay in the heap once freed, with the threshold on too
 SMALL_FRAGMENT = """
 import torch
-from wronai import heap
+from wronai.runtime import heap
 from wronai.config.schema import HardwareSection
 assert heap.apply_memory_settings(HardwareSection(return_freed_memory="on"), "cpu", 1)
 keep = [torch.ones(2**20 // 4) for _ in range(200)]     # 200 MiB of 1 MiB buffers: heap, not mmap

@@ -9,7 +9,7 @@ from conftest import make_config_dict
 from wronai import modeling
 from wronai.config import load_config
 from wronai.errors import WronAIError
-from wronai.hardware import plan_device
+from wronai.runtime.hardware import plan_device
 from wronai.kbit import gradient_checkpointing_on
 from wronai.pipeline import WronAITrainer
 

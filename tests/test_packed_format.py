@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import loss_and_gradients, make_config_dict, polish_batch, quantized_linear
-from wronai import hardware, modeling
+from wronai import modeling
+from wronai.runtime import hardware
 from wronai.config import load_config
 from wronai.kernels import bnb as kernels_bnb
 

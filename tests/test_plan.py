@@ -10,7 +10,7 @@ import yaml
 
 from wronai.cli import main
 from wronai.config import load_config
-from wronai.planning import (
+from wronai.runtime.memory import (
     CPU_HEAP_SLACK,
     CPU_RUNTIME,
     CUDA_CONTEXT,
@@ -233,7 +233,7 @@ def test_cli_offline_hub_error_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_plan_uses_create_if_missing_spec(tmp_path):
-    from wronai.planning import plan_config
+    from wronai.runtime.memory import plan_config
 
     cfg = load_config(data={"model": {"name": str(tmp_path / "nope"), "create_if_missing": {"tokenizer_data": ["x.txt"]}},
                             "data": {"dataset_name": "org/dataset"}})  # fmt: skip

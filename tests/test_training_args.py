@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 
 from wronai.config import load_config
 from wronai.errors import WronAIError
-from wronai.hardware import plan_device
+from wronai.runtime.hardware import plan_device
 from wronai.training import training_arguments_kwargs
 
 RAW = {

@@ -193,7 +193,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from wronai import distributed
+    from wronai.runtime import distributed
     from wronai.pipeline import run
 
     loaded = _load(args)
@@ -215,9 +215,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _launch_train(args: argparse.Namespace, config) -> int:
     """`train --nproc N`: check once here, then re-run this command in N processes under torchrun."""
-    from wronai import distributed, modeling, saving
+    from wronai import modeling, saving
+    from wronai.runtime import distributed
     from wronai.errors import ConfigError
-    from wronai.hardware import plan_device
+    from wronai.runtime.hardware import plan_device
     from wronai.pipeline import preflight
 
     if args.nproc < 1:
@@ -238,7 +239,7 @@ def _launch_train(args: argparse.Namespace, config) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from wronai.config import dump_config
-    from wronai.hardware import plan_device
+    from wronai.runtime.hardware import plan_device
     from wronai.pipeline import preflight
 
     loaded = _load(args)

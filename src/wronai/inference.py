@@ -165,7 +165,7 @@ def load_run(
     """
     from wronai import modeling
     from wronai.config.schema import HardwareSection, QuantizationSection, TrainingSection
-    from wronai.hardware import plan_device
+    from wronai.runtime.hardware import plan_device
 
     run = locate_run(path)
     tokenizer = load_tokenizer(run)

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from wronai import distributed
+from wronai.runtime import distributed
 from wronai.config.schema import HardwareSection, LoraSection, ModelConfig, PolishSection, QuantizationSection
 from wronai.errors import WronAIError
-from wronai.hardware import DevicePlan
+from wronai.runtime.hardware import DevicePlan
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def load_base_model(
 
 def resize_embeddings(model: Any, vocab_size: int) -> list[int]:
     """Grow the embedding matrices to ``vocab_size``; new rows start at the mean of the old ones."""
-    from wronai.distributed import full_shape, gathered_for_update
+    from wronai.runtime.distributed import full_shape, gathered_for_update
 
     old = full_shape(model.get_input_embeddings().weight)[0]  # ZeRO-3 keeps only a partition on each rank
     if vocab_size <= old:
@@ -317,7 +317,7 @@ def apply_lora(
         from wronai.lora_fused import fuse_lora_layers
 
         fuse_lora_layers(peft_model, autocast=autocast)
-    from wronai.heap import release_free_memory
+    from wronai.runtime.heap import release_free_memory
 
     freed = release_free_memory()  # loading, quantizing and casting leave freed buffers in the C heap
     if freed > 2**20:

@@ -18,22 +18,20 @@ from typing import Any
 
 import yaml
 
-from wronai import (
-    checkpointing,
-    distributed,
-    modeling,
-    monitoring,
-    reliability,
-    run_metrics,
-    saving,
-    training,
-)
+from wronai import checkpointing
+from wronai.runtime import distributed
+from wronai import modeling
+from wronai import monitoring
+from wronai import reliability
+from wronai import run_metrics
+from wronai import saving
+from wronai import training
 from wronai import data as data_stage
 from wronai.config import WronAIConfig, dump_config, load_config
 from wronai.errors import ConfigError, WronAIError
 from wronai.extensions import build_callbacks, load_object
-from wronai.hardware import DevicePlan, apply_thread_settings, plan_device
-from wronai.heap import apply_memory_settings, release_free_memory
+from wronai.runtime.hardware import DevicePlan, apply_thread_settings, plan_device
+from wronai.runtime.heap import apply_memory_settings, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +126,7 @@ class WronAITrainer:
         training = self.config.training
         if training.gradient_checkpointing != "auto":
             return training.checkpoint_every_n_layers if training.gradient_checkpointing else 0
-        from wronai.auto_checkpointing import auto_gradient_checkpointing, auto_note
+        from wronai.runtime.activation_checkpointing import auto_gradient_checkpointing, auto_note
 
         every, what, why = auto_gradient_checkpointing(self.config, base.config.to_dict(), self.plan.device)
         note = auto_note(what, why)

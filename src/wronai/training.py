@@ -20,7 +20,7 @@ from torch.utils.data import Sampler
 
 from wronai.config.schema import HardwareSection, TrainingSection
 from wronai.errors import WronAIError
-from wronai.hardware import DevicePlan
+from wronai.runtime.hardware import DevicePlan
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def training_arguments_kwargs(
             kwargs["group_by_length"] = True
     if "use_cache" in accepted:
         kwargs["use_cache"] = False
-    from wronai import distributed
+    from wronai.runtime import distributed
 
     kwargs.update(
         distributed.training_kwargs(hardware, plan.device)

@@ -109,7 +109,7 @@ class Settings:
     @classmethod
     def from_config(cls, config: Any, nproc: int = 1) -> Settings:
         """Settings on a bf16-capable GPU (what `wronai plan` sizes for)."""
-        from wronai import distributed
+        from wronai.runtime import distributed
 
         q, t = config.quantization, config.training
         weight_bytes = 4 if config.model.torch_dtype == "float32" else 2  # auto = bf16 on GPUs
@@ -385,7 +385,7 @@ def render(plan: Plan, model_name: str, gpu_label: str) -> str:
 
 
 def _checkpointing_text(s: Settings, layers: int) -> str:
-    from wronai.auto_checkpointing import describe_checkpointing
+    from wronai.runtime.activation_checkpointing import describe_checkpointing
 
     return describe_checkpointing(s.checkpoint_every if s.gradient_checkpointing else 0, layers)
 
@@ -394,7 +394,7 @@ def on_this_cpu(settings: Settings, config: Any) -> Settings:
     """Dtypes and quantization as the device plan resolves them on this machine's CPU (fp32 without native bf16)."""
     import torch
 
-    from wronai.hardware import plan_device
+    from wronai.runtime.hardware import plan_device
 
     hardware = config.hardware.model_copy(update={"device": "cpu"})
     dp = plan_device(hardware, config.training, config.quantization, config.model)
@@ -406,7 +406,7 @@ def on_this_cpu(settings: Settings, config: Any) -> Settings:
 
 def _embedding_bytes(config: Any, model_config: dict[str, Any]) -> int:
     """2 when a 4-bit run keeps the checkpoint's 16-bit embeddings (hardware.keeps_16bit_embeddings), else 4."""
-    from wronai.hardware import keeps_16bit_embeddings
+    from wronai.runtime.hardware import keeps_16bit_embeddings
 
     stored = str(model_config.get("dtype") or model_config.get("torch_dtype") or "")
     keeps = keeps_16bit_embeddings(config.quantization, config.model, config.hardware)
@@ -428,7 +428,7 @@ def plan_config(config: Any, gpu: str = "24GB", nproc: int = 1, device: str = "c
     budget = parse_gpu_size(gpu)
     auto = ""
     if config.training.gradient_checkpointing == "auto":  # as `wronai train` decides it, after loading
-        from wronai.auto_checkpointing import (
+        from wronai.runtime.activation_checkpointing import (
             activation_bytes,
             auto_note,
             checkpointing_choice,

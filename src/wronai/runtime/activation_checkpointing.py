@@ -1,7 +1,7 @@
 """``training.gradient_checkpointing: auto``: recompute only as many decoder layers as memory needs.
 
 After the model is loaded, the activations of one step are estimated with ``wronai plan``'s formula
-(``planning.estimate``: the model's shape, ``per_device_train_batch_size``, ``data.max_seq_length``) and
+(``memory.estimate``: the model's shape, ``per_device_train_batch_size``, ``data.max_seq_length``) and
 compared with the memory still free — the process's GPU's free memory on CUDA, available RAM on a CPU split
 between the processes of the machine. Off when the activations without checkpointing take at most half of it; else
 one decoder layer in every N is recomputed (transformers 5's ``every_n_layers``), the largest N that fits,
@@ -14,9 +14,9 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from wronai import planning
+from wronai.runtime import memory
 from wronai.errors import WronAIError
-from wronai.planning import GIB, ModelShape, Settings, estimate
+from wronai.runtime.memory import GIB, ModelShape, Settings, estimate
 
 # training.gradient_checkpointing: auto turns it off while a step's activations without it take at most
 # this share of the memory free after loading (the estimate is conservative on CPUs; evaluation, the
@@ -77,7 +77,7 @@ def free_memory(device: str) -> float | None:
 def run_settings(config: Any, device: str) -> Settings:
     """The estimate's settings for a run of ``config`` on ``device`` (dtypes as this machine's plan resolves them)."""
     settings = Settings.from_config(config)
-    return planning.on_this_cpu(settings, config) if device == "cpu" else settings
+    return memory.on_this_cpu(settings, config) if device == "cpu" else settings
 
 
 def auto_gradient_checkpointing(
