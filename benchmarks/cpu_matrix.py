@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def build_model(out: Path) -> Path:
     from wronai.config.schema import TinyModelSpec
-    from wronai.tiny import build_tiny_model
+    from wronai.model.tiny import build_tiny_model
 
     if not (out / "config.json").exists():
         spec = TinyModelSpec(tokenizer_data=[str(REPO / "data/sample_pl/corpus.txt")], vocab_size=600)
@@ -39,7 +39,8 @@ def build_model(out: Path) -> Path:
 def one(model_dir: Path, native: bool, precision: str, quant: str) -> dict:
     import bitsandbytes as bnb
 
-    from wronai import lora_fused, modeling
+    from wronai import lora_fused
+    from wronai.model import loading
     from wronai.runtime import hardware
     from wronai.config import load_config
 
@@ -57,7 +58,7 @@ def one(model_dir: Path, native: bool, precision: str, quant: str) -> dict:
     )
     with mock.patch.object(hardware, "cpu_supports_bf16", lambda: native):
         plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    tok, _ = modeling.load_tokenizer(cfg.model, cfg.polish)
+    tok, _ = loading.load_tokenizer(cfg.model, cfg.polish)
     batch = tok(["Warszawa jest stolicą Polski.", "Kraków leży nad Wisłą, a Gdańsk nad morzem."],
                 return_tensors="pt", padding=True)  # fmt: skip
     autocast = (
@@ -67,8 +68,8 @@ def one(model_dir: Path, native: bool, precision: str, quant: str) -> dict:
     def run(fused: bool, eval_first: bool = False):
         torch.manual_seed(0)
         with mock.patch.object(bnb.nn.modules, "has_avx512bf16", lambda: True):  # packed path armed
-            base = modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
-        model = modeling.apply_lora(
+            base = loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
+        model = loading.apply_lora(
             base, cfg.lora, [], gradient_checkpointing=0, keep_embeddings=plan.keep_embeddings,
             dequantize_chunk_bytes=plan.dequantize_chunk_bytes, fused_lora=fused, autocast=plan.autocast_dtype,
         )  # fmt: skip

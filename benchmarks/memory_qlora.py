@@ -9,7 +9,7 @@
 The shape (``--shape``, see benchmarks/random_checkpoint.py: the ``config.json`` fields of a public model,
 e.g. ``tinyllama-1.1b`` = TinyLlama-1.1B, ``qwen2.5-0.5b`` = Qwen2.5-0.5B without its q/k/v biases,
 ``mistral-7b`` = Mistral-7B-v0.1) is written once, random init, as bf16 safetensors to a temp dir. Each
-variant then runs in a fresh subprocess: load through WronAI's builders (``modeling.load_base_model`` +
+variant then runs in a fresh subprocess: load through WronAI's builders (``loading.load_base_model`` +
 ``apply_lora``), LoRA r=16 on all linear layers, gradient checkpointing on, AdamW, batch 1, two optimizer
 steps on ``--seq`` random tokens. Memory is read from /proc/self/status: RSS after load, the peak (VmHWM)
 while loading, and the peak while training (the counter is reset after loading; nothing is trimmed, as in a
@@ -115,7 +115,7 @@ def run_variant(
 ) -> dict:  # fmt: skip
     import torch
 
-    from wronai import modeling
+    from wronai.model import loading
     from wronai.runtime import heap
     from wronai.config.schema import (
         HardwareSection,
@@ -149,8 +149,8 @@ def run_variant(
     sampler = _AnonSampler()
     sampler.phase = "load"
     start = time.perf_counter()
-    model = modeling.load_base_model(model_cfg, qcfg, hardware, plan)
-    model = modeling.apply_lora(
+    model = loading.load_base_model(model_cfg, qcfg, hardware, plan)
+    model = loading.apply_lora(
         model,
         LoraSection(r=16, lora_alpha=32, lora_dropout=0.0),
         [],

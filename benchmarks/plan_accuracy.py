@@ -73,7 +73,7 @@ def _warm_up() -> None:
 def run_case(name: str, checkpoint: str) -> dict:
     import torch
 
-    from wronai import modeling
+    from wronai.model import loading
     from wronai.config.schema import (
         HardwareSection,
         LoraSection,
@@ -95,7 +95,7 @@ def run_case(name: str, checkpoint: str) -> dict:
     _warm_up()
     _trim_and_reset_peak()
     before = _status("VmRSS")
-    model = modeling.apply_lora(modeling.load_base_model(model_cfg, qcfg, hardware, plan), lcfg, [], gc_on)
+    model = loading.apply_lora(loading.load_base_model(model_cfg, qcfg, hardware, plan), lcfg, [], gc_on)
     load_peak = _status("VmHWM") - before
     _trim_and_reset_peak()
     loaded = _status("VmRSS") - before

@@ -2,7 +2,7 @@
 
 Three tokenizers, side by side (the same table as `wronai tokenizer stats`):
 
-- ``base``: the tiny byte-level BPE WronAI builds for its offline model (``wronai.tiny.train_tokenizer``,
+- ``base``: the tiny byte-level BPE WronAI builds for its offline model (``wronai.model.tiny.train_tokenizer``,
   trained on data/sample_pl/corpus.txt), or any local tokenizer given with ``--base DIR``;
 - ``extended``: ``base`` + ``--add`` tokens chosen on data/sample_pl/ (``wronai tokenizer extend``);
 - ``polish-bpe``: a Polish byte-level BPE trained on data/sample_pl/ with the extended vocabulary's size
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer_stats,
         train_polish_tokenizer,
     )
-    from wronai.tiny import train_tokenizer
+    from wronai.model.tiny import train_tokenizer
     from wronai.vocab_extension import extend_with_data
 
     start = time.perf_counter()

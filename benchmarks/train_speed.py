@@ -77,7 +77,7 @@ def make_data(path: Path, rows: int, seed: int = 0) -> None:
 
 def build_model(out: Path, hidden: int, layers: int) -> None:
     from wronai.config.schema import TinyModelSpec
-    from wronai.tiny import build_tiny_model
+    from wronai.model.tiny import build_tiny_model
 
     spec = TinyModelSpec(
         tokenizer_data=[str(REPO / "data/sample_pl/corpus.txt"), str(REPO / "data/sample_pl/instructions.jsonl")],
@@ -209,7 +209,7 @@ ABLATIONS = {
 
 def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
     from wronai.config import load_config
-    from wronai.kbit import gradient_checkpointing_on
+    from wronai.model.kbit import gradient_checkpointing_on
     from wronai.pipeline import WronAITrainer
 
     raw = {
@@ -257,7 +257,7 @@ def eval_loss(model_dir: Path, adapter: Path, eval_file: Path, max_len: int) -> 
 
     from wronai.config.schema import DataSection, ModelConfig, PolishSection
     from wronai.data import PaddingCollator, build_datasets
-    from wronai.modeling import load_tokenizer
+    from wronai.model.loading import load_tokenizer
 
     tok, _ = load_tokenizer(ModelConfig(name=str(model_dir)), PolishSection())
     data = build_datasets(

@@ -79,7 +79,7 @@ def corpus_file(tmp_path_factory) -> Path:
 def tiny_model_dir(tmp_path_factory, corpus_file) -> Path:
     """A 2-layer Llama (hidden 64) with a 500-token byte-level BPE tokenizer, saved like a Hub model."""
     from wronai.config.schema import TinyModelSpec
-    from wronai.tiny import build_tiny_model
+    from wronai.model.tiny import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny") / "model"
     spec = TinyModelSpec(
@@ -93,7 +93,7 @@ def tiny_model_dir(tmp_path_factory, corpus_file) -> Path:
 def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from wronai.modeling import set_pad_token
+    from wronai.model.loading import set_pad_token
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     set_pad_token(tok)

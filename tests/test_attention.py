@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wronai.attention import (
+from wronai.model.attention import (
     LENGTHS_KWARG,
     PACKED_SDPA,
     enable_packed_attention,
@@ -15,7 +15,7 @@ from wronai.attention import (
 )
 from wronai.data.collate import PackedCollator, pack_examples
 from wronai.data.tokenize import IGNORE_INDEX
-from wronai.kbit import enable_gradient_checkpointing
+from wronai.model.kbit import enable_gradient_checkpointing
 
 X = IGNORE_INDEX
 

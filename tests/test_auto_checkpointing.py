@@ -16,7 +16,7 @@ from wronai.runtime.activation_checkpointing import activation_bytes, checkpoint
 from wronai.cli import main
 from wronai.config import load_config
 from wronai.errors import ConfigError
-from wronai.kbit import gradient_checkpointing_on
+from wronai.model.kbit import gradient_checkpointing_on
 from wronai.runtime.memory import GIB, ModelShape, estimate
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -139,18 +139,18 @@ def test_every_nth_layer_when_asked(tiny_model_dir, alpaca_file, tmp_path):
 
 
 def test_partial_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir, alpaca_file, tmp_path):
-    from wronai import modeling
+    from wronai.model import loading
     from wronai.runtime.hardware import plan_device
 
     cfg = load_config(data=make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out"))
     plan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    tok, _ = modeling.load_tokenizer(cfg.model, cfg.polish)
+    tok, _ = loading.load_tokenizer(cfg.model, cfg.polish)
     batch = polish_batch(tok)
     results = []
     for every in (0, 2):
         torch.manual_seed(0)
-        base = modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
-        model = modeling.apply_lora(base, cfg.lora, [], gradient_checkpointing=every).train()
+        base = loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
+        model = loading.apply_lora(base, cfg.lora, [], gradient_checkpointing=every).train()
         assert checkpointed_layers(model) == [every == 2, False]
         results.append(loss_and_gradients(model, batch))
     assert_same_loss_and_gradients(results[1], results[0])

@@ -23,7 +23,7 @@ from transformers.distributed.fsdp import is_fsdp_enabled
 from transformers.training_args import ParallelMode
 
 from conftest import REPO, make_config_dict
-from wronai import modeling
+from wronai.model import loading
 from wronai.runtime import distributed
 from wronai.cli import main
 from wronai.config import load_config
@@ -135,7 +135,7 @@ def _load(monkeypatch, hardware=None, quantization=None, device_map="auto"):
         return _Loaded()
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
-    modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, _plan(cfg))
+    loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, _plan(cfg))
     return seen
 
 
@@ -239,7 +239,7 @@ def test_fsdp_loading_environment_holds_only_inside_from_pretrained(fake_cuda, m
         cfg = load_config(data={"model": {"name": "org/model"}, "data": {"dataset_name": "org/data"},
                                 "hardware": hardware, "quantization": quantization or {"load_in_4bit": True}})  # fmt: skip
         monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
-        modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, _plan(cfg))
+        loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, _plan(cfg))
         return seen.pop()
 
     outside = {"ACCELERATE_USE_FSDP": "false", "FSDP_CPU_RAM_EFFICIENT_LOADING": None}
@@ -260,7 +260,7 @@ def test_fsdp_loading_environment_holds_only_inside_from_pretrained(fake_cuda, m
                             "hardware": {"distributed": "fsdp"}})  # fmt: skip
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", failing)
     with pytest.raises(WronAIError):
-        modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, _plan(cfg))
+        loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, _plan(cfg))
     assert {k: os.environ.get(k) for k in distributed.FSDP_LOAD_ENV} == outside  # restored on the error too
 
 
@@ -315,7 +315,7 @@ def test_a_model_beyond_max_memory_names_the_settings(fake_cuda, monkeypatch):
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
     with pytest.raises(WronAIError, match=r"within hardware.max_memory .* raise hardware.max_memory"):
-        modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, _plan(cfg))
+        loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, _plan(cfg))
 
 
 def test_fsdp_in_one_process_is_refused_with_the_fix(tmp_path, tiny_model_dir, alpaca_file):

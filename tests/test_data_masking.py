@@ -153,7 +153,7 @@ def test_mistral_closes_every_answer_with_one_eos(tiny_tokenizer):
 @pytest.fixture(scope="module")
 def merging_tokenizer():
     """A BPE tokenizer whose merges make " Warszawa" one token, so a prompt ending in "War" merges with the answer."""
-    from wronai.tiny import train_tokenizer
+    from wronai.model.tiny import train_tokenizer
 
     texts = ["Miasto: Warszawa"] * 200 + ["Miasto: Kraków", "Zażółć gęślą jaźń"] * 20
     return train_tokenizer(texts, vocab_size=300)

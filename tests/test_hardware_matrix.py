@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import loss_and_gradients, make_config_dict, polish_batch
-from wronai import lora_fused, modeling
+from wronai import lora_fused
+from wronai.model import loading
 from wronai.runtime import hardware
 from wronai.config import load_config
 
@@ -55,8 +56,8 @@ def test_plan_is_consistent(monkeypatch, tiny_model_dir, tmp_path, alpaca_file, 
 
 def _build(cfg, plan, fused: bool):
     torch.manual_seed(0)
-    base = modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
-    model = modeling.apply_lora(
+    base = loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
+    model = loading.apply_lora(
         base, cfg.lora, [], gradient_checkpointing=0, keep_embeddings=plan.keep_embeddings,
         dequantize_chunk_bytes=plan.dequantize_chunk_bytes and 16 * 64 * 4,  # several slices per layer
         fused_lora=fused, autocast=plan.autocast_dtype,
@@ -82,7 +83,7 @@ def test_what_the_plan_says_is_what_runs(
     monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: native)
     cfg = _config(tiny_model_dir, tmp_path, alpaca_file, precision, quant)
     plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    batch = polish_batch(modeling.load_tokenizer(cfg.model, cfg.polish)[0])
+    batch = polish_batch(loading.load_tokenizer(cfg.model, cfg.polish)[0])
     autocast = (
         torch.autocast("cpu", dtype=plan.autocast_dtype) if plan.autocast_dtype else contextlib.nullcontext()
     )

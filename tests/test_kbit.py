@@ -14,7 +14,7 @@ from conftest import (
     make_config_dict,
     polish_batch,
 )
-from wronai import kbit
+from wronai.model import kbit
 from wronai.config import load_config
 from wronai.pipeline import WronAITrainer
 

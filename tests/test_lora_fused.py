@@ -12,7 +12,8 @@ from conftest import (
     polish_batch,
     quantized_linear,
 )
-from wronai import lora_fused, modeling
+from wronai import lora_fused
+from wronai.model import loading
 from wronai.runtime import hardware
 from wronai.config import load_config
 
@@ -213,13 +214,13 @@ def test_model_through_wronai_builders_has_the_same_loss_and_gradients(
     raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", quantization=quantization)
     cfg = load_config(data=raw)
     plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    tok, _ = modeling.load_tokenizer(cfg.model, cfg.polish)
+    tok, _ = loading.load_tokenizer(cfg.model, cfg.polish)
     batch = polish_batch(tok)
     results = []
     for fused in (False, True):
         torch.manual_seed(0)
-        base = modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
-        model = modeling.apply_lora(
+        base = loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
+        model = loading.apply_lora(
             base, cfg.lora.model_copy(update={"lora_dropout": 0.1}), [], gradient_checkpointing=checkpointing,
             keep_embeddings=plan.keep_embeddings, dequantize_chunk_bytes=plan.dequantize_chunk_bytes and 16 * 64 * 4,
             fused_lora=fused,
@@ -242,12 +243,12 @@ def test_model_under_bf16_autocast_has_the_same_loss_and_gradients(
     raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", quantization={"load_in_4bit": True})
     cfg = load_config(data=raw)
     plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    batch = polish_batch(modeling.load_tokenizer(cfg.model, cfg.polish)[0])
+    batch = polish_batch(loading.load_tokenizer(cfg.model, cfg.polish)[0])
     results = []
     for fused in (False, True):
         torch.manual_seed(0)
-        base = modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
-        model = modeling.apply_lora(base, cfg.lora, [], gradient_checkpointing=0, fused_lora=fused).train()
+        base = loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
+        model = loading.apply_lora(base, cfg.lora, [], gradient_checkpointing=0, fused_lora=fused).train()
         fused_calls.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             results.append(loss_and_gradients(model, batch))

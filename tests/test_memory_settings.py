@@ -11,7 +11,7 @@ import torch
 
 from wronai.runtime import heap
 from wronai.config.schema import HardwareSection
-from wronai.kbit import enable_gradient_checkpointing
+from wronai.model.kbit import enable_gradient_checkpointing
 
 # glibc keeps freed buffers in its heap once a larger freed buffer has raised its dynamic mmap threshold.
 # Run in a fresh interpreter: the heap of the test process is in no known state.

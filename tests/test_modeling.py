@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import make_config_dict
-from wronai import modeling
+from wronai.model import loading
 from wronai.config import load_config
 from wronai.errors import WronAIError
 from wronai.runtime.hardware import plan_device
-from wronai.kbit import gradient_checkpointing_on
+from wronai.model.kbit import gradient_checkpointing_on
 from wronai.pipeline import WronAITrainer
 
 
@@ -27,10 +27,10 @@ def test_gradient_checkpointing_is_on_without_deprecated_calls(
 
     cfg = config(tiny_model_dir, tmp_path, alpaca_file, quantization={"load_in_4bit": four_bit})
     plan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    base = modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
+    base = loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*gradient_checkpointing_enable.*")
-        model = modeling.apply_lora(base, cfg.lora, [], gradient_checkpointing=True)
+        model = loading.apply_lora(base, cfg.lora, [], gradient_checkpointing=True)
     assert gradient_checkpointing_on(model)
 
 
@@ -39,11 +39,11 @@ def test_pad_token_prefers_unk_and_never_breaks_eos(tiny_model_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert tok.pad_token is None
-    modeling.set_pad_token(tok)
+    loading.set_pad_token(tok)
     assert tok.pad_token == tok.unk_token != tok.eos_token
     tok2 = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok2.unk_token = None
-    modeling.set_pad_token(tok2)
+    loading.set_pad_token(tok2)
     assert tok2.pad_token == tok2.eos_token
 
 
@@ -114,7 +114,7 @@ def test_resize_initialises_new_rows_at_mean(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     old = model.get_input_embeddings().weight.detach().clone()
-    new_ids = modeling.resize_embeddings(model, old.shape[0] + 3)
+    new_ids = loading.resize_embeddings(model, old.shape[0] + 3)
     assert new_ids == [old.shape[0], old.shape[0] + 1, old.shape[0] + 2]
     rows = model.get_input_embeddings().weight[new_ids]
     assert torch.allclose(rows, old.mean(dim=0).expand(3, -1), atol=1e-6)
@@ -136,6 +136,6 @@ def test_local_model_dir_without_weights(tmp_path, alpaca_file):
 def test_quantization_config_follows_plan(tiny_model_dir, tmp_path, alpaca_file):
     cfg = config(tiny_model_dir, tmp_path, alpaca_file, quantization={"bnb_4bit_use_double_quant": True})
     plan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    bnb = modeling.quantization_config(cfg.quantization, plan)
+    bnb = loading.quantization_config(cfg.quantization, plan)
     assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
     assert bnb.bnb_4bit_compute_dtype == plan.compute_dtype

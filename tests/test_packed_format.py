@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import loss_and_gradients, make_config_dict, polish_batch, quantized_linear
-from wronai import modeling
+from wronai.model import loading
 from wronai.runtime import hardware
 from wronai.config import load_config
 from wronai.kernels import bnb as kernels_bnb
@@ -36,10 +36,10 @@ def _model(tiny_model_dir, tmp_path, alpaca_file, **quantization):
     )
     cfg = load_config(data=raw)
     plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    tok, _ = modeling.load_tokenizer(cfg.model, cfg.polish)
+    tok, _ = loading.load_tokenizer(cfg.model, cfg.polish)
     torch.manual_seed(0)
-    base = modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
-    model = modeling.apply_lora(
+    base = loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
+    model = loading.apply_lora(
         base, cfg.lora, [], gradient_checkpointing=0, keep_embeddings=plan.keep_embeddings,
         dequantize_chunk_bytes=plan.dequantize_chunk_bytes, fused_lora=plan.fused_lora,
     )  # fmt: skip

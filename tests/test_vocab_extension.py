@@ -48,7 +48,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def pretrained_dir(tmp_path_factory) -> Path:
-    from wronai.tiny import build_tiny_model
+    from wronai.model.tiny import build_tiny_model
 
     spec = TinyModelSpec(
         tokenizer_data=[SAMPLE[0]], vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -225,7 +225,7 @@ def _pipeline_wires_extend_vocab() -> bool:
 
 def _wire_extend_vocab(monkeypatch) -> None:
     """Until the lead wires polish.extend_vocab into the pipeline: the documented calls, patched in."""
-    from wronai import modeling
+    from wronai.model import loading
     from wronai.pipeline import WronAITrainer
     from wronai.vocab_extension import write_extension_file
 
@@ -244,12 +244,12 @@ def _wire_extend_vocab(monkeypatch) -> None:
         if self.tokenizer is None:
             self.load_tokenizer()
         cfg = self.config
-        base = modeling.load_base_model(cfg.model, cfg.quantization, cfg.hardware, self.plan)
-        new_ids = modeling.resize_embeddings(base, len(self.tokenizer)) or self.new_token_ids
+        base = loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, self.plan)
+        new_ids = loading.resize_embeddings(base, len(self.tokenizer)) or self.new_token_ids
         if self.vocab_tokens:
             init_new_embeddings(base, self.base_tokenizer, self.vocab_tokens)
             new_ids = sorted(set(new_ids) | {t.id for t in self.vocab_tokens})  # padded vocabularies (Qwen)
-        self.model = modeling.apply_lora(base, cfg.lora, new_ids, cfg.training.gradient_checkpointing)
+        self.model = loading.apply_lora(base, cfg.lora, new_ids, cfg.training.gradient_checkpointing)
         return self.model
 
     original_save = WronAITrainer.save

@@ -215,7 +215,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _launch_train(args: argparse.Namespace, config) -> int:
     """`train --nproc N`: check once here, then re-run this command in N processes under torchrun."""
-    from wronai import modeling, saving
+    from wronai import saving
+    from wronai.model import loading
     from wronai.runtime import distributed
     from wronai.errors import ConfigError
     from wronai.runtime.hardware import plan_device
@@ -228,7 +229,7 @@ def _launch_train(args: argparse.Namespace, config) -> int:
     if problems:
         raise ConfigError(problems, args.config)
     saving.check_output_dir(config.training.output_dir, overwrite=args.overwrite, resume=bool(args.resume))
-    modeling.ensure_model_available(config.model)  # build a missing local model once, not once per rank
+    loading.ensure_model_available(config.model)  # build a missing local model once, not once per rank
     child = ["train", args.config, *[f"--set={o}" for o in args.overrides]]
     if args.resume:
         child += ["--resume"] if args.resume is True else [f"--resume={args.resume}"]
@@ -262,7 +263,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_init_model(args: argparse.Namespace) -> int:
     from wronai.config.schema import TinyModelSpec
-    from wronai.tiny import build_tiny_model
+    from wronai.model.tiny import build_tiny_model
 
     spec = TinyModelSpec(
         tokenizer_data=args.data,

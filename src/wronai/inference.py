@@ -137,7 +137,7 @@ def locate_run(path: str | Path) -> RunDir:
 def load_tokenizer(run: RunDir) -> Any:
     from transformers import AutoTokenizer
 
-    from wronai.modeling import set_pad_token
+    from wronai.model.loading import set_pad_token
 
     trust = bool(run.config and run.config.model.trust_remote_code)
     try:
@@ -163,7 +163,7 @@ def load_run(
 
     ``quantize=False`` loads the base in full precision; ``dtype`` (a torch dtype) forces the weights' dtype.
     """
-    from wronai import modeling
+    from wronai.model import loading
     from wronai.config.schema import HardwareSection, QuantizationSection, TrainingSection
     from wronai.runtime.hardware import plan_device
 
@@ -187,7 +187,7 @@ def load_run(
         plan = dataclasses.replace(plan, model_dtype=dtype, compute_dtype=dtype)
     model = _load_base(model_cfg, quant, hardware, plan, run)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        modeling.resize_embeddings(
+        loading.resize_embeddings(
             model, len(tokenizer)
         )  # tokens added in training: rows restored by the adapter
     if run.is_adapter:
@@ -219,11 +219,11 @@ def load_run(
 
 
 def _load_base(model_cfg: ModelConfig, quant: Any, hardware: Any, plan: Any, run: RunDir) -> Any:
-    from wronai import modeling
+    from wronai.model import loading
 
     where = f" (the base model of {run.path}; pass --base-model PATH if it moved)" if run.is_adapter else ""
     try:
-        return modeling.load_base_model(model_cfg, quant, hardware, plan)
+        return loading.load_base_model(model_cfg, quant, hardware, plan)
     except WronAIError as err:
         raise WronAIError(f"{err}{where}") from None
     except (ImportError, RuntimeError) as err:
@@ -232,7 +232,7 @@ def _load_base(model_cfg: ModelConfig, quant: Any, hardware: Any, plan: Any, run
         logger.warning(
             "4-bit loading failed (%s) — loading the base in full precision", str(err).splitlines()[0]
         )
-        return modeling.load_base_model(
+        return loading.load_base_model(
             model_cfg, quant, hardware, dataclasses.replace(plan, quantization="none")
         )
 

@@ -47,7 +47,7 @@ def load_merged(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from wronai.modeling import _from_pretrained_error, resize_embeddings
+    from wronai.model.loading import _from_pretrained_error, resize_embeddings
 
     if not run.is_adapter:
         raise WronAIError(

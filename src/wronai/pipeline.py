@@ -20,7 +20,7 @@ import yaml
 
 from wronai import checkpointing
 from wronai.runtime import distributed
-from wronai import modeling
+from wronai.model import loading
 from wronai import monitoring
 from wronai import reliability
 from wronai import run_metrics
@@ -69,7 +69,7 @@ class WronAITrainer:
         return load_config(path, overrides)
 
     def load_tokenizer(self):
-        tokenizer, self.new_token_ids = modeling.load_tokenizer(self.config.model, self.config.polish)
+        tokenizer, self.new_token_ids = loading.load_tokenizer(self.config.model, self.config.polish)
         if self.config.polish.extend_vocab is not None:
             from wronai.vocab_extension import apply_extend_vocab
 
@@ -81,7 +81,7 @@ class WronAITrainer:
             tokenizer = load_object(hook, "extensions.tokenizer_hook")(tokenizer, self.config)
             if tokenizer is None:
                 raise WronAIError("extensions.tokenizer_hook returned None — it must return the tokenizer")
-            modeling.set_pad_token(tokenizer)
+            loading.set_pad_token(tokenizer)
             self.new_token_ids = sorted({*self.new_token_ids, *range(before, len(tokenizer))})
         self.tokenizer = tokenizer
         return tokenizer
@@ -97,7 +97,7 @@ class WronAITrainer:
             self.config.hardware, self.plan, self.config.training
         )
         try:
-            base = modeling.load_base_model(
+            base = loading.load_base_model(
                 self.config.model, self.config.quantization, self.config.hardware, self.plan
             )
         except Exception as err:
@@ -105,13 +105,13 @@ class WronAITrainer:
                 raise WronAIError(reliability.oom_message("loading the model", self.config)) from None
             raise
         # rows past the old embedding matrix, plus added tokens that fit into spare rows (e.g. Qwen's padding rows)
-        new_ids = sorted({*self.new_token_ids, *modeling.resize_embeddings(base, len(self.tokenizer))})
+        new_ids = sorted({*self.new_token_ids, *loading.resize_embeddings(base, len(self.tokenizer))})
         if self.vocab_tokens:  # polish.extend_vocab: each new row = mean of its base pieces' rows
             from wronai.vocab_extension import init_new_embeddings
 
             init_new_embeddings(base, self.base_tokenizer, self.vocab_tokens)
             new_ids = sorted({*new_ids, *(t.id for t in self.vocab_tokens)})
-        self.model = modeling.apply_lora(
+        self.model = loading.apply_lora(
             base, self.config.lora, new_ids, self._gradient_checkpointing(base),
             keep_embeddings=self.plan.keep_embeddings, dequantize_chunk_bytes=self.plan.dequantize_chunk_bytes,
             fused_lora=self.plan.fused_lora, autocast=self.plan.autocast_dtype,
@@ -327,7 +327,7 @@ def preflight(config: WronAIConfig) -> list[str]:
 
     problems: list[str] = []
     name = config.model.name
-    if not Path(name).exists() and config.model.create_if_missing is None and modeling._looks_like_path(name):
+    if not Path(name).exists() and config.model.create_if_missing is None and loading._looks_like_path(name):
         problems.append(
             f"model.name: local directory {name} does not exist — fix the path, or use a Hub id like org/name"
         )

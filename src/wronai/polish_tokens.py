@@ -34,7 +34,7 @@ SPECIAL_TOKENS = {
     "bos_token": "<s>",
     "eos_token": "</s>",
     "unk_token": "<unk>",
-}  # as wronai.tiny (no torch import here)
+}  # as wronai.model.tiny (no torch import here)
 _WORD = re.compile(r"[^\W_]+")
 _BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
@@ -139,8 +139,8 @@ def resolve_data(files: list[str] | None, option: str = "--data") -> list[str]:
 
 
 def read_texts(files: list[str]) -> list[str]:
-    """Paragraphs of .txt files and string fields of .json/.jsonl rows (see ``wronai.tiny.iter_text``)."""
-    from wronai.tiny import iter_text
+    """Paragraphs of .txt files and string fields of .json/.jsonl rows (see ``wronai.model.tiny.iter_text``)."""
+    from wronai.model.tiny import iter_text
 
     texts = list(iter_text(files))
     if not texts:
@@ -318,7 +318,7 @@ def train_polish_tokenizer(texts: list[str], vocab_size: int, min_frequency: int
         )
     if not texts:
         raise WronAIError("--data: no text to train on — pass .txt/.jsonl files with Polish text")
-    from wronai.tiny import train_tokenizer
+    from wronai.model.tiny import train_tokenizer
 
     return train_tokenizer(
         texts, vocab_size, pre_tokenizer=polish_pre_tokenizer(), min_frequency=min_frequency

@@ -165,7 +165,7 @@ def build_trainer(
     from wronai.reliability import GradientGuard
 
     if prepared.packed:  # attention per example instead of a block-diagonal mask over the whole row
-        from wronai.attention import enable_packed_attention
+        from wronai.model.attention import enable_packed_attention
 
         collator: Any = PackedCollator(
             pad_token_id=tokenizer.pad_token_id,

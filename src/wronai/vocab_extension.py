@@ -250,7 +250,7 @@ def apply_extend_vocab(tokenizer: Any, spec: Any) -> tuple[Any, list[NewToken], 
     ``spec`` is an ``ExtendVocabSpec`` (``data``: text files, ``add``: how many tokens). Call it on the
     loaded tokenizer, then ``init_new_embeddings(model, tokenizer, new_tokens)`` on the resized base model.
     """
-    from wronai.tiny import iter_text
+    from wronai.model.tiny import iter_text
 
     missing = [f for f in spec.data if not Path(f).is_file()]
     if missing:

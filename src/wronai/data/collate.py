@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from wronai.attention import LENGTHS_KWARG, example_lengths, sequence_boundaries
+from wronai.model.attention import LENGTHS_KWARG, example_lengths, sequence_boundaries
 from wronai.data.tokenize import IGNORE_INDEX
 
 

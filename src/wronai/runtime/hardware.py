@@ -331,7 +331,7 @@ def _fused_lora(hardware: HardwareSection, device: str, notes: list[str]) -> boo
 def keeps_16bit_embeddings(
     quantization: QuantizationSection, model: ModelConfig, hardware: HardwareSection
 ) -> bool:
-    """4-bit runs keep frozen embeddings/head 16-bit (wronai.kbit): asked for, dtype auto, not FSDP/ZeRO-3."""
+    """4-bit runs keep frozen embeddings/head 16-bit (wronai.model.kbit): asked for, dtype auto, not FSDP/ZeRO-3."""
     sharded = hardware.distributed in ("fsdp", "deepspeed_zero3")
     return quantization.keep_embeddings_dtype and model.torch_dtype == "auto" and not sharded
 

@@ -102,7 +102,7 @@ class Settings:
     strategy: str  # none | ddp | fsdp | deepspeed_zero2 | deepspeed_zero3
     nproc: int
     # bytes per embedding/head/norm weight next to quantized linears: 4 = PEFT's float32 copies,
-    # 2 = kept in the checkpoint's 16-bit dtype (quantization.keep_embeddings_dtype, wronai.kbit)
+    # 2 = kept in the checkpoint's 16-bit dtype (quantization.keep_embeddings_dtype, wronai.model.kbit)
     embedding_bytes: int = 4
     checkpoint_every: int = 1  # with gradient_checkpointing: every N-th decoder layer recomputed (1 = all)
 

@@ -36,7 +36,7 @@ def ensure_model_available(model_cfg: ModelConfig) -> None:
     if _is_local(model_cfg.name):
         return
     if model_cfg.create_if_missing is not None:
-        from wronai.tiny import build_tiny_model
+        from wronai.model.tiny import build_tiny_model
 
         logger.info("model.name %s does not exist — building it (model.create_if_missing)", model_cfg.name)
         build_tiny_model(model_cfg.create_if_missing, model_cfg.name)
@@ -205,7 +205,7 @@ def load_base_model(
     bnb = quantization_config(quant_cfg, plan, hardware)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
-    if plan.keep_embeddings:  # non-quantized weights in the checkpoint's dtype: no float32 copy (wronai.kbit)
+    if plan.keep_embeddings:  # non-quantized weights in the checkpoint's dtype: no float32 copy (wronai.model.kbit)
         kwargs["dtype"] = "auto"
     max_memory = _max_memory(hardware, plan, kwargs["device_map"])
     if max_memory:
@@ -262,7 +262,7 @@ def apply_lora(
     ``gradient_checkpointing``: recompute every N-th decoder layer (True = 1 = all, False = 0 = none).
 
     ``keep_embeddings`` (``DevicePlan.keep_embeddings``): a 4-bit model keeps frozen 16-bit embeddings/head
-    as they are (``wronai.kbit``);
+    as they are (``wronai.model.kbit``);
     embeddings that are trained (modules_to_save, new token rows) are cast to float32 in any case.
     ``dequantize_chunk_bytes`` (``DevicePlan.dequantize_chunk_bytes``): 4-bit layers whose dequantized weight
     is larger dequantize in row slices of this size (``wronai.kbit_chunks``); 0 = whole weights.
@@ -271,7 +271,7 @@ def apply_lora(
     """
     from peft import LoraConfig, get_peft_model
 
-    from wronai.kbit import enable_gradient_checkpointing, prepare_kbit_model
+    from wronai.model.kbit import enable_gradient_checkpointing, prepare_kbit_model
 
     modules_to_save = list(lora_cfg.modules_to_save) or None
     four_bit = bool(getattr(model, "is_loaded_in_4bit", False))
