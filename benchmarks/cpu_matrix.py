@@ -39,7 +39,7 @@ def build_model(out: Path) -> Path:
 def one(model_dir: Path, native: bool, precision: str, quant: str) -> dict:
     import bitsandbytes as bnb
 
-    from wronai import lora_fused
+    from wronai.kernels import fused_lora
     from wronai.model import loading
     from wronai.runtime import hardware
     from wronai.config import load_config
@@ -96,8 +96,8 @@ def one(model_dir: Path, native: bool, precision: str, quant: str) -> dict:
         loss.backward()
         hook.remove()
         grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
-        fused_layers = sum(isinstance(m, tuple(lora_fused.SWAPS.values())) for m in model.modules())
-        return float(loss), grads, fused_layers, lora_fused.fused_call_count(model), seen[0]
+        fused_layers = sum(isinstance(m, tuple(fused_lora.SWAPS.values())) for m in model.modules())
+        return float(loss), grads, fused_layers, fused_lora.fused_call_count(model), seen[0]
 
     loss, grads, layers, calls, residual = run(True)
     ref_loss, ref_grads, *_ = run(False)

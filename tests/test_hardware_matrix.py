@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import loss_and_gradients, make_config_dict, polish_batch
-from wronai import lora_fused
+from wronai.kernels import fused_lora
 from wronai.model import loading
 from wronai.runtime import hardware
 from wronai.config import load_config
@@ -106,8 +106,8 @@ def test_what_the_plan_says_is_what_runs(
         # 16-bit LoRA: the weights' dtype, as PEFT's modules give
         assert residual_dtypes == [torch.float32 if quant == "4bit" else plan.model_dtype]
         if fused:  # the plan says fused: every layer took the fused step
-            assert all(isinstance(m, tuple(lora_fused.SWAPS.values())) for m in lora_layers)
-            assert lora_fused.fused_call_count(model) == 14
+            assert all(isinstance(m, tuple(fused_lora.SWAPS.values())) for m in lora_layers)
+            assert fused_lora.fused_call_count(model) == 14
     (loss, grads), (ref_loss, ref_grads) = results
     tol = 2e-2 if plan.autocast_dtype else 1e-4  # bf16 rounding in another order vs fp32 reassociation
     assert abs(float(loss) - float(ref_loss)) <= tol * abs(float(ref_loss))
@@ -128,4 +128,4 @@ def test_fused_layers_that_would_decline_are_not_installed(
 
     wrong = dataclasses.replace(plan, compute_dtype=torch.bfloat16)
     model = _build(cfg, wrong, fused=True)
-    assert not any(isinstance(m, tuple(lora_fused.SWAPS.values())) for m in model.modules())
+    assert not any(isinstance(m, tuple(fused_lora.SWAPS.values())) for m in model.modules())

@@ -12,12 +12,12 @@ from conftest import (
     polish_batch,
     quantized_linear,
 )
-from wronai import lora_fused
+from wronai.kernels import fused_lora
 from wronai.model import loading
 from wronai.runtime import hardware
 from wronai.config import load_config
 
-FUSED = tuple(lora_fused.SWAPS.values())
+FUSED = tuple(fused_lora.SWAPS.values())
 
 
 class Wrapper(torch.nn.Module):
@@ -63,8 +63,8 @@ def forward_backward(layer, x: torch.Tensor, seed: int = 3):
 @pytest.fixture
 def fused_calls(monkeypatch):
     calls: list[int] = []
-    apply = lora_fused._LoraLinear.apply
-    monkeypatch.setattr(lora_fused._LoraLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    apply = fused_lora._LoraLinear.apply
+    monkeypatch.setattr(fused_lora._LoraLinear, "apply", lambda *a: calls.append(1) or apply(*a))
     return calls
 
 
@@ -89,7 +89,7 @@ def test_fused_layer_equals_peft(base, dropout, chunk_rows, lora, shape, fused_c
     model.train()
     x = torch.randn(*shape, 128)
     reference = forward_backward(layer, x)
-    assert lora_fused.fuse_lora_layers(model, check=False) == 1
+    assert fused_lora.fuse_lora_layers(model, check=False) == 1
     slices: list[int] = []  # rows of every 4-bit slice dequantized (forward and backward)
     rows = kbit_chunks.FourBitRows.rows
     monkeypatch.setattr(
@@ -111,7 +111,7 @@ def test_fused_layer_equals_peft(base, dropout, chunk_rows, lora, shape, fused_c
 
 def test_input_without_gradient_gets_none_and_adapter_still_trains(fused_calls):
     model, layer = lora_layer("nf4")
-    lora_fused.fuse_lora_layers(model, check=False)
+    fused_lora.fuse_lora_layers(model, check=False)
     x = torch.randn(4, 128)  # e.g. the embeddings' output when nothing before the first layer is trained
     layer(x).sum().backward()
     assert fused_calls and x.grad is None
@@ -120,12 +120,12 @@ def test_input_without_gradient_gets_none_and_adapter_still_trains(fused_calls):
 
 def test_eval_mode_turns_dropout_off(fused_calls):
     model, layer = lora_layer("nf4", dropout=0.5)
-    lora_fused.fuse_lora_layers(model, check=False)
+    fused_lora.fuse_lora_layers(model, check=False)
     model.eval()
     x = torch.randn(3, 128)
     with torch.no_grad():
         first, second = layer(x), layer(x)
-        reference = lora_fused.stock_forward(layer, x)
+        reference = fused_lora.stock_forward(layer, x)
     assert len(fused_calls) == 2
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     torch.testing.assert_close(first, reference, rtol=1e-5, atol=1e-5)
@@ -159,16 +159,16 @@ def test_what_the_fused_step_does_not_cover_runs_through_peft(base, lora, change
     model, layer = lora_layer(base, **lora)
     if change is not None:
         change(model, layer)
-    lora_fused.fuse_lora_layers(model, check=False)
+    fused_lora.fuse_lora_layers(model, check=False)
     x = torch.randn(2, 128)
     out = layer(x)
     assert not fused_calls
-    torch.testing.assert_close(out, lora_fused.stock_forward(layer, x), rtol=0, atol=0)
+    torch.testing.assert_close(out, fused_lora.stock_forward(layer, x), rtol=0, atol=0)
 
 
 def test_disabled_adapters_mixed_dtypes_and_extra_arguments_run_through_peft(fused_calls):
     model, layer = lora_layer("nf4")
-    lora_fused.fuse_lora_layers(model, check=False)
+    fused_lora.fuse_lora_layers(model, check=False)
     x = torch.randn(2, 128)
     with model.disable_adapter():
         torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
@@ -192,7 +192,7 @@ def test_fused_layer_under_autocast_equals_peft(base, dropout, input_dtype, fuse
     x = torch.randn(3, 4, 128).to(input_dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference = forward_backward(layer, x)
-        lora_fused.fuse_lora_layers(model, check=False)
+        fused_lora.fuse_lora_layers(model, check=False)
         fused = forward_backward(layer, x)
     assert len(fused_calls) == 1
     assert fused[0].dtype == reference[0].dtype and fused[1].dtype == reference[1].dtype == input_dtype
@@ -301,8 +301,8 @@ def test_pipeline_fuses_the_lora_layers_of_the_model_it_loads(tiny_model_dir, al
 
 def test_an_untested_peft_version_keeps_peft_modules(monkeypatch, caplog):
     model, _ = lora_layer("nf4")
-    monkeypatch.setattr(lora_fused.peft, "__version__", "1.2.0")
-    assert lora_fused.fuse_lora_layers(model) == 0
+    monkeypatch.setattr(fused_lora.peft, "__version__", "1.2.0")
+    assert fused_lora.fuse_lora_layers(model) == 0
     assert not any(isinstance(m, FUSED) for m in model.modules())
     assert "outside the versions" in caplog.text
 
@@ -310,12 +310,12 @@ def test_an_untested_peft_version_keeps_peft_modules(monkeypatch, caplog):
 def test_start_up_check_puts_peft_modules_back_on_a_mismatch(monkeypatch, caplog):
     """The first layer's fused output is compared with PEFT's: a wrong fused step is never installed."""
     model, layer = lora_layer("nf4")
-    real = lora_fused._fused_call
+    real = fused_lora._fused_call
     monkeypatch.setattr(
-        lora_fused, "_fused_call", lambda layer, x: None if (out := real(layer, x)) is None else out * 1.01
+        fused_lora, "_fused_call", lambda layer, x: None if (out := real(layer, x)) is None else out * 1.01
     )
-    assert lora_fused.fuse_lora_layers(model) == 0
+    assert fused_lora.fuse_lora_layers(model) == 0
     assert not isinstance(layer, FUSED)
     assert "output differs from PEFT's" in caplog.text
-    monkeypatch.setattr(lora_fused, "_fused_call", real)
-    assert lora_fused.fuse_lora_layers(model) == 1 and isinstance(layer, FUSED)
+    monkeypatch.setattr(fused_lora, "_fused_call", real)
+    assert fused_lora.fuse_lora_layers(model) == 1 and isinstance(layer, FUSED)

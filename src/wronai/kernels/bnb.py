@@ -15,7 +15,7 @@ bf16-rounded scales. WronAI's one rule:
   kernel's output on a sample input matched the dequantized reference.
 
 **Row sources.** ``FourBitRows`` dequantizes rows ``[r0, r1)`` of a 4-bit weight on their own (see
-``wronai.kbit_chunks``); ``RowSlicedLinear4bit`` is the ``Linear4bit`` subclass swapped in for layers
+``wronai.kernels.row_slices``); ``RowSlicedLinear4bit`` is the ``Linear4bit`` subclass swapped in for layers
 that compute that way (``quantization.dequantize_chunk_mib``).
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 import bitsandbytes as _bnb
 import torch
 
-from wronai.kbit_chunks import row_sliced_linear
+from wronai.kernels.row_slices import row_sliced_linear
 
 logger = logging.getLogger(__name__)
 

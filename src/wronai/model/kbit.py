@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from wronai.kbit_chunks import DenseRows, row_sliced_linear
+from wronai.kernels.row_slices import DenseRows, row_sliced_linear
 
 logger = logging.getLogger(__name__)
 

@@ -265,9 +265,9 @@ def apply_lora(
     as they are (``wronai.model.kbit``);
     embeddings that are trained (modules_to_save, new token rows) are cast to float32 in any case.
     ``dequantize_chunk_bytes`` (``DevicePlan.dequantize_chunk_bytes``): 4-bit layers whose dequantized weight
-    is larger dequantize in row slices of this size (``wronai.kbit_chunks``); 0 = whole weights.
+    is larger dequantize in row slices of this size (``wronai.kernels.row_slices``); 0 = whole weights.
     ``fused_lora`` (``DevicePlan.fused_lora``): LoRA layers compute base and adapter in one step
-    (``wronai.lora_fused``), checked at start against PEFT's under ``autocast`` (``DevicePlan.autocast_dtype``).
+    (``wronai.kernels.fused_lora``), checked at start against PEFT's under ``autocast`` (``DevicePlan.autocast_dtype``).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -314,7 +314,7 @@ def apply_lora(
             f"lora.target_modules: {err} — list module names that exist in this model, or use all-linear"
         ) from None
     if fused_lora:
-        from wronai.lora_fused import fuse_lora_layers
+        from wronai.kernels.fused_lora import fuse_lora_layers
 
         fuse_lora_layers(peft_model, autocast=autocast)
     from wronai.runtime.heap import release_free_memory

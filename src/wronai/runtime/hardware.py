@@ -39,7 +39,7 @@ class DevicePlan:
     keep_embeddings: bool = False  # 4-bit: frozen embeddings/head stay in the checkpoint's 16-bit dtype
     # 4-bit on CPU: frozen weights dequantized in row slices of this many bytes (0 = whole weights)
     dequantize_chunk_bytes: int = 0
-    fused_lora: bool = False  # LoRA layers computed by wronai.lora_fused (hardware.fused_lora)
+    fused_lora: bool = False  # LoRA layers computed by wronai.kernels.fused_lora (hardware.fused_lora)
     cpu: CpuCapability | None = None  # what each source says of the CPU (CPU runs)
 
     @property

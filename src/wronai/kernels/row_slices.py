@@ -8,8 +8,8 @@ at a time: ``FourBitRows`` dequantizes them (the packed 4-bit codes of rows ``[r
 bytes ``[r0·K/2, r1·K/2)`` and their scales the blocks ``[r0·K/b, r1·K/b)`` when the row length K is a
 multiple of the block size b — true of every public model —, so each slice dequantizes on its own to
 exactly what the whole-weight dequantization gives for those rows); ``DenseRows`` casts a weight held in full
-(the kept 16-bit output head, ``wronai.model.kbit``; a non-quantized base layer, ``wronai.lora_fused``). Nothing
-but the stored weight is kept for backward. ``wronai.lora_fused`` computes LoRA layers from the same sources.
+(the kept 16-bit output head, ``wronai.model.kbit``; a non-quantized base layer, ``wronai.kernels.fused_lora``). Nothing
+but the stored weight is kept for backward. ``wronai.kernels.fused_lora`` computes LoRA layers from the same sources.
 
 ``wronai.kernels.bnb`` holds the 4-bit source (``FourBitRows``) and ``chunk_4bit_layers``, which swaps its
 ``RowSlicedLinear4bit`` in for a model's large 4-bit layers (``quantization.dequantize_chunk_mib``; CPU runs,

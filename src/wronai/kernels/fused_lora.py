@@ -9,7 +9,7 @@ layer, next to one autograd node per operation. ``_LoraLinear`` gives the same n
     backward  gb = g·B;  dB = s·gᵀ·a;  dA = s·gbᵀ·drop(x);  dx = g·W + s·drop'(gb·A)   (addmm, in place)
 
 It saves what PEFT's modules save (the dropped-out input, dropout's mask and ``a``); the frozen weight W comes from the
-row sources of ``wronai.kbit_chunks`` — 4-bit codes dequantized (in row slices where
+row sources of ``wronai.kernels.row_slices`` — 4-bit codes dequantized (in row slices where
 ``quantization.dequantize_chunk_mib`` asks for them; the block scales once per forward, where
 bitsandbytes undoes the double quantization again in the backward) or a dense weight used as it is.
 
@@ -34,7 +34,7 @@ import peft
 import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
 
-from wronai.kbit_chunks import DenseRows, RowSource, slice_rows, sliced_grad_input, sliced_matmul
+from wronai.kernels.row_slices import DenseRows, RowSource, slice_rows, sliced_grad_input, sliced_matmul
 
 logger = logging.getLogger(__name__)
 
