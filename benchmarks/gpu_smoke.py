@@ -157,7 +157,7 @@ class Suite:
         raw["data"]["cache_dir"] = str(self.work / "data-cache")
         raw["logging"] = {"report_to": ["none"], "log_level": "INFO"}
         raw["hardware"] = {"device": self.device}
-        raw["extensions"] = {"callbacks": ["wronai.run_metrics:ThroughputMemoryCallback"]}
+        raw["extensions"] = {"callbacks": ["wronai.train.throughput:ThroughputMemoryCallback"]}
         self.config.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
     # ------------------------------------------------------------------ the steps

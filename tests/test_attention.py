@@ -161,7 +161,7 @@ def test_attention_calls_read_no_tensor_back_to_the_host(
 
     from transformers import TrainingArguments
 
-    from wronai.training import build_trainer
+    from wronai.train.trainer import build_trainer
 
     _, rows = packed_rows
     model = _model(tiny_model_dir).eval()
@@ -240,7 +240,7 @@ def test_trainer_uses_per_example_attention_for_packed_data(tiny_model_dir, tiny
 
     from transformers import TrainingArguments
 
-    from wronai.training import build_trainer
+    from wronai.train.trainer import build_trainer
 
     model = _model(tiny_model_dir)
     args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], remove_unused_columns=False)

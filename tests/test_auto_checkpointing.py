@@ -180,7 +180,7 @@ def test_bad_value_names_the_key():
 
 
 def test_out_of_memory_advice_names_checkpointing_when_auto_left_it_off():
-    from wronai.reliability import oom_message
+    from wronai.train.faults import oom_message
 
     cfg = load_config(data={"model": {"name": "o/m"}, "data": {"dataset_name": "o/d"}})
     assert cfg.training.gradient_checkpointing == "auto"  # the default

@@ -29,7 +29,7 @@ from wronai.cli import main
 from wronai.config import load_config
 from wronai.errors import WronAIError
 from wronai.runtime.hardware import plan_device
-from wronai.training import training_arguments_kwargs
+from wronai.train.trainer import training_arguments_kwargs
 
 GIB = 2**30
 GPUS = 2

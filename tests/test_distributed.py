@@ -24,7 +24,7 @@ from wronai.runtime import distributed
 from wronai.cli import main
 from wronai.config import load_config
 from wronai.runtime.hardware import plan_device
-from wronai.training import training_arguments_kwargs
+from wronai.train.trainer import training_arguments_kwargs
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
 

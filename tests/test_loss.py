@@ -9,7 +9,7 @@ import torch
 
 from wronai.data.collate import PackedCollator, PaddingCollator, pack_examples
 from wronai.data.tokenize import IGNORE_INDEX
-from wronai.loss import output_head, trained_mask, trained_positions_loss
+from wronai.train.loss import output_head, trained_mask, trained_positions_loss
 
 X = IGNORE_INDEX
 

@@ -25,7 +25,7 @@ def run_dir(tmp_path_factory, tiny_model_dir):
     return train_via_cli(
         root, tiny_model_dir,
         training={"max_steps": STEPS, "eval_steps": 8, "save_strategy": "no", "per_device_train_batch_size": BATCH},
-        extensions={"callbacks": ["wronai.run_metrics:ThroughputMemoryCallback"]},
+        extensions={"callbacks": ["wronai.train.throughput:ThroughputMemoryCallback"]},
     )  # fmt: skip
 
 
@@ -45,7 +45,7 @@ def test_callback_puts_throughput_and_memory_in_the_log_history(run_dir):
 
 
 def test_token_counting_skips_padding_and_eval_passes():
-    from wronai.run_metrics import ThroughputMemoryCallback, count_tokens
+    from wronai.train.throughput import ThroughputMemoryCallback, count_tokens
 
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     assert count_tokens({"input_ids": torch.zeros(2, 4), "attention_mask": mask}, (), 0) == 5
@@ -162,7 +162,7 @@ def test_model_card_front_matter_and_code_run_with_stock_peft(run_dir):
 def test_attach_puts_one_callback_first(run_dir):
     from wronai.config import load_config
     from wronai.pipeline import WronAITrainer
-    from wronai.run_metrics import ThroughputMemoryCallback, attach
+    from wronai.train.throughput import ThroughputMemoryCallback, attach
 
     pipeline = WronAITrainer(
         load_config(run_dir.parent / "run.yaml")

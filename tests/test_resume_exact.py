@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import alpaca_rows, make_config_dict, write_jsonl
-from wronai import checkpointing
+from wronai.train import checkpointing
 
 # 20 rows -> 18 train rows -> 5 batches of 4 per epoch: step 8 is the 3rd step of epoch 1, not a multiple of
 # save_steps; steps 11-12 run in epoch 2 (the resumed run crosses an epoch boundary)
@@ -113,7 +113,7 @@ def test_resumed_run_logs_the_uninterrupted_losses_bit_for_bit(runs):
 def test_length_grouped_order_depends_on_seed_and_epoch_only():
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from wronai.training import EpochSeededSampler
+    from wronai.train.trainer import EpochSeededSampler
 
     lengths = [3, 9, 4, 7, 1, 8, 2, 6, 5, 10, 11, 12] * 4
     sampler = EpochSeededSampler(LengthGroupedSampler(4, lengths=lengths), seed=42)

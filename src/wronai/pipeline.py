@@ -18,14 +18,14 @@ from typing import Any
 
 import yaml
 
-from wronai import checkpointing
+from wronai.train import checkpointing
 from wronai.runtime import distributed
 from wronai.model import loading
-from wronai import monitoring
-from wronai import reliability
-from wronai import run_metrics
+from wronai.train import monitoring
+from wronai.train import faults
+from wronai.train import throughput
 from wronai import saving
-from wronai import training
+from wronai.train import trainer
 from wronai import data as data_stage
 from wronai.config import WronAIConfig, dump_config, load_config
 from wronai.errors import ConfigError, WronAIError
@@ -57,7 +57,7 @@ class WronAITrainer:
         self.trainer: Any = None
         self.metrics: dict[str, Any] = {}
         self.extra_callbacks: list[Any] = []
-        self.signals = reliability.SignalState()
+        self.signals = faults.SignalState()
         self.base_tokenizer: Any = None  # the tokenizer before polish.extend_vocab
         self.vocab_tokens: list[Any] = []  # tokens added by polish.extend_vocab
         # HfDeepSpeedConfig while a ZeRO-3 model loads (distributed.prepare_for_sharded_load)
@@ -101,8 +101,8 @@ class WronAITrainer:
                 self.config.model, self.config.quantization, self.config.hardware, self.plan
             )
         except Exception as err:
-            if reliability.is_out_of_memory(err):
-                raise WronAIError(reliability.oom_message("loading the model", self.config)) from None
+            if faults.is_out_of_memory(err):
+                raise WronAIError(faults.oom_message("loading the model", self.config)) from None
             raise
         # rows past the old embedding matrix, plus added tokens that fit into spare rows (e.g. Qwen's padding rows)
         new_ids = sorted({*self.new_token_ids, *loading.resize_embeddings(base, len(self.tokenizer))})
@@ -121,11 +121,11 @@ class WronAITrainer:
         return self.model
 
     def _gradient_checkpointing(self, base: Any) -> int:
-        """Every how many decoder layers to recompute (0 = none): training.gradient_checkpointing, with auto
-        decided from the loaded model and the free memory, and training.checkpoint_every_n_layers."""
+        """Every how many decoder layers to recompute (0 = none): trainer.gradient_checkpointing, with auto
+        decided from the loaded model and the free memory, and trainer.checkpoint_every_n_layers."""
         training = self.config.training
-        if training.gradient_checkpointing != "auto":
-            return training.checkpoint_every_n_layers if training.gradient_checkpointing else 0
+        if trainer.gradient_checkpointing != "auto":
+            return trainer.checkpoint_every_n_layers if trainer.gradient_checkpointing else 0
         from wronai.runtime.activation_checkpointing import auto_gradient_checkpointing, auto_note
 
         every, what, why = auto_gradient_checkpointing(self.config, base.config.to_dict(), self.plan.device)
@@ -158,23 +158,23 @@ class WronAITrainer:
             self.load_dataset()
         assert self.data is not None
         report_to = monitoring.resolve_report_to(cfg.logging, cfg.training.output_dir)
-        training.set_tensorboard_dir(cfg.logging.logging_dir, cfg.training.output_dir)
-        args = training.build_training_arguments(
+        trainer.set_tensorboard_dir(cfg.logging.logging_dir, cfg.training.output_dir)
+        args = trainer.build_training_arguments(
             cfg.training, cfg.hardware, self.plan,
             report_to=report_to, run_name=monitoring.run_name(cfg.logging), has_eval=self.data.eval is not None,
         )  # fmt: skip
         callbacks = [
             monitoring.make_console_callback(),
-            reliability.make_stop_callback(self.signals),
+            faults.make_stop_callback(self.signals),
             *build_callbacks(cfg.extensions.callbacks),
             *self.extra_callbacks,
         ]
-        self.trainer = training.build_trainer(
+        self.trainer = trainer.build_trainer(
             self.model, self.tokenizer, args, self.data, callbacks, cfg.training,
             per_example_attention=cfg.model.attn_implementation == "auto",
         )  # fmt: skip
         self.trainer.checkpoint_extras = {saving.CONFIG_FILE: dump_config(cfg)}
-        run_metrics.attach(self.trainer)  # tokens/s and memory in every log line (for the report)
+        throughput.attach(self.trainer)  # tokens/s and memory in every log line (for the report)
         return self.trainer
 
     def train(self, resume: str | bool | None = None, force_resume: bool = False) -> dict[str, Any]:
@@ -190,9 +190,9 @@ class WronAITrainer:
         try:
             result = self.trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except Exception as err:
-            if reliability.is_out_of_memory(err):
+            if faults.is_out_of_memory(err):
                 raise WronAIError(
-                    reliability.oom_message("training", self.config, _count_params(self.model))
+                    faults.oom_message("training", self.config, _count_params(self.model))
                 ) from None
             raise
         finally:
@@ -201,7 +201,7 @@ class WronAITrainer:
                 release_free_memory()
         if self.signals.received:
             last = checkpointing.last_complete(output_dir)
-            raise reliability.TrainingInterrupted(
+            raise faults.TrainingInterrupted(
                 f"stopped by {self.signals.received} at step {self.trainer.state.global_step}; checkpoint {last} written — "
                 "continue with: wronai train CONFIG --resume"
             )
@@ -268,7 +268,7 @@ def check_resume_config(checkpoint: Path, config: WronAIConfig) -> None:
         )
         return
     saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
-    differences = reliability.resume_differences(saved, config.model_dump(mode="json"))
+    differences = faults.resume_differences(saved, config.model_dump(mode="json"))
     if differences:
         raise ConfigError(
             [
@@ -295,7 +295,7 @@ def resolve_resume(resume: str | bool | None, output_dir: str) -> Path | None:
     if not resume:
         return None
     if resume is True or resume == "latest":
-        found = training.last_complete_checkpoint(output_dir)
+        found = trainer.last_complete_checkpoint(output_dir)
         if found is None:
             raise WronAIError(
                 f"--resume: no complete checkpoint in {output_dir} — train without --resume, or pass a checkpoint path"

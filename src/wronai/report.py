@@ -194,7 +194,7 @@ def render_html(
     if missing:
         plots += (
             f"<p class='note'>Not logged in this run: {', '.join(missing)} — add "
-            "<code>wronai.run_metrics:ThroughputMemoryCallback</code> to <code>extensions.callbacks</code>.</p>"
+            "<code>wronai.train.throughput:ThroughputMemoryCallback</code> to <code>extensions.callbacks</code>.</p>"
         )
     if samples:
         sample_html = "".join(

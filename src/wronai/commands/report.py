@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "report",
         help="write RUN_DIR/report.html and the model card README.md",
         description="Write a self-contained HTML report of a finished run — loss/eval curves, learning rate, throughput "
-        "and memory (when logged by wronai.run_metrics:ThroughputMemoryCallback), data statistics, the resolved config "
+        "and memory (when logged by wronai.train.throughput:ThroughputMemoryCallback), data statistics, the resolved config "
         "and answers to a few fixed Polish prompts — plus the Hugging Face model card RUN_DIR/README.md.",
     )
     p.add_argument("target", metavar="RUN_DIR", help="a finished run's training.output_dir")

@@ -161,8 +161,8 @@ def build_trainer(
     from transformers.trainer_callback import ProgressCallback
 
     from wronai.data.collate import PackedCollator, PaddingCollator
-    from wronai.monitoring import make_progress_callback
-    from wronai.reliability import GradientGuard
+    from wronai.train.monitoring import make_progress_callback
+    from wronai.train.faults import GradientGuard
 
     if prepared.packed:  # attention per example instead of a block-diagonal mask over the whole row
         from wronai.model.attention import enable_packed_attention
@@ -182,7 +182,7 @@ def build_trainer(
         data_collator=collator,
         callbacks=callbacks,
     )
-    from wronai.loss import output_head
+    from wronai.train.loss import output_head
 
     trainer.trained_logits_only = (training is None or training.trained_logits_only) and output_head(
         model
@@ -228,19 +228,19 @@ def make_trainer_class() -> type:
     """transformers' Trainer with atomic, manifest-sealed checkpoints and a guarded optimizer step.
 
     Built on first use rather than at module level: ``from transformers import Trainer`` loads the
-    Trainer's whole stack (accelerate, datasets, the integrations) — seconds — and ``wronai.training`` is
+    Trainer's whole stack (accelerate, datasets, the integrations) — seconds — and ``wronai.train.trainer`` is
     imported by every command that reads a config (``wronai validate``, ``wronai plan``, ``wronai data ...``
     import ``wronai.pipeline``), most of which never train. Cached: one class, so ``isinstance`` works.
     """
     from transformers import Trainer
     from transformers.trainer import TRAINER_STATE_NAME
 
-    from wronai import checkpointing
+    from wronai.train import checkpointing
 
     class WronAIHFTrainer(Trainer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             self.gradient_guard: Any = None  # reliability.GradientGuard, set by build_trainer
-            self.trained_logits_only = False  # logits only at trained positions (wronai.loss)
+            self.trained_logits_only = False  # logits only at trained positions (wronai.train.loss)
             self.checkpoint_extras: dict[str, str] = {}  # file name -> text, in every checkpoint (the config)
             self._staging_root: Path | None = None  # where super()._save_checkpoint writes, while it runs
             super().__init__(*args, **kwargs)
@@ -274,7 +274,7 @@ def make_trainer_class() -> type:
                 return super().compute_loss(
                     model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
                 )
-            from wronai.loss import trained_positions_loss
+            from wronai.train.loss import trained_positions_loss
 
             scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
             loss = trained_positions_loss(model, inputs, num_items_in_batch if scaled else None)
@@ -367,7 +367,7 @@ def make_trainer_class() -> type:
 
 def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
     """The highest-step *complete* checkpoint (transformers' get_last_checkpoint does not check)."""
-    from wronai import checkpointing
+    from wronai.train import checkpointing
 
     return checkpointing.last_complete(output_dir)
 
