@@ -215,7 +215,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _launch_train(args: argparse.Namespace, config) -> int:
     """`train --nproc N`: check once here, then re-run this command in N processes under torchrun."""
-    from wronai import saving
+    from wronai.rundir import saving
     from wronai.model import loading
     from wronai.runtime import distributed
     from wronai.errors import ConfigError

@@ -24,7 +24,7 @@ from wronai.model import loading
 from wronai.train import monitoring
 from wronai.train import faults
 from wronai.train import throughput
-from wronai import saving
+from wronai.rundir import saving
 from wronai.train import trainer
 from wronai import data as data_stage
 from wronai.config import WronAIConfig, dump_config, load_config
