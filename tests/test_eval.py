@@ -79,7 +79,7 @@ def test_eval_problems_are_one_line(run_dir, tmp_path, capsys):
 
 
 def test_eval_results_reach_the_model_card(run_dir, capsys):
-    from wronai.model_card import write_run_card
+    from wronai.use.model_card import write_run_card
 
     card = write_run_card(run_dir)
     assert main(["eval", str(run_dir), "--base"]) == 0  # refreshes a WronAI card

@@ -88,7 +88,7 @@ def test_report_html_has_plots_config_data_and_samples(run_dir, capsys):
 def test_report_without_metrics_or_samples_still_reads_well(run_dir, tmp_path):
     import shutil
 
-    from wronai.report import write_report
+    from wronai.use.report import write_report
 
     bare = tmp_path / "bare"
     shutil.copytree(run_dir, bare)
@@ -106,8 +106,8 @@ def test_write_report_with_the_in_memory_model(run_dir, tmp_path):
     """What the pipeline does at the end of training: reuse the model it holds instead of loading it again."""
     import shutil
 
-    from wronai.inference import load_run
-    from wronai.report import write_report
+    from wronai.use.inference import load_run
+    from wronai.use.report import write_report
 
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
@@ -125,7 +125,7 @@ def test_report_skips_in_process_samples_when_zero3_split_the_weights(run_dir, t
 
     import torch
 
-    from wronai.report import write_report
+    from wronai.use.report import write_report
 
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)

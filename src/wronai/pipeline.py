@@ -425,7 +425,7 @@ def run(
         raise
     if config.logging.report and pipeline.trainer.is_world_process_zero():
         try:
-            from wronai.report import write_report
+            from wronai.use.report import write_report
 
             write_report(
                 out, model=pipeline.model, tokenizer=pipeline.tokenizer, samples=config.logging.report_samples

@@ -61,8 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from wronai.errors import WronAIError
-    from wronai.evaluate import EVAL_FILE, evaluate, save_report
-    from wronai.inference import quiet_third_party
+    from wronai.use.evaluate import EVAL_FILE, evaluate, save_report
+    from wronai.use.inference import quiet_third_party
 
     quiet_third_party()
 
@@ -88,6 +88,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _refresh_card(target: Path) -> None:
     """Keep a WronAI-written model card in step with the new results."""
-    from wronai.model_card import refresh_card
+    from wronai.use.model_card import refresh_card
 
     refresh_card(target)

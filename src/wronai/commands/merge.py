@@ -85,8 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from wronai.inference import quiet_third_party
-    from wronai.merge import merge_run
+    from wronai.use.inference import quiet_third_party
+    from wronai.use.merge import merge_run
 
     quiet_third_party()
     out = merge_run(
@@ -102,8 +102,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from wronai.export import export_gguf
-    from wronai.inference import quiet_third_party
+    from wronai.use.export import export_gguf
+    from wronai.use.inference import quiet_third_party
 
     quiet_third_party()
     summary = export_gguf(args.target, args.out, outtype=args.outtype, base_model=args.base_model)

@@ -21,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from wronai.inference import quiet_third_party
-    from wronai.report import write_report
+    from wronai.use.inference import quiet_third_party
+    from wronai.use.report import write_report
 
     quiet_third_party()
     path = write_report(args.target, samples=not args.no_samples, max_new_tokens=args.max_new_tokens)

@@ -43,7 +43,7 @@ def _is_hub_id(name: str) -> bool:
 
 def _example_prompt(run_dir: Path) -> tuple[str, bool, str]:
     """(prompt text, add_special_tokens, how it was made) in the run's own format."""
-    from wronai.inference import PromptFormat, load_tokenizer, locate_run
+    from wronai.use.inference import PromptFormat, load_tokenizer, locate_run
 
     run = locate_run(run_dir)
     tokenizer = load_tokenizer(run)
@@ -69,7 +69,7 @@ def _usage(load_lines: list[str], prompt: str, add_special: bool) -> str:
 
 
 def _results_section(folder: Path, history: list[dict[str, Any]], train: dict[str, Any] | None) -> list[str]:
-    from wronai.evaluate import load_results
+    from wronai.use.evaluate import load_results
 
     lines = ["## Results", ""]
     if train:

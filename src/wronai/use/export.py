@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from wronai.errors import WronAIError
-from wronai.inference import locate_run
+from wronai.use.inference import locate_run
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ def export_gguf(
         else run.path / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', run.path.resolve().name)}-{outtype}.gguf"
     )
     if run.is_adapter:
-        from wronai.merge import load_merged
+        from wronai.use.merge import load_merged
 
         model, _ = load_merged(run, torch.float32, base_model)
         state = model.state_dict()

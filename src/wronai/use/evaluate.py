@@ -20,7 +20,7 @@ from typing import Any
 
 from wronai.config.schema import DataSection
 from wronai.errors import WronAIError
-from wronai.inference import CONFIG_FILE, LoadedRun, load_run
+from wronai.use.inference import CONFIG_FILE, LoadedRun, load_run
 
 logger = logging.getLogger(__name__)
 

@@ -101,7 +101,7 @@ def generate_samples(
     run_dir: Path, model: Any = None, tokenizer: Any = None, max_new_tokens: int = 64
 ) -> list[dict[str, str]]:
     """Greedy answers to the fixed prompts, rendered in the run's prompt format."""
-    from wronai.inference import GenerationOptions, LoadedRun, PromptFormat, generate, load_run, locate_run
+    from wronai.use.inference import GenerationOptions, LoadedRun, PromptFormat, generate, load_run, locate_run
 
     if model is None:
         run = load_run(run_dir)
@@ -175,7 +175,7 @@ def render_html(
     train = _json(run_dir / "train_results.json") or {}
     stats = _json(run_dir / "data_stats.json") or {}
     prov = _json(run_dir / "provenance.json") or {}
-    from wronai.evaluate import load_results
+    from wronai.use.evaluate import load_results
 
     evals = load_results(run_dir)
     config_text = (
@@ -273,7 +273,7 @@ def write_report(
     Pass the in-memory ``model`` and ``tokenizer`` (e.g. right after training) to skip reloading them;
     ``samples=False`` skips generation. Returns the path of report.html.
     """
-    from wronai.model_card import write_run_card
+    from wronai.use.model_card import write_run_card
 
     run = Path(run_dir)
     if not (run / "wronai_config.yaml").is_file():

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from wronai.errors import WronAIError
-from wronai.inference import CONFIG_FILE, RunDir, load_tokenizer, locate_run
+from wronai.use.inference import CONFIG_FILE, RunDir, load_tokenizer, locate_run
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def merge_run(
     device: str = "cpu",
 ) -> Path:
     """Write the merged model, tokenizer, config, merge info and model card to ``out_dir``."""
-    from wronai.model_card import MERGE_INFO, write_merged_card
+    from wronai.use.model_card import MERGE_INFO, write_merged_card
 
     run = locate_run(run_dir)
     out = Path(out_dir)
