@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     from wronai.errors import WronAIError
-    from wronai.polish_tokens import (
+    from wronai.tokenizers.polish import (
         format_stats_table,
         load_tokenizer_dir,
         read_texts,
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         train_polish_tokenizer,
     )
     from wronai.model.tiny import train_tokenizer
-    from wronai.vocab_extension import extend_with_data
+    from wronai.tokenizers.extend import extend_with_data
 
     start = time.perf_counter()
     train_texts, eval_texts = read_texts(SAMPLE), read_texts(EVAL)

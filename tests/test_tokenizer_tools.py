@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 from wronai.cli import main
 from wronai.errors import WronAIError
-from wronai.polish_tokens import (
+from wronai.tokenizers.polish import (
     load_tokenizer_dir,
     read_texts,
     repo_eval_files,
@@ -170,7 +170,7 @@ def test_extend_refuses_non_bpe_tokenizers(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from wronai.vocab_extension import choose_new_tokens
+    from wronai.tokenizers.extend import choose_new_tokens
 
     word_level = Tokenizer(models.WordLevel({"<unk>": 0, "ala": 1, "ma": 2}, unk_token="<unk>"))
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()

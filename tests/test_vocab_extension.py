@@ -21,8 +21,8 @@ import torch
 from conftest import REPO, alpaca_rows, make_config_dict, write_jsonl
 from wronai.config.schema import ExtendVocabSpec, TinyModelSpec
 from wronai.errors import WronAIError
-from wronai.polish_tokens import read_texts, resolve_data, tokenizer_stats
-from wronai.vocab_extension import (
+from wronai.tokenizers.polish import read_texts, resolve_data, tokenizer_stats
+from wronai.tokenizers.extend import (
     apply_extend_vocab,
     choose_new_tokens,
     extend_with_data,
@@ -227,7 +227,7 @@ def _wire_extend_vocab(monkeypatch) -> None:
     """Until the lead wires polish.extend_vocab into the pipeline: the documented calls, patched in."""
     from wronai.model import loading
     from wronai.pipeline import WronAITrainer
-    from wronai.vocab_extension import write_extension_file
+    from wronai.tokenizers.extend import write_extension_file
 
     original_load_tokenizer = WronAITrainer.load_tokenizer
 

@@ -71,7 +71,7 @@ class WronAITrainer:
     def load_tokenizer(self):
         tokenizer, self.new_token_ids = loading.load_tokenizer(self.config.model, self.config.polish)
         if self.config.polish.extend_vocab is not None:
-            from wronai.vocab_extension import apply_extend_vocab
+            from wronai.tokenizers.extend import apply_extend_vocab
 
             self.base_tokenizer = tokenizer
             tokenizer, self.vocab_tokens, _ = apply_extend_vocab(tokenizer, self.config.polish.extend_vocab)
@@ -107,7 +107,7 @@ class WronAITrainer:
         # rows past the old embedding matrix, plus added tokens that fit into spare rows (e.g. Qwen's padding rows)
         new_ids = sorted({*self.new_token_ids, *loading.resize_embeddings(base, len(self.tokenizer))})
         if self.vocab_tokens:  # polish.extend_vocab: each new row = mean of its base pieces' rows
-            from wronai.vocab_extension import init_new_embeddings
+            from wronai.tokenizers.extend import init_new_embeddings
 
             init_new_embeddings(base, self.base_tokenizer, self.vocab_tokens)
             new_ids = sorted({*new_ids, *(t.id for t in self.vocab_tokens)})
@@ -239,7 +239,7 @@ class WronAITrainer:
             )
         spec = self.config.polish.extend_vocab
         if self.vocab_tokens and spec is not None:
-            from wronai.vocab_extension import write_extension_file
+            from wronai.tokenizers.extend import write_extension_file
 
             write_extension_file(
                 out, self.vocab_tokens, self.config.model.name, spec.data, len(self.tokenizer)

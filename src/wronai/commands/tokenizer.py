@@ -74,7 +74,7 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from wronai.errors import WronAIError
-    from wronai.polish_tokens import (
+    from wronai.tokenizers.polish import (
         column_names,
         format_stats_table,
         load_tokenizer_dir,
@@ -104,7 +104,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from wronai.polish_tokens import read_texts, resolve_data, train_polish_tokenizer
+    from wronai.tokenizers.polish import read_texts, resolve_data, train_polish_tokenizer
 
     files = resolve_data(args.data)
     tokenizer = train_polish_tokenizer(read_texts(files), args.vocab_size, min_frequency=args.min_frequency)
@@ -115,8 +115,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_extend(args: argparse.Namespace) -> int:
     from wronai.errors import WronAIError
-    from wronai.polish_tokens import load_tokenizer_dir, read_texts, resolve_data
-    from wronai.vocab_extension import extend_with_data, save_extension
+    from wronai.tokenizers.polish import load_tokenizer_dir, read_texts, resolve_data
+    from wronai.tokenizers.extend import extend_with_data, save_extension
 
     if args.add < 1:
         raise WronAIError(f"--add: {args.add} — pass a positive number of tokens")
