@@ -18,7 +18,7 @@ or on the command line (``wronai data preview`` shows the effect without trainin
 
 From Python, pass the function to the data stage (it takes precedence over the config key)::
 
-    from wronai.extensions import load_object
+    from wronai.config.extensions import load_object
     from wronai.pipeline import WronAITrainer
 
     data_hook = load_object("examples/custom_data_processing.py:data_hook", "data_hook")  # or a plain import

@@ -32,7 +32,7 @@ def main() -> None:
     log = logging.getLogger("python_api")
 
     from wronai.rundir import saving
-    from wronai.extensions import load_object
+    from wronai.config.extensions import load_object
     from wronai.runtime.hardware import apply_thread_settings
     from wronai.pipeline import WronAITrainer
 

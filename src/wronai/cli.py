@@ -281,7 +281,7 @@ def cmd_init_model(args: argparse.Namespace) -> int:
 
 
 def cmd_data_preview(args: argparse.Namespace) -> int:
-    from wronai.preview import preview
+    from wronai.data.preview import preview
 
     loaded = _load(args)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())

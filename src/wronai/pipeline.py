@@ -29,7 +29,7 @@ from wronai.train import trainer
 from wronai import data as data_stage
 from wronai.config import WronAIConfig, dump_config, load_config
 from wronai.errors import ConfigError, WronAIError
-from wronai.extensions import build_callbacks, load_object
+from wronai.config.extensions import build_callbacks, load_object
 from wronai.runtime.hardware import DevicePlan, apply_thread_settings, plan_device
 from wronai.runtime.heap import apply_memory_settings, release_free_memory
 

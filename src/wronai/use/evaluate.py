@@ -87,7 +87,7 @@ def eval_data_section(run_data: DataSection | None, files: list[str]) -> DataSec
 def build_eval_dataset(run: LoadedRun, files: list[str] | None) -> tuple[Any, str]:
     """(tokenized dataset with input_ids/labels, description) for the eval split or the given files."""
     from wronai.data import build_datasets
-    from wronai.extensions import load_object
+    from wronai.config.extensions import load_object
 
     cfg = run.dir.config
     hook = (
