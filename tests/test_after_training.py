@@ -70,10 +70,10 @@ def test_debug_shows_the_raw_traceback(tmp_path, tiny_model_dir, monkeypatch):
 def test_an_internal_error_outside_a_run_goes_to_the_temporary_directory(tmp_path, monkeypatch, capsys):
     import tempfile
 
-    from wronai import cli
+    from wronai.cli import config_docs
 
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
-    monkeypatch.setattr(cli, "cmd_config_docs", lambda args: 1 / 0)  # main() builds the parser after this
+    monkeypatch.setattr(config_docs, "cmd_config_docs", lambda args: 1 / 0)  # main() builds the parser after this
     assert main(["config-docs"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ZeroDivisionError" in err and str(tmp_path / ERROR_LOG) in err

@@ -235,7 +235,7 @@ class _InterruptingStdin(io.StringIO):
 
 
 def test_chat_loop_ctrl_c_handling():
-    from wronai.commands.generate import chat_loop
+    from wronai.cli.generate import chat_loop
 
     out = io.StringIO()
     assert (
@@ -323,7 +323,7 @@ def test_chat_in_a_terminal_two_turns_reset_and_eof(run_dir):
 
 
 def test_chat_loop_commands_and_exit():
-    from wronai.commands.generate import chat_loop
+    from wronai.cli.generate import chat_loop
 
     session, out = _FakeSession(), io.StringIO()
     assert (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from wronai.commands import add_config_args
+from wronai.cli.common import add_config_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:

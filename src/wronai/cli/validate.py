@@ -1,0 +1,47 @@
+"""`wronai validate CONFIG`: the resolved config, the device plan and every problem found without loading a model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from wronai.cli.common import add_config_args, load_config_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="check a config and show the device plan",
+        description="Load and check a config without loading a model; print the resolved config and the device plan. "
+        "Exits 2 and lists the problems if there are any.",
+    )
+    add_config_args(p)
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print only the device plan and problems, not the resolved config",
+    )
+    p.set_defaults(func=cmd_validate)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from wronai.config import dump_config
+    from wronai.runtime.hardware import plan_device
+    from wronai.pipeline import preflight
+
+    loaded = load_config_args(args)
+    cfg = loaded.config
+    out = sys.stdout
+    if not args.quiet:
+        out.write("# resolved config\n" + dump_config(cfg) + "\n")
+    plan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+    out.write("# device plan\n" + "".join(f"  {line}\n" for line in plan.describe()))
+    for note in [*loaded.notes, *plan.notes]:
+        out.write(f"  note: {note}\n")
+    problems = preflight(cfg)
+    if problems:
+        from wronai.errors import ConfigError
+
+        raise ConfigError(problems, args.config)
+    out.write(f"OK: {args.config} is valid\n")
+    return 0
