@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from conftest import loss_and_gradients, make_config_dict, polish_batch, quantized_linear
-from wronai.model import loading
-from wronai.runtime import hardware
 from wronai.config import load_config
 from wronai.kernels import bnb as kernels_bnb
+from wronai.model import loading
+from wronai.runtime import hardware
 
 
 @pytest.fixture(params=[True, False], ids=["packed-path-on", "packed-path-off"])

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from wronai.runtime import heap
 from wronai.config.schema import HardwareSection
 from wronai.model.kbit import enable_gradient_checkpointing
+from wronai.runtime import heap
 
 # glibc keeps freed buffers in its heap once a larger freed buffer has raised its dynamic mmap threshold.
 # Run in a fresh interpreter: the heap of the test process is in no known state.
@@ -181,8 +181,8 @@ def test_return_freed_memory_off_keeps_memory_and_installs_no_hooks(monkeypatch)
 @linux_only
 def test_return_freed_memory_on_trims_between_the_layers_of_the_model():
     code = (
-        "from test_memory_settings import tiny_llama\n"
-        "from wronai import heap\nfrom wronai.config.schema import HardwareSection\n"
+        "from test_heap import tiny_llama\n"
+        "from wronai.runtime import heap\nfrom wronai.config.schema import HardwareSection\n"
         "model = tiny_llama(2)\n"
         "assert heap.apply_memory_settings(HardwareSection(return_freed_memory='on'), 'cpu', 1, model)\n"
         "print(sum(bool(layer._forward_hooks) for layer in heap.decoder_layers(model)))\n"
@@ -205,7 +205,7 @@ def test_pipeline_trims_between_the_layers_of_the_model_it_loads(tiny_model_dir,
     config = tmp_path / "config.json"
     config.write_text(json.dumps(raw))
     code = (
-        "import json, sys\nfrom wronai import heap\nfrom wronai.config import load_config\n"
+        "import json, sys\nfrom wronai.runtime import heap\nfrom wronai.config import load_config\n"
         "from wronai.pipeline import WronAITrainer\n"
         "model = WronAITrainer(load_config(data=json.load(open(sys.argv[1])))).load_model()\n"
         "print(sum(bool(layer._forward_hooks) for layer in heap.decoder_layers(model)))\n"

@@ -73,7 +73,9 @@ def test_an_internal_error_outside_a_run_goes_to_the_temporary_directory(tmp_pat
     from wronai.cli import config_docs
 
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
-    monkeypatch.setattr(config_docs, "cmd_config_docs", lambda args: 1 / 0)  # main() builds the parser after this
+    monkeypatch.setattr(
+        config_docs, "cmd_config_docs", lambda args: 1 / 0
+    )  # main() builds the parser after this
     assert main(["config-docs"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ZeroDivisionError" in err and str(tmp_path / ERROR_LOG) in err

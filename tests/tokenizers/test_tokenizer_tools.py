@@ -167,9 +167,9 @@ def test_bad_input_is_one_line(argv, fragment, tiny_model_dir, tmp_path, capsys)
 
 
 def test_extend_refuses_non_bpe_tokenizers(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from wronai.tokenizers.extend import choose_new_tokens
 
     word_level = Tokenizer(models.WordLevel({"<unk>": 0, "ala": 1, "ma": 2}, unk_token="<unk>"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wronai.runtime import hardware
 from wronai.config import load_config
+from wronai.runtime import hardware
 
 
 def plan_for(monkeypatch, device: str, bf16_ok: bool, **training):

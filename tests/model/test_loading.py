@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import make_config_dict
-from wronai.model import loading
 from wronai.config import load_config
 from wronai.errors import WronAIError
-from wronai.runtime.hardware import plan_device
+from wronai.model import loading
 from wronai.model.kbit import gradient_checkpointing_on
 from wronai.pipeline import WronAITrainer
+from wronai.runtime.hardware import plan_device
 
 
 def config(tiny_model_dir, tmp_path, alpaca_file, **sections):

@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from conftest import REPO, make_config_dict
-from wronai.runtime import distributed
 from wronai.cli import main
 from wronai.config import load_config
+from wronai.runtime import distributed
 from wronai.runtime.hardware import plan_device
 from wronai.train.trainer import training_arguments_kwargs
 

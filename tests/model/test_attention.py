@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from wronai.data.collate import PackedCollator, pack_examples
+from wronai.data.tokenize import IGNORE_INDEX
 from wronai.model.attention import (
     LENGTHS_KWARG,
     PACKED_SDPA,
@@ -13,8 +15,6 @@ from wronai.model.attention import (
     packed_sdpa,
     sequence_boundaries,
 )
-from wronai.data.collate import PackedCollator, pack_examples
-from wronai.data.tokenize import IGNORE_INDEX
 from wronai.model.kbit import enable_gradient_checkpointing
 
 X = IGNORE_INDEX

@@ -21,13 +21,13 @@ import torch
 from conftest import REPO, alpaca_rows, make_config_dict, write_jsonl
 from wronai.config.schema import ExtendVocabSpec, TinyModelSpec
 from wronai.errors import WronAIError
-from wronai.tokenizers.polish import read_texts, resolve_data, tokenizer_stats
 from wronai.tokenizers.extend import (
     apply_extend_vocab,
     choose_new_tokens,
     extend_with_data,
     init_new_embeddings,
 )
+from wronai.tokenizers.polish import read_texts, resolve_data, tokenizer_stats
 
 SAMPLE = [
     str(REPO / "data" / "sample_pl" / name) for name in ("corpus.txt", "instructions.jsonl", "chat.jsonl")
@@ -116,8 +116,9 @@ def test_extended_tokenizer_round_trips_polish(extension, eval_texts, tmp_path):
 
 def test_sentencepiece_style_llama_tokenizer(eval_texts, tmp_path):
     """Llama/Mistral-style BPE: ▁ for spaces, <0xNN> byte fallback, whole sentences handed to the BPE."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer, LlamaTokenizer
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")

@@ -12,10 +12,10 @@ from conftest import (
     polish_batch,
     quantized_linear,
 )
+from wronai.config import load_config
 from wronai.kernels import fused_lora
 from wronai.model import loading
 from wronai.runtime import hardware
-from wronai.config import load_config
 
 FUSED = tuple(fused_lora.SWAPS.values())
 

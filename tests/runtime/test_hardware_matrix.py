@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from conftest import loss_and_gradients, make_config_dict, polish_batch
+from wronai.config import load_config
 from wronai.kernels import fused_lora
 from wronai.model import loading
 from wronai.runtime import hardware
-from wronai.config import load_config
 
 QUANT = {"4bit": {"load_in_4bit": True}, "8bit": {"load_in_4bit": False, "load_in_8bit": True},
          "16bit": {"load_in_4bit": False}}  # fmt: skip

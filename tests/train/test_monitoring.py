@@ -9,8 +9,8 @@ import pytest
 from conftest import make_config_dict
 from wronai.config import load_config
 from wronai.config.schema import LoggingSection
-from wronai.train.monitoring import resolve_report_to, run_name
 from wronai.pipeline import run
+from wronai.train.monitoring import resolve_report_to, run_name
 
 
 def test_run_name_timestamp():

@@ -8,15 +8,15 @@ from dataclasses import replace
 import pytest
 import torch
 import yaml
+from test_memory_plan import MISTRAL_7B, settings
 
 from conftest import assert_same_loss_and_gradients, loss_and_gradients, make_config_dict, polish_batch
-from test_plan import MISTRAL_7B, settings
-from wronai.runtime import activation_checkpointing
-from wronai.runtime.activation_checkpointing import activation_bytes, checkpointing_choice
 from wronai.cli import main
 from wronai.config import load_config
 from wronai.errors import ConfigError
 from wronai.model.kbit import gradient_checkpointing_on
+from wronai.runtime import activation_checkpointing
+from wronai.runtime.activation_checkpointing import activation_bytes, checkpointing_choice
 from wronai.runtime.memory import GIB, ModelShape, estimate
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

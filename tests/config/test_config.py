@@ -11,7 +11,7 @@ from wronai.config import dump_config, load_config, load_config_with_notes
 from wronai.config.docs import render_reference
 from wronai.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
 
 BASE = {"model": {"name": "org/model"}, "data": {"dataset_name": "org/dataset"}}

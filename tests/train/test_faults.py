@@ -17,15 +17,15 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import alpaca_rows, make_config_dict, write_jsonl
-from wronai.train import trainer
-from wronai.train import checkpointing
 from wronai.config import load_config
 from wronai.errors import ConfigError, WronAIError
 from wronai.pipeline import WronAITrainer, run
+from wronai.train import checkpointing
 from wronai.train.faults import NonFiniteLossError, resume_differences
+from wronai.train.trainer import make_trainer_class
 
 
-def run_config(tiny_model_dir: Path, root: Path, name: str, **trainer) -> dict:
+def run_config(tiny_model_dir: Path, root: Path, name: str, **training) -> dict:
     data = write_jsonl(root / "data.jsonl", alpaca_rows(64))
     raw = make_config_dict(
         tiny_model_dir, data, root / name,
@@ -243,7 +243,7 @@ def test_config_change_between_run_and_resume_is_refused(tmp_path, uninterrupted
         run(load_config(data=raw), resume=True)
     text = str(info.value)
     assert "`lora.r`: 4 in the checkpoint, 8 now" in text
-    assert "`trainer.per_device_train_batch_size`: 4 in the checkpoint, 2 now" in text
+    assert "`training.per_device_train_batch_size`: 4 in the checkpoint, 2 now" in text
     assert "--force-resume" in text
 
 
@@ -473,7 +473,7 @@ def test_best_checkpoint_tracked_and_kept_under_its_published_name(tmp_path, tin
         6: (["checkpoint-2", "checkpoint-6"], best, True, True),
     }
     assert "wronai_config.yaml" in pipeline.trainer.checkpoint_extras
-    assert not hasattr(trainer.make_trainer_class(), "checkpoint_extras")  # per instance, never shared
+    assert not hasattr(make_trainer_class(), "checkpoint_extras")  # per instance, never shared
 
 
 def test_unwritable_output_dir(tmp_path, tiny_model_dir):

@@ -14,8 +14,8 @@ from conftest import (
     make_config_dict,
     polish_batch,
 )
-from wronai.model import kbit
 from wronai.config import load_config
+from wronai.model import kbit
 from wronai.pipeline import WronAITrainer
 
 

@@ -23,11 +23,11 @@ from transformers.distributed.fsdp import is_fsdp_enabled
 from transformers.training_args import ParallelMode
 
 from conftest import REPO, make_config_dict
-from wronai.model import loading
-from wronai.runtime import distributed
 from wronai.cli import main
 from wronai.config import load_config
 from wronai.errors import WronAIError
+from wronai.model import loading
+from wronai.runtime import distributed
 from wronai.runtime.hardware import plan_device
 from wronai.train.trainer import training_arguments_kwargs
 

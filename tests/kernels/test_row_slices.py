@@ -14,10 +14,10 @@ from conftest import (
     polish_batch,
     quantized_linear,
 )
-from wronai.model import loading
-from wronai.runtime import hardware
 from wronai.config import load_config
 from wronai.kernels import bnb as kbit_chunks
+from wronai.model import loading
+from wronai.runtime import hardware
 
 
 @pytest.mark.parametrize(
