@@ -39,10 +39,10 @@ def build_model(out: Path) -> Path:
 def one(model_dir: Path, native: bool, precision: str, quant: str) -> dict:
     import bitsandbytes as bnb
 
+    from wronai.config import load_config
     from wronai.kernels import fused_lora
     from wronai.model import loading
     from wronai.runtime import hardware
-    from wronai.config import load_config
 
     quantization = {"4bit": {"load_in_4bit": True}, "8bit": {"load_in_4bit": False, "load_in_8bit": True},
                     "16bit": {"load_in_4bit": False}}[quant]  # fmt: skip

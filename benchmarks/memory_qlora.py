@@ -115,8 +115,6 @@ def run_variant(
 ) -> dict:  # fmt: skip
     import torch
 
-    from wronai.model import loading
-    from wronai.runtime import heap
     from wronai.config.schema import (
         HardwareSection,
         LoraSection,
@@ -124,6 +122,8 @@ def run_variant(
         QuantizationSection,
         TrainingSection,
     )
+    from wronai.model import loading
+    from wronai.runtime import heap
     from wronai.runtime.hardware import plan_device
 
     torch.manual_seed(0)

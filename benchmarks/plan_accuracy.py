@@ -73,7 +73,6 @@ def _warm_up() -> None:
 def run_case(name: str, checkpoint: str) -> dict:
     import torch
 
-    from wronai.model import loading
     from wronai.config.schema import (
         HardwareSection,
         LoraSection,
@@ -81,6 +80,7 @@ def run_case(name: str, checkpoint: str) -> dict:
         QuantizationSection,
         TrainingSection,
     )
+    from wronai.model import loading
     from wronai.runtime.hardware import plan_device
     from wronai.runtime.memory import ModelShape, Settings, estimate
 

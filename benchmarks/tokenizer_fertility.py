@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     from wronai.errors import WronAIError
+    from wronai.model.tiny import train_tokenizer
+    from wronai.tokenizers.extend import extend_with_data
     from wronai.tokenizers.polish import (
         format_stats_table,
         load_tokenizer_dir,
@@ -54,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer_stats,
         train_polish_tokenizer,
     )
-    from wronai.model.tiny import train_tokenizer
-    from wronai.tokenizers.extend import extend_with_data
 
     start = time.perf_counter()
     train_texts, eval_texts = read_texts(SAMPLE), read_texts(EVAL)

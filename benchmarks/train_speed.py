@@ -195,7 +195,9 @@ ABLATIONS = {
         "data": {"packing": False},
         "training": {"group_by_length": True},
     },  # padded, length-grouped rows
-    "wronai-unfused": {"hardware": {"fused_lora": "off"}},  # PEFT's LoRA modules (wronai.kernels.fused_lora off)
+    "wronai-unfused": {
+        "hardware": {"fused_lora": "off"}
+    },  # PEFT's LoRA modules (wronai.kernels.fused_lora off)
     "wronai-checkpointing": {
         "training": {"gradient_checkpointing": True}
     },  # recompute activations as the classic does

@@ -31,10 +31,10 @@ def main() -> None:
     )
     log = logging.getLogger("python_api")
 
-    from wronai.rundir import saving
     from wronai.config.extensions import load_object
-    from wronai.runtime.hardware import apply_thread_settings
     from wronai.pipeline import WronAITrainer
+    from wronai.rundir import saving
+    from wronai.runtime.hardware import apply_thread_settings
 
     # 1. Config: the YAML file plus `--set`-style overrides, validated (a ConfigError lists every problem).
     overrides = [

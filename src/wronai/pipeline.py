@@ -18,20 +18,16 @@ from typing import Any
 
 import yaml
 
-from wronai.train import checkpointing
-from wronai.runtime import distributed
-from wronai.model import loading
-from wronai.train import monitoring
-from wronai.train import faults
-from wronai.train import throughput
-from wronai.rundir import saving
-from wronai.train import trainer
 from wronai import data as data_stage
 from wronai.config import WronAIConfig, dump_config, load_config
-from wronai.errors import ConfigError, WronAIError
 from wronai.config.extensions import build_callbacks, load_object
+from wronai.errors import ConfigError, WronAIError
+from wronai.model import loading
+from wronai.rundir import saving
+from wronai.runtime import distributed
 from wronai.runtime.hardware import DevicePlan, apply_thread_settings, plan_device
 from wronai.runtime.heap import apply_memory_settings, release_free_memory
+from wronai.train import checkpointing, faults, monitoring, throughput, trainer
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +117,11 @@ class WronAITrainer:
         return self.model
 
     def _gradient_checkpointing(self, base: Any) -> int:
-        """Every how many decoder layers to recompute (0 = none): trainer.gradient_checkpointing, with auto
-        decided from the loaded model and the free memory, and trainer.checkpoint_every_n_layers."""
+        """Every how many decoder layers to recompute (0 = none): training.gradient_checkpointing, with auto
+        decided from the loaded model and the free memory, and training.checkpoint_every_n_layers."""
         training = self.config.training
-        if trainer.gradient_checkpointing != "auto":
-            return trainer.checkpoint_every_n_layers if trainer.gradient_checkpointing else 0
+        if training.gradient_checkpointing != "auto":
+            return training.checkpoint_every_n_layers if training.gradient_checkpointing else 0
         from wronai.runtime.activation_checkpointing import auto_gradient_checkpointing, auto_note
 
         every, what, why = auto_gradient_checkpointing(self.config, base.config.to_dict(), self.plan.device)

@@ -19,7 +19,6 @@ For other architectures, or k-quants such as Q4_K_M, use llama.cpp itself:
 """
 
 
-
 def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "export",

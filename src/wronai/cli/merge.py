@@ -13,6 +13,7 @@ The base is loaded in full precision (never 4-bit), the adapter merged in with m
 result saved as safetensors with the run's tokenizer, its wronai_config.yaml and a model card (README.md).
 """
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "merge",
@@ -38,7 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="where to merge: cpu (default) or cuda")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.set_defaults(func=cmd_merge)
-
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

@@ -115,8 +115,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_extend(args: argparse.Namespace) -> int:
     from wronai.errors import WronAIError
-    from wronai.tokenizers.polish import load_tokenizer_dir, read_texts, resolve_data
     from wronai.tokenizers.extend import extend_with_data, save_extension
+    from wronai.tokenizers.polish import load_tokenizer_dir, read_texts, resolve_data
 
     if args.add < 1:
         raise WronAIError(f"--add: {args.add} — pass a positive number of tokens")

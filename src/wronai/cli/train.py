@@ -40,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from wronai.runtime import distributed
     from wronai.pipeline import run
+    from wronai.runtime import distributed
 
     loaded = load_config_args(args)
     args.error_log_dir = loaded.config.training.output_dir  # an internal error's traceback goes there
@@ -62,12 +62,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _launch_train(args: argparse.Namespace, config) -> int:
     """`train --nproc N`: check once here, then re-run this command in N processes under torchrun."""
-    from wronai.rundir import saving
-    from wronai.model import loading
-    from wronai.runtime import distributed
     from wronai.errors import ConfigError
-    from wronai.runtime.hardware import plan_device
+    from wronai.model import loading
     from wronai.pipeline import preflight
+    from wronai.rundir import saving
+    from wronai.runtime import distributed
+    from wronai.runtime.hardware import plan_device
 
     if args.nproc < 1:
         raise WronAIError(f"--nproc {args.nproc}: use 1 or more processes")

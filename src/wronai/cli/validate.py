@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from wronai.config import dump_config
-    from wronai.runtime.hardware import plan_device
     from wronai.pipeline import preflight
+    from wronai.runtime.hardware import plan_device
 
     loaded = load_config_args(args)
     cfg = loaded.config

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from wronai.model.attention import LENGTHS_KWARG, example_lengths, sequence_boundaries
 from wronai.data.tokenize import IGNORE_INDEX
+from wronai.model.attention import LENGTHS_KWARG, example_lengths, sequence_boundaries
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int, length: int) -> torch.Tensor:

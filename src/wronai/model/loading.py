@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from wronai.runtime import distributed
 from wronai.config.schema import HardwareSection, LoraSection, ModelConfig, PolishSection, QuantizationSection
 from wronai.errors import WronAIError
+from wronai.runtime import distributed
 from wronai.runtime.hardware import DevicePlan
 
 logger = logging.getLogger(__name__)
@@ -205,7 +205,9 @@ def load_base_model(
     bnb = quantization_config(quant_cfg, plan, hardware)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
-    if plan.keep_embeddings:  # non-quantized weights in the checkpoint's dtype: no float32 copy (wronai.model.kbit)
+    if (
+        plan.keep_embeddings
+    ):  # non-quantized weights in the checkpoint's dtype: no float32 copy (wronai.model.kbit)
         kwargs["dtype"] = "auto"
     max_memory = _max_memory(hardware, plan, kwargs["device_map"])
     if max_memory:

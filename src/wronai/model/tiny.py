@@ -64,8 +64,9 @@ def train_tokenizer(texts: list[str], vocab_size: int, pre_tokenizer=None, min_f
     ``pre_tokenizer`` defaults to plain byte-level splitting (GPT-2 style); `wronai tokenizer train` passes a
     Polish-aware one.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()

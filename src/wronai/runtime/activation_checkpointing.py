@@ -14,8 +14,8 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from wronai.runtime import memory
 from wronai.errors import WronAIError
+from wronai.runtime import memory
 from wronai.runtime.memory import GIB, ModelShape, Settings, estimate
 
 # training.gradient_checkpointing: auto turns it off while a step's activations without it take at most

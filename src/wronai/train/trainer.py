@@ -161,8 +161,8 @@ def build_trainer(
     from transformers.trainer_callback import ProgressCallback
 
     from wronai.data.collate import PackedCollator, PaddingCollator
-    from wronai.train.monitoring import make_progress_callback
     from wronai.train.faults import GradientGuard
+    from wronai.train.monitoring import make_progress_callback
 
     if prepared.packed:  # attention per example instead of a block-diagonal mask over the whole row
         from wronai.model.attention import enable_packed_attention

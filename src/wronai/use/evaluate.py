@@ -86,8 +86,8 @@ def eval_data_section(run_data: DataSection | None, files: list[str]) -> DataSec
 
 def build_eval_dataset(run: LoadedRun, files: list[str] | None) -> tuple[Any, str]:
     """(tokenized dataset with input_ids/labels, description) for the eval split or the given files."""
-    from wronai.data import build_datasets
     from wronai.config.extensions import load_object
+    from wronai.data import build_datasets
 
     cfg = run.dir.config
     hook = (

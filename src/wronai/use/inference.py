@@ -163,8 +163,8 @@ def load_run(
 
     ``quantize=False`` loads the base in full precision; ``dtype`` (a torch dtype) forces the weights' dtype.
     """
-    from wronai.model import loading
     from wronai.config.schema import HardwareSection, QuantizationSection, TrainingSection
+    from wronai.model import loading
     from wronai.runtime.hardware import plan_device
 
     run = locate_run(path)
