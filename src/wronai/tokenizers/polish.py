@@ -119,7 +119,7 @@ def load_tokenizer_dir(path: str | Path, what: str = "TOKENIZER") -> Any:
 
 def repo_eval_files() -> list[Path]:
     """The bundled held-out Polish text (``data/eval_pl/*.txt`` of a source checkout), or []."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     return sorted((root / "data" / "eval_pl").glob("*.txt"))
 
 
