@@ -4,7 +4,7 @@
     python benchmarks/lora_step.py [--rounds 8] [--batches 6] [--out /tmp/wronai-bench]
 
 Builds (or reuses) the model and data of ``benchmarks/train_speed.py`` (hidden 384, 6 layers, 4-bit NF4
-QLoRA r 16 on all linear layers, packed rows of 512 tokens), prepares them with ``wronai.pipeline`` as
+QLoRA r 16 on all linear layers, packed rows of 512 tokens), prepares them with ``wronai.recipe`` as
 ``wronai train`` does, takes the first ``--batches`` batches and times forward + backward over them with
 ``hardware.fused_lora`` on and off in turn, ``--rounds`` times. Alternating inside one process takes the
 machine's drift (±15% over minutes here) out of the ratio. Prints every round, the median time per batch
@@ -27,7 +27,7 @@ import train_speed  # noqa: E402  (the benchmark model and data)
 
 def prepare(out: Path, rows: int, batch: int, checkpointing: bool):
     from wronai.config import load_config
-    from wronai.pipeline import WronAITrainer
+    from wronai.recipe import WronAITrainer
 
     if not (out / "model" / "config.json").exists():
         train_speed.build_model(out / "model", 384, 6)

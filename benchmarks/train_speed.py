@@ -9,7 +9,7 @@ set (long-tailed answer lengths) for one epoch, i.e. the same examples:
 (a) classic: a faithful reimplementation of the seed `scripts/train.py` — HF Trainer,
     `DataCollatorForLanguageModeling(mlm=False)` (pad = eos, per-batch dynamic padding, loss on all tokens),
     `prepare_model_for_kbit_training` (gradient checkpointing on, as in the classic config), length grouping.
-(b) wronai: `wronai.pipeline.run` with packing (per-example position ids), answer-only loss, gradient
+(b) wronai: `wronai.recipe.run` with packing (per-example position ids), answer-only loss, gradient
     checkpointing `auto` (off for a model this small), bf16 only where the CPU has it.
 
 Printed per run: wall time, non-pad tokens per second, padding fraction, peak RSS, MFU against the matmul
@@ -212,7 +212,7 @@ ABLATIONS = {
 def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
     from wronai.config import load_config
     from wronai.model.kbit import gradient_checkpointing_on
-    from wronai.pipeline import WronAITrainer
+    from wronai.recipe import WronAITrainer
 
     raw = {
         "model": {"name": str(model_dir)},

@@ -18,7 +18,7 @@ or on the command line (``--set`` values are YAML, so a list is written in brack
 
 From Python, add instances to ``extra_callbacks`` before the Trainer is built::
 
-    from wronai.pipeline import WronAITrainer
+    from wronai.recipe import WronAITrainer
 
     trainer = WronAITrainer("configs/offline_demo.yaml")
     logger_cb = ThroughputLogger()

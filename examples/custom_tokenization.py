@@ -19,7 +19,7 @@ or on the command line::
 From Python, set the config key before the stages run (``load_model`` sizes the embeddings to the
 tokenizer)::
 
-    from wronai.pipeline import WronAITrainer
+    from wronai.recipe import WronAITrainer
 
     trainer = WronAITrainer("configs/offline_demo.yaml", ["training.max_steps=10"])
     trainer.config.extensions.tokenizer_hook = "examples/custom_tokenization.py:add_domain_tokens"

@@ -3,7 +3,7 @@
     python examples/python_api.py                       # 20 steps, output in runs/python-api-demo
     python examples/python_api.py --max-steps 5 --set training.learning_rate=1e-3
 
-This does what ``wronai train`` does (``wronai.pipeline.run``), one stage at a time, with the three example
+This does what ``wronai train`` does (``wronai.recipe.run``), one stage at a time, with the three example
 extensions plugged in from Python: the tokenizer hook through the config, the data hook as an argument of
 ``load_dataset`` and a callback through ``extra_callbacks``. At the end the saved adapter is loaded again
 with plain transformers + peft, as anyone receiving the output directory would.
@@ -32,7 +32,7 @@ def main() -> None:
     log = logging.getLogger("python_api")
 
     from wronai.config.extensions import load_object
-    from wronai.pipeline import WronAITrainer
+    from wronai.recipe import WronAITrainer
     from wronai.rundir import saving
     from wronai.runtime.hardware import apply_thread_settings
 

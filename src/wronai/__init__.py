@@ -15,9 +15,9 @@ __all__ = ["WronAITrainer", "__version__", "load_config", "run"]
 
 def __getattr__(name: str) -> Any:
     if name in ("WronAITrainer", "run"):
-        from wronai import pipeline
+        from wronai import recipe
 
-        return getattr(pipeline, name)
+        return getattr(recipe, name)
     if name == "load_config":
         from wronai.config import load_config
 

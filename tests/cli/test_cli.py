@@ -146,7 +146,7 @@ def test_training_loss_falls_and_eval_runs(finished_run):
 
 def test_quantized_training_used_4bit_layers(finished_run, tiny_model_dir):
     from wronai.config import load_config
-    from wronai.pipeline import WronAITrainer
+    from wronai.recipe import WronAITrainer
 
     _, cfg, _ = finished_run
     trainer = WronAITrainer(load_config(cfg))

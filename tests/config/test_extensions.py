@@ -16,7 +16,7 @@ from conftest import REPO, alpaca_rows, make_config_dict, write_jsonl
 from wronai.config import load_config
 from wronai.config.extensions import build_callbacks, load_object
 from wronai.errors import WronAIError
-from wronai.pipeline import WronAITrainer, run
+from wronai.recipe import WronAITrainer, run
 
 TOKENIZER_HOOK = "examples/custom_tokenization.py:add_domain_tokens"
 DATA_HOOK = "examples/custom_data_processing.py:data_hook"

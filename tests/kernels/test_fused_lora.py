@@ -290,7 +290,7 @@ def test_bad_fused_lora_value_names_the_key():
 
 
 def test_pipeline_fuses_the_lora_layers_of_the_model_it_loads(tiny_model_dir, alpaca_file, tmp_path):
-    from wronai.pipeline import WronAITrainer
+    from wronai.recipe import WronAITrainer
 
     raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", hardware={"device": "cpu"})
     model = WronAITrainer(load_config(data=raw)).load_model()

@@ -134,7 +134,7 @@ def test_training_with_evaluation_has_the_losses_of_training_without(
 ):
     """Evaluation every 2 steps, checkpoints every 3: the per-step training losses are those of a run that
     never evaluates (bit-identical in fp32), and nothing is packed at the end."""
-    from wronai.pipeline import WronAITrainer
+    from wronai.recipe import WronAITrainer
 
     losses = []
     for name, strategy in (("eval", "steps"), ("no-eval", "no")):

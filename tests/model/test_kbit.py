@@ -16,7 +16,7 @@ from conftest import (
 )
 from wronai.config import load_config
 from wronai.model import kbit
-from wronai.pipeline import WronAITrainer
+from wronai.recipe import WronAITrainer
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from wronai.config import load_config
 from wronai.errors import WronAIError
 from wronai.model import loading
 from wronai.model.kbit import gradient_checkpointing_on
-from wronai.pipeline import WronAITrainer
+from wronai.recipe import WronAITrainer
 from wronai.runtime.hardware import plan_device
 
 
@@ -85,7 +85,7 @@ def test_polish_tokens_added_trained_saved_and_reloaded(tiny_model_dir, tmp_path
         training={"max_steps": 3, "learning_rate": 5e-2, "eval_strategy": "no", "save_strategy": "no"},
         data={"prompt_template": "<polish><question>{instruction}</question>\n<answer>"},
     )  # fmt: skip
-    from wronai.pipeline import run
+    from wronai.recipe import run
 
     result = run(cfg)
     out = result.output_dir

@@ -105,7 +105,7 @@ def test_pipeline_decides_auto_from_the_loaded_model(
     tiny_model_dir, alpaca_file, tmp_path, monkeypatch, free, flags, what
 ):
     """A 4-layer model: plenty of memory → off; enough for every 2nd layer → layers 0 and 2; 1 KiB → all."""
-    from wronai.pipeline import WronAITrainer
+    from wronai.recipe import WronAITrainer
 
     raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out")
     raw["model"] = {
@@ -126,7 +126,7 @@ def test_pipeline_decides_auto_from_the_loaded_model(
 
 
 def test_every_nth_layer_when_asked(tiny_model_dir, alpaca_file, tmp_path):
-    from wronai.pipeline import WronAITrainer
+    from wronai.recipe import WronAITrainer
 
     raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out")
     raw["model"] = {

@@ -320,7 +320,7 @@ def test_a_model_beyond_max_memory_names_the_settings(fake_cuda, monkeypatch):
 
 def test_fsdp_in_one_process_is_refused_with_the_fix(tmp_path, tiny_model_dir, alpaca_file):
     from wronai.errors import ConfigError
-    from wronai.pipeline import run
+    from wronai.recipe import run
 
     raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", hardware={"distributed": "fsdp"})
     with pytest.raises(ConfigError, match=r"hardware.distributed: fsdp shards .* --nproc"):

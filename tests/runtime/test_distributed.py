@@ -282,10 +282,10 @@ import os
 import sys
 from pathlib import Path
 
-from wronai import pipeline
+from wronai import recipe
 from wronai.cli import main
 
-original = pipeline.WronAITrainer.load_model
+original = recipe.WronAITrainer.load_model
 
 
 def load_model(self):  # the real load (pipeline calls prepare_for_sharded_load first); records what rank holds
@@ -296,7 +296,7 @@ def load_model(self):  # the real load (pipeline calls prepare_for_sharded_load 
     return model
 
 
-pipeline.WronAITrainer.load_model = load_model
+recipe.WronAITrainer.load_model = load_model
 sys.exit(main(sys.argv[1:]))
 '''
 

@@ -215,19 +215,19 @@ def test_apply_extend_vocab_for_the_pipeline(extension):
     assert len(choose_new_tokens(base, ["ala ma kota"] * 3, 1000)) < 1000  # only pairs seen >= 2 times
 
 
-# --- end to end: wronai.pipeline.run -> saved adapter -> new process -> generate -> merge -> stock load ---
+# --- end to end: wronai.recipe.run -> saved adapter -> new process -> generate -> merge -> stock load ---
 
 
 def _pipeline_wires_extend_vocab() -> bool:
-    from wronai import pipeline
+    from wronai import recipe
 
-    return "extend_vocab" in inspect.getsource(pipeline)
+    return "extend_vocab" in inspect.getsource(recipe)
 
 
 def _wire_extend_vocab(monkeypatch) -> None:
     """Until the lead wires polish.extend_vocab into the pipeline: the documented calls, patched in."""
     from wronai.model import loading
-    from wronai.pipeline import WronAITrainer
+    from wronai.recipe import WronAITrainer
     from wronai.tokenizers.extend import write_extension_file
 
     original_load_tokenizer = WronAITrainer.load_tokenizer
@@ -309,7 +309,7 @@ print(json.dumps({
 @pytest.mark.slow
 def test_extend_vocab_trains_saves_reloads_generates_and_merges(pretrained_dir, tmp_path, monkeypatch):
     from wronai.config import load_config
-    from wronai.pipeline import run
+    from wronai.recipe import run
 
     if not _pipeline_wires_extend_vocab():
         _wire_extend_vocab(monkeypatch)

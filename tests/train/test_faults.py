@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import alpaca_rows, make_config_dict, write_jsonl
 from wronai.config import load_config
 from wronai.errors import ConfigError, WronAIError
-from wronai.pipeline import WronAITrainer, run
+from wronai.recipe import WronAITrainer, run
 from wronai.train import checkpointing
 from wronai.train.faults import NonFiniteLossError, resume_differences
 from wronai.train.trainer import make_trainer_class

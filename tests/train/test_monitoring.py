@@ -9,7 +9,7 @@ import pytest
 from conftest import make_config_dict
 from wronai.config import load_config
 from wronai.config.schema import LoggingSection
-from wronai.pipeline import run
+from wronai.recipe import run
 from wronai.train.monitoring import resolve_report_to, run_name
 
 

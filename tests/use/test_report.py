@@ -161,7 +161,7 @@ def test_model_card_front_matter_and_code_run_with_stock_peft(run_dir):
 
 def test_attach_puts_one_callback_first(run_dir):
     from wronai.config import load_config
-    from wronai.pipeline import WronAITrainer
+    from wronai.recipe import WronAITrainer
     from wronai.train.throughput import ThroughputMemoryCallback, attach
 
     pipeline = WronAITrainer(

@@ -53,7 +53,7 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from wronai.pipeline import WronAITrainer
+    from wronai.recipe import WronAITrainer
 
     loaded = load_config_args(args)
     trainer = WronAITrainer(loaded.config)
@@ -63,7 +63,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from wronai.pipeline import WronAITrainer
+    from wronai.recipe import WronAITrainer
 
     loaded = load_config_args(args)
     config = loaded.config.model_copy(update={"data": loaded.config.data.model_copy(update={"checks": True})})

@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from wronai.pipeline import run
+    from wronai.recipe import run
     from wronai.runtime import distributed
 
     loaded = load_config_args(args)
@@ -64,7 +64,7 @@ def _launch_train(args: argparse.Namespace, config) -> int:
     """`train --nproc N`: check once here, then re-run this command in N processes under torchrun."""
     from wronai.errors import ConfigError
     from wronai.model import loading
-    from wronai.pipeline import preflight
+    from wronai.recipe import preflight
     from wronai.rundir import saving
     from wronai.runtime import distributed
     from wronai.runtime.hardware import plan_device

@@ -29,7 +29,7 @@ def render_example(tokenizer, input_ids: list[int], labels: list[int], color: bo
 
 
 def preview(config: WronAIConfig, n: int = 3, color: bool = False) -> str:
-    from wronai.pipeline import WronAITrainer
+    from wronai.recipe import WronAITrainer
 
     pipeline = WronAITrainer(config)
     pipeline.load_tokenizer()

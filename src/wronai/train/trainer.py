@@ -230,7 +230,7 @@ def make_trainer_class() -> type:
     Built on first use rather than at module level: ``from transformers import Trainer`` loads the
     Trainer's whole stack (accelerate, datasets, the integrations) — seconds — and ``wronai.train.trainer`` is
     imported by every command that reads a config (``wronai validate``, ``wronai plan``, ``wronai data ...``
-    import ``wronai.pipeline``), most of which never train. Cached: one class, so ``isinstance`` works.
+    import ``wronai.recipe``), most of which never train. Cached: one class, so ``isinstance`` works.
     """
     from transformers import Trainer
     from transformers.trainer import TRAINER_STATE_NAME
