@@ -10,7 +10,8 @@ import yaml
 
 from conftest import alpaca_rows, make_config_dict, write_jsonl
 from wronai import recipe
-from wronai.cli import ERROR_LOG, main
+from wronai.cli import main
+from wronai.rundir.files import ERROR_LOG
 
 
 def _config(tmp_path, tiny_model_dir):

@@ -18,6 +18,7 @@ from pathlib import Path
 from wronai import __version__
 from wronai.cli.common import setup_logging
 from wronai.errors import WronAIError
+from wronai.rundir.files import ERROR_LOG
 
 EPILOG = """examples:
   wronai train configs/offline_demo.yaml                       # the offline demo (builds a tiny local model)
@@ -64,7 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ERROR_LOG = "wronai-error.log"
 INTERNAL_ERROR_EXIT = 1
 
 

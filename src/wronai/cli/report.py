@@ -21,10 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from wronai.rundir.files import CARD_FILE
     from wronai.use.inference import quiet_third_party
     from wronai.use.report import write_report
 
     quiet_third_party()
     path = write_report(args.target, samples=not args.no_samples, max_new_tokens=args.max_new_tokens)
-    sys.stdout.write(f"report: {path}\nmodel card: {path.parent / 'README.md'}\n")
+    sys.stdout.write(f"report: {path}\nmodel card: {path.parent / CARD_FILE}\n")
     return 0

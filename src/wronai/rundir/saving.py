@@ -21,12 +21,16 @@ from typing import Any
 from wronai.config.loader import dump_config
 from wronai.config.schema import WronAIConfig
 from wronai.errors import OutputExistsError, WronAIError
+from wronai.rundir.files import (
+    CONFIG_FILE,
+    DATA_STATS_FILE,
+    FINISHED_MARKER,
+    PROVENANCE_FILE,
+    WRITE_PROBE_PREFIX,
+)
 
 logger = logging.getLogger(__name__)
 
-FINISHED_MARKER = "train_results.json"
-CONFIG_FILE = "wronai_config.yaml"
-PROVENANCE_FILE = "provenance.json"
 LIBRARIES = (
     "wronai",
     "torch",
@@ -55,7 +59,7 @@ def check_output_dir(output_dir: str | Path, *, overwrite: bool, resume: bool) -
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".wronai_write_test.{os.getpid()}"  # ranks probe side by side
+        probe = out / f"{WRITE_PROBE_PREFIX}{os.getpid()}"  # ranks probe side by side
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
@@ -140,3 +144,23 @@ def save_run(
     trainer.save_metrics("train", metrics)  # train_results.json (+ all_results.json); written last = finished
     logger.info("saved adapter, tokenizer, config and metrics to %s", out)
     return out
+
+
+def save_data_stats(output_dir: str | Path, stats: Any) -> None:
+    """``data_stats.json``: what the data stage kept, dropped and measured (the report reads it)."""
+    (Path(output_dir) / DATA_STATS_FILE).write_text(json.dumps(stats.__dict__, indent=2), encoding="utf-8")
+
+
+def save_vocab_extension(config: WronAIConfig, tokens: Any) -> None:
+    """The tokens ``polish.extend_vocab`` added (``tokens``: the model stage's PreparedTokenizer), if any."""
+    spec = config.polish.extend_vocab
+    if tokens.vocab_tokens and spec is not None:
+        from wronai.tokenizers.extend import write_extension_file
+
+        write_extension_file(
+            config.training.output_dir,
+            tokens.vocab_tokens,
+            config.model.name,
+            spec.data,
+            len(tokens.tokenizer),
+        )

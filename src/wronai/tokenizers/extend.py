@@ -32,10 +32,10 @@ from typing import Any
 import torch
 
 from wronai.errors import WronAIError
+from wronai.rundir.files import EXTENSION_FILE
 
 logger = logging.getLogger(__name__)
 
-EXTENSION_FILE = "wronai_extension.json"
 _BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 _WORD_START = re.compile(r"(?<=[^▁])(?=▁)")
 

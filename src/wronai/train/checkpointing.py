@@ -19,12 +19,11 @@ import re
 import shutil
 from pathlib import Path
 
+from wronai.rundir.files import CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX, STAGING_PREFIX, WEIGHT_FILES
+
 logger = logging.getLogger(__name__)
 
-MANIFEST = "wronai_checkpoint.json"
-STAGING_PREFIX = ".tmp-checkpoint-"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "pytorch_model.bin")
+_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
 def staging_dir(run_dir: str | Path, step: int) -> Path:
@@ -32,7 +31,7 @@ def staging_dir(run_dir: str | Path, step: int) -> Path:
 
 
 def final_dir(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / f"checkpoint-{step}"
+    return Path(run_dir) / f"{CHECKPOINT_PREFIX}{step}"
 
 
 def staged_checkpoint(staging: Path, step: int) -> Path:
@@ -45,14 +44,14 @@ def write_manifest(folder: Path, step: int) -> None:
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
-        if rel == MANIFEST:
+        if rel == CHECKPOINT_MANIFEST:
             continue
         files[rel] = path.stat().st_size
         _fsync(path)
-    tmp = folder / (MANIFEST + ".part")
+    tmp = folder / (CHECKPOINT_MANIFEST + ".part")
     tmp.write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
     _fsync(tmp)
-    os.replace(tmp, folder / MANIFEST)
+    os.replace(tmp, folder / CHECKPOINT_MANIFEST)
 
 
 def _fsync(path: Path) -> None:
@@ -83,7 +82,7 @@ def seal_and_publish(staging: Path, final: Path, step: int) -> Path:
 
 def checkpoint_problem(path: Path) -> str | None:
     """Why ``path`` is not a complete checkpoint, or None when it is."""
-    manifest = path / MANIFEST
+    manifest = path / CHECKPOINT_MANIFEST
     if not manifest.is_file():
         return "no completeness manifest (the save did not finish)"
     try:
@@ -96,7 +95,7 @@ def checkpoint_problem(path: Path) -> str | None:
             return f"{rel} is missing"
         if target.stat().st_size != size:
             return f"{rel} is truncated ({target.stat().st_size} of {size} bytes)"
-    if not any((path / w).is_file() for w in _WEIGHTS):
+    if not any((path / w).is_file() for w in WEIGHT_FILES):
         return "no weights"
     return None
 

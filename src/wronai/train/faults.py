@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from wronai.errors import WronAIError
+from wronai.rundir.files import GUARD_STATE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +82,6 @@ def make_stop_callback(signals: SignalState):
             return control
 
     return StopOnSignalCallback()
-
-
-GUARD_STATE_FILE = "wronai_gradient_guard.json"
 
 
 class GradientGuard:

@@ -20,11 +20,11 @@ from typing import Any
 
 from wronai.config.schema import DataSection
 from wronai.errors import WronAIError
-from wronai.use.inference import CONFIG_FILE, LoadedRun, load_run
+from wronai.rundir.files import CONFIG_FILE, EVAL_FILE
+from wronai.use.inference import LoadedRun, load_run
 
 logger = logging.getLogger(__name__)
 
-EVAL_FILE = "eval.json"
 EVAL_SPLIT = "eval split"
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from wronai.errors import WronAIError
+from wronai.rundir.files import TOKENIZER_FILE
 from wronai.use.inference import locate_run
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def _add_vocab(w: Any, gguf: Any, tok_dir: Path, n_vocab: int) -> str:
     """Tokens, types (scores), merges and special ids; returns a description of the tokenizer."""
     from transformers import AutoTokenizer
 
-    tj_path = tok_dir / "tokenizer.json"
+    tj_path = tok_dir / TOKENIZER_FILE
     tj = json.loads(tj_path.read_text(encoding="utf-8")) if tj_path.is_file() else {}
     hf_tok = AutoTokenizer.from_pretrained(str(tok_dir))
     model = tj.get("model", {})

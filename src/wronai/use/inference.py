@@ -21,11 +21,15 @@ from typing import Any, TextIO
 from wronai.config.schema import DataSection, ModelConfig, WronAIConfig
 from wronai.data import formats
 from wronai.errors import WronAIError
+from wronai.rundir.files import (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    DATA_STATS_FILE,
+    MODEL_CONFIG_FILE,
+    TOKENIZER_CONFIG_FILE,
+)
 
 logger = logging.getLogger(__name__)
-
-CONFIG_FILE = "wronai_config.yaml"
-ADAPTER_FILE = "adapter_config.json"
 
 __all__ = [
     "GenerationOptions",
@@ -73,7 +77,7 @@ def _read_config(path: Path) -> WronAIConfig:
 def _data_format(folders: list[Path], config: WronAIConfig | None) -> str | None:
     """The format the run trained on: data_stats.json (resolved) first, then an explicit data.format."""
     for folder in folders:
-        stats = folder / "data_stats.json"
+        stats = folder / DATA_STATS_FILE
         if stats.is_file():
             try:
                 fmt = json.loads(stats.read_text(encoding="utf-8")).get("format")
@@ -124,12 +128,12 @@ def locate_run(path: str | Path) -> RunDir:
             raise WronAIError(
                 f"{run}: the adapter names no base model and there is no {CONFIG_FILE} — pass --base-model"
             )
-        tok_dir = next((d for d in folders if (d / "tokenizer_config.json").is_file()), Path(base))
+        tok_dir = next((d for d in folders if (d / TOKENIZER_CONFIG_FILE).is_file()), Path(base))
         return RunDir(run, True, config, _data_format(folders, config), tok_dir, base)
-    if (run / "config.json").is_file():
+    if (run / MODEL_CONFIG_FILE).is_file():
         return RunDir(run, False, config, _data_format(folders, config), run, str(run))
     raise WronAIError(
-        f"{run}: neither a WronAI run ({ADAPTER_FILE} + {CONFIG_FILE}) nor a model directory (config.json) — "
+        f"{run}: neither a WronAI run ({ADAPTER_FILE} + {CONFIG_FILE}) nor a model directory ({MODEL_CONFIG_FILE}) — "
         "pass the training.output_dir of a finished run"
     )
 
@@ -137,7 +141,7 @@ def locate_run(path: str | Path) -> RunDir:
 def load_tokenizer(run: RunDir) -> Any:
     from transformers import AutoTokenizer
 
-    from wronai.model.loading import set_pad_token
+    from wronai.model.tokenizer import set_pad_token
 
     trust = bool(run.config and run.config.model.trust_remote_code)
     try:
@@ -164,7 +168,7 @@ def load_run(
     ``quantize=False`` loads the base in full precision; ``dtype`` (a torch dtype) forces the weights' dtype.
     """
     from wronai.config.schema import HardwareSection, QuantizationSection, TrainingSection
-    from wronai.model import loading
+    from wronai.model.embeddings import resize_embeddings
     from wronai.runtime.hardware import plan_device
 
     run = locate_run(path)
@@ -187,9 +191,7 @@ def load_run(
         plan = dataclasses.replace(plan, model_dtype=dtype, compute_dtype=dtype)
     model = _load_base(model_cfg, quant, hardware, plan, run)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        loading.resize_embeddings(
-            model, len(tokenizer)
-        )  # tokens added in training: rows restored by the adapter
+        resize_embeddings(model, len(tokenizer))  # tokens added in training: rows restored by the adapter
     if run.is_adapter:
         from peft import PeftModel
 

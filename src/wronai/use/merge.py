@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from wronai.errors import WronAIError
-from wronai.use.inference import CONFIG_FILE, RunDir, load_tokenizer, locate_run
+from wronai.rundir.files import ADAPTER_FILE, CONFIG_FILE, DATA_STATS_FILE, MERGE_INFO_FILE, MODEL_CONFIG_FILE
+from wronai.use.inference import RunDir, load_tokenizer, locate_run
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def _torch_dtype(name: str, base_dir: str) -> Any:
 
     if name == "auto":
         try:
-            saved = json.loads((Path(base_dir) / "config.json").read_text())
+            saved = json.loads((Path(base_dir) / MODEL_CONFIG_FILE).read_text())
             name = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(
                 saved.get("dtype") or saved.get("torch_dtype"), "bf16"
             )
@@ -47,11 +48,12 @@ def load_merged(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from wronai.model.loading import _from_pretrained_error, resize_embeddings
+    from wronai.model.embeddings import resize_embeddings
+    from wronai.model.loading import from_pretrained_error
 
     if not run.is_adapter:
         raise WronAIError(
-            f"{run.path}: no adapter_config.json — merge needs a LoRA run directory (training.output_dir)"
+            f"{run.path}: no {ADAPTER_FILE} — merge needs a LoRA run directory (training.output_dir)"
         )
     name = base_model or run.base_name
     trust = bool(run.config and run.config.model.trust_remote_code)
@@ -63,7 +65,7 @@ def load_merged(
         )
     except (OSError, ValueError) as err:
         raise WronAIError(
-            f"{_from_pretrained_error('model', name, err)} (base of {run.path}; pass --base-model PATH if it moved)"
+            f"{from_pretrained_error('model', name, err)} (base of {run.path}; pass --base-model PATH if it moved)"
         ) from None
     embeddings: Any = base.get_input_embeddings()
     if embeddings.weight.shape[0] < len(tokenizer):
@@ -84,7 +86,7 @@ def merge_run(
     device: str = "cpu",
 ) -> Path:
     """Write the merged model, tokenizer, config, merge info and model card to ``out_dir``."""
-    from wronai.use.model_card import MERGE_INFO, write_merged_card
+    from wronai.use.model_card import write_merged_card
 
     run = locate_run(run_dir)
     out = Path(out_dir)
@@ -108,7 +110,7 @@ def merge_run(
             next(p for p in (run.path / CONFIG_FILE, run.path.parent / CONFIG_FILE) if p.is_file()),
             out / CONFIG_FILE,
         )
-    for name in ("data_stats.json",):
+    for name in (DATA_STATS_FILE,):
         if (run.path / name).is_file():
             shutil.copyfile(run.path / name, out / name)
     info = {
@@ -117,7 +119,7 @@ def merge_run(
         "dtype": str(torch_dtype).removeprefix("torch."),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    (out / MERGE_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
+    (out / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
     write_merged_card(out, info)
     logger.info("merged %s into %s (%s) -> %s", run.path, info["base_model"], info["dtype"], out)
     return out

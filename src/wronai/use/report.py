@@ -20,11 +20,19 @@ from typing import Any
 import yaml
 
 from wronai.errors import WronAIError
+from wronai.rundir.files import (
+    CONFIG_FILE,
+    DATA_STATS_FILE,
+    FINISHED_MARKER,
+    PROVENANCE_FILE,
+    REPORT_FILE,
+    SAMPLES_FILE,
+    TRAINER_STATE_FILE,
+    report_plot_file,
+)
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "report.html"
-SAMPLES_FILE = "samples.json"
 SAMPLE_PROMPTS = [
     "Jaka jest stolica Polski?",
     "Napisz jedno zdanie o Krakowie.",
@@ -177,18 +185,16 @@ def _summary(
 def render_html(
     run_dir: Path, images: dict[str, bytes], samples: list[dict[str, str]] | None, samples_note: str
 ) -> str:
-    state = _json(run_dir / "trainer_state.json") or {}
+    state = _json(run_dir / TRAINER_STATE_FILE) or {}
     history = state.get("log_history", [])
-    train = _json(run_dir / "train_results.json") or {}
-    stats = _json(run_dir / "data_stats.json") or {}
-    prov = _json(run_dir / "provenance.json") or {}
+    train = _json(run_dir / FINISHED_MARKER) or {}
+    stats = _json(run_dir / DATA_STATS_FILE) or {}
+    prov = _json(run_dir / PROVENANCE_FILE) or {}
     from wronai.use.evaluate import load_results
 
     evals = load_results(run_dir)
     config_text = (
-        (run_dir / "wronai_config.yaml").read_text(encoding="utf-8")
-        if (run_dir / "wronai_config.yaml").is_file()
-        else ""
+        (run_dir / CONFIG_FILE).read_text(encoding="utf-8") if (run_dir / CONFIG_FILE).is_file() else ""
     )
     base = (
         str(((yaml.safe_load(config_text) or {}).get("model") or {}).get("name", "?")) if config_text else "?"
@@ -283,15 +289,15 @@ def write_report(
     from wronai.use.model_card import write_run_card
 
     run = Path(run_dir)
-    if not (run / "wronai_config.yaml").is_file():
-        raise WronAIError(f"{run}: no wronai_config.yaml — pass a finished run's training.output_dir")
-    history = (_json(run / "trainer_state.json") or {}).get("log_history", [])
+    if not (run / CONFIG_FILE).is_file():
+        raise WronAIError(f"{run}: no {CONFIG_FILE} — pass a finished run's training.output_dir")
+    history = (_json(run / TRAINER_STATE_FILE) or {}).get("log_history", [])
     images: dict[str, bytes] = {}
     for stem in PLOTS:
         png = plot(history, stem)
         if png is not None:
             images[stem] = png
-            (run / f"report_{stem}.png").write_bytes(png)
+            (run / report_plot_file(stem)).write_bytes(png)
     sample_rows: list[dict[str, str]] | None = None
     note = "Samples were not generated (samples=False)."
     if samples and model is not None and any(hasattr(w, "ds_id") for w in model.parameters()):
