@@ -6,42 +6,23 @@ Everything lands at the top level of ``training.output_dir`` in formats stock co
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import shutil
-import subprocess
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from wronai.config.loader import dump_config
 from wronai.config.schema import WronAIConfig
 from wronai.errors import OutputExistsError, WronAIError
 from wronai.rundir.files import (
-    CONFIG_FILE,
     DATA_STATS_FILE,
     FINISHED_MARKER,
-    PROVENANCE_FILE,
     WRITE_PROBE_PREFIX,
 )
+from wronai.rundir.provenance import write_config_and_provenance
 
 logger = logging.getLogger(__name__)
-
-LIBRARIES = (
-    "wronai",
-    "torch",
-    "transformers",
-    "peft",
-    "bitsandbytes",
-    "datasets",
-    "accelerate",
-    "tokenizers",
-    "trl",
-)
 
 
 def check_output_dir(output_dir: str | Path, *, overwrite: bool, resume: bool) -> None:
@@ -66,48 +47,6 @@ def check_output_dir(output_dir: str | Path, *, overwrite: bool, resume: bool) -
         raise WronAIError(
             f"training.output_dir: cannot write to {out} ({err.strerror}) — fix permissions or choose another directory"
         ) from None
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def git_revision(path: Path) -> dict[str, Any] | None:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5
-        )
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=path, capture_output=True, text=True, timeout=5
-        )
-        return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def provenance(extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": sys.argv,
-        "versions": library_versions(),
-        "git": {"wronai": git_revision(Path(__file__).resolve().parent), "cwd": git_revision(Path.cwd())},
-        "platform": platform.platform(),
-        **(extra or {}),
-    }
-
-
-def write_config_and_provenance(out: Path, config: WronAIConfig, extra: dict[str, Any] | None = None) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(dump_config(config), encoding="utf-8")
-    (out / PROVENANCE_FILE).write_text(json.dumps(provenance(extra), indent=2, default=str), encoding="utf-8")
 
 
 def save_adapter(

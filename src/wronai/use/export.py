@@ -20,7 +20,7 @@ from typing import Any
 
 from wronai.errors import WronAIError
 from wronai.rundir.files import TOKENIZER_FILE
-from wronai.use.inference import locate_run
+from wronai.rundir.locate import locate_run
 
 logger = logging.getLogger(__name__)
 

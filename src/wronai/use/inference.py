@@ -12,22 +12,15 @@ resolved (``data_stats.json``), and is rendered by the same functions the data s
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from wronai.config.schema import DataSection, ModelConfig, WronAIConfig
+from wronai.config.schema import DataSection, ModelConfig
 from wronai.data import formats
 from wronai.errors import WronAIError
-from wronai.rundir.files import (
-    ADAPTER_FILE,
-    CONFIG_FILE,
-    DATA_STATS_FILE,
-    MODEL_CONFIG_FILE,
-    TOKENIZER_CONFIG_FILE,
-)
+from wronai.rundir.locate import RunDir, locate_run
 
 logger = logging.getLogger(__name__)
 
@@ -36,23 +29,9 @@ __all__ = [
     "LoadedRun",
     "Prompt",
     "PromptFormat",
-    "RunDir",
     "generate",
     "load_run",
-    "locate_run",
 ]
-
-
-@dataclass
-class RunDir:
-    """What a directory holds: a LoRA run (adapter) or a plain model, plus the run config if there is one."""
-
-    path: Path
-    is_adapter: bool
-    config: WronAIConfig | None
-    data_format: str | None
-    tokenizer_dir: Path
-    base_name: str  # model.name for an adapter, the directory itself for a plain model
 
 
 @dataclass
@@ -68,28 +47,6 @@ class LoadedRun:
         return self.dir.path
 
 
-def _read_config(path: Path) -> WronAIConfig:
-    from wronai.config import load_config_with_notes
-
-    return load_config_with_notes(path).config
-
-
-def _data_format(folders: list[Path], config: WronAIConfig | None) -> str | None:
-    """The format the run trained on: data_stats.json (resolved) first, then an explicit data.format."""
-    for folder in folders:
-        stats = folder / DATA_STATS_FILE
-        if stats.is_file():
-            try:
-                fmt = json.loads(stats.read_text(encoding="utf-8")).get("format")
-            except (OSError, ValueError):
-                fmt = None
-            if fmt:
-                return str(fmt)
-    if config is not None and config.data.format != "auto":
-        return config.data.format
-    return None
-
-
 def quiet_third_party() -> None:
     """For the CLI: no weight-loading progress bars or library deprecation warnings between answers."""
     import warnings
@@ -102,40 +59,6 @@ def quiet_third_party() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
-
-
-def locate_run(path: str | Path) -> RunDir:
-    """Classify ``path``: a run dir or checkpoint (adapter_config.json) or a plain/merged model (config.json).
-
-    A checkpoint-N folder borrows the config, data statistics and tokenizer of the run folder above it.
-    """
-    run = Path(path).expanduser()
-    if not run.is_dir():
-        raise WronAIError(
-            f"{run}: no such directory — pass a finished run's training.output_dir (or a model directory)"
-        )
-    is_adapter = (run / ADAPTER_FILE).is_file()
-    folders = [run, run.parent] if is_adapter else [run]
-    config_file = next((d / CONFIG_FILE for d in folders if (d / CONFIG_FILE).is_file()), None)
-    config = _read_config(config_file) if config_file else None
-    if is_adapter:
-        base = (
-            config.model.name
-            if config
-            else json.loads((run / ADAPTER_FILE).read_text()).get("base_model_name_or_path")
-        )
-        if not base:
-            raise WronAIError(
-                f"{run}: the adapter names no base model and there is no {CONFIG_FILE} — pass --base-model"
-            )
-        tok_dir = next((d for d in folders if (d / TOKENIZER_CONFIG_FILE).is_file()), Path(base))
-        return RunDir(run, True, config, _data_format(folders, config), tok_dir, base)
-    if (run / MODEL_CONFIG_FILE).is_file():
-        return RunDir(run, False, config, _data_format(folders, config), run, str(run))
-    raise WronAIError(
-        f"{run}: neither a WronAI run ({ADAPTER_FILE} + {CONFIG_FILE}) nor a model directory ({MODEL_CONFIG_FILE}) — "
-        "pass the training.output_dir of a finished run"
-    )
 
 
 def load_tokenizer(run: RunDir) -> Any:

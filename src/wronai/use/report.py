@@ -109,14 +109,8 @@ def generate_samples(
     run_dir: Path, model: Any = None, tokenizer: Any = None, max_new_tokens: int = 64
 ) -> list[dict[str, str]]:
     """Greedy answers to the fixed prompts, rendered in the run's prompt format."""
-    from wronai.use.inference import (
-        GenerationOptions,
-        LoadedRun,
-        PromptFormat,
-        generate,
-        load_run,
-        locate_run,
-    )
+    from wronai.rundir.locate import locate_run
+    from wronai.use.inference import GenerationOptions, LoadedRun, PromptFormat, generate, load_run
 
     if model is None:
         run = load_run(run_dir)
