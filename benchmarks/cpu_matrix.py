@@ -42,6 +42,8 @@ def one(model_dir: Path, native: bool, precision: str, quant: str) -> dict:
     from wronai.config import load_config
     from wronai.kernels import fused_lora
     from wronai.model import loading
+    from wronai.model.lora import apply_lora
+    from wronai.model.tokenizer import load_tokenizer
     from wronai.runtime import hardware
 
     quantization = {"4bit": {"load_in_4bit": True}, "8bit": {"load_in_4bit": False, "load_in_8bit": True},
@@ -58,7 +60,7 @@ def one(model_dir: Path, native: bool, precision: str, quant: str) -> dict:
     )
     with mock.patch.object(hardware, "cpu_supports_bf16", lambda: native):
         plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    tok, _ = loading.load_tokenizer(cfg.model, cfg.polish)
+    tok, _ = load_tokenizer(cfg.model, cfg.polish)
     batch = tok(["Warszawa jest stolicą Polski.", "Kraków leży nad Wisłą, a Gdańsk nad morzem."],
                 return_tensors="pt", padding=True)  # fmt: skip
     autocast = (
@@ -69,7 +71,7 @@ def one(model_dir: Path, native: bool, precision: str, quant: str) -> dict:
         torch.manual_seed(0)
         with mock.patch.object(bnb.nn.modules, "has_avx512bf16", lambda: True):  # packed path armed
             base = loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
-        model = loading.apply_lora(
+        model = apply_lora(
             base, cfg.lora, [], gradient_checkpointing=0, keep_embeddings=plan.keep_embeddings,
             dequantize_chunk_bytes=plan.dequantize_chunk_bytes, fused_lora=fused, autocast=plan.autocast_dtype,
         )  # fmt: skip

@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from wronai.config.schema import DataSection, NormalizeSpec
     from wronai.data.prepare import build_datasets
-    from wronai.model.loading import set_pad_token
     from wronai.model.tiny import train_tokenizer
+    from wronai.model.tokenizer import set_pad_token
 
     rows = make_rows(args.rows)
     texts = [r["instruction"] + "\n" + r["output"] for r in rows[:5000]]

@@ -27,7 +27,7 @@ import train_speed  # noqa: E402  (the benchmark model and data)
 
 def prepare(out: Path, rows: int, batch: int, checkpointing: bool):
     from wronai.config import load_config
-    from wronai.recipe import WronAITrainer
+    from wronai.recipe import Pipeline
 
     if not (out / "model" / "config.json").exists():
         train_speed.build_model(out / "model", 384, 6)
@@ -44,7 +44,7 @@ def prepare(out: Path, rows: int, batch: int, checkpointing: bool):
         "logging": {"report_to": ["none"]},
         "hardware": {"fused_lora": "on"},
     }  # fmt: skip
-    pipeline = WronAITrainer(load_config(data=raw))
+    pipeline = Pipeline(load_config(data=raw))
     pipeline.load_dataset()
     trainer = pipeline.build_trainer()
     return trainer.model, trainer.get_train_dataloader()

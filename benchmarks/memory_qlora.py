@@ -123,6 +123,7 @@ def run_variant(
         TrainingSection,
     )
     from wronai.model import loading
+    from wronai.model.lora import apply_lora
     from wronai.runtime import heap
     from wronai.runtime.hardware import plan_device
 
@@ -150,7 +151,7 @@ def run_variant(
     sampler.phase = "load"
     start = time.perf_counter()
     model = loading.load_base_model(model_cfg, qcfg, hardware, plan)
-    model = loading.apply_lora(
+    model = apply_lora(
         model,
         LoraSection(r=16, lora_alpha=32, lora_dropout=0.0),
         [],

@@ -81,6 +81,7 @@ def run_case(name: str, checkpoint: str) -> dict:
         TrainingSection,
     )
     from wronai.model import loading
+    from wronai.model.lora import apply_lora
     from wronai.runtime.hardware import plan_device
     from wronai.runtime.memory import ModelShape, Settings, estimate
 
@@ -95,7 +96,7 @@ def run_case(name: str, checkpoint: str) -> dict:
     _warm_up()
     _trim_and_reset_peak()
     before = _status("VmRSS")
-    model = loading.apply_lora(loading.load_base_model(model_cfg, qcfg, hardware, plan), lcfg, [], gc_on)
+    model = apply_lora(loading.load_base_model(model_cfg, qcfg, hardware, plan), lcfg, [], gc_on)
     load_peak = _status("VmHWM") - before
     _trim_and_reset_peak()
     loaded = _status("VmRSS") - before

@@ -212,7 +212,7 @@ ABLATIONS = {
 def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
     from wronai.config import load_config
     from wronai.model.kbit import gradient_checkpointing_on
-    from wronai.recipe import WronAITrainer
+    from wronai.recipe import Pipeline
 
     raw = {
         "model": {"name": str(model_dir)},
@@ -236,7 +236,7 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
         heap.keep_freed_memory = lambda: False
     if not raw["data"]["packing"]:
         raw["training"]["per_device_train_batch_size"] = args.batch
-    pipeline = WronAITrainer(load_config(data=raw))
+    pipeline = Pipeline(load_config(data=raw))
     pipeline.load_dataset()
     trainer = pipeline.build_trainer()
     counter = PaddingCounter(trainer.data_collator, pipeline.tokenizer.pad_token_id)
@@ -259,7 +259,7 @@ def eval_loss(model_dir: Path, adapter: Path, eval_file: Path, max_len: int) -> 
 
     from wronai.config.schema import DataSection, ModelConfig, PolishSection
     from wronai.data import PaddingCollator, build_datasets
-    from wronai.model.loading import load_tokenizer
+    from wronai.model.tokenizer import load_tokenizer
 
     tok, _ = load_tokenizer(ModelConfig(name=str(model_dir)), PolishSection())
     data = build_datasets(

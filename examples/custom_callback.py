@@ -18,9 +18,9 @@ or on the command line (``--set`` values are YAML, so a list is written in brack
 
 From Python, add instances to ``extra_callbacks`` before the Trainer is built::
 
-    from wronai.recipe import WronAITrainer
+    from wronai.recipe import Pipeline
 
-    trainer = WronAITrainer("configs/offline_demo.yaml")
+    trainer = Pipeline("configs/offline_demo.yaml")
     logger_cb = ThroughputLogger()
     trainer.extra_callbacks += [logger_cb, StopBelowLoss(threshold=0.5)]
     trainer.train()               # builds tokenizer, model, data and the Trainer on first use

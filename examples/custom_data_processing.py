@@ -19,10 +19,10 @@ or on the command line (``wronai data preview`` shows the effect without trainin
 From Python, pass the function to the data stage (it takes precedence over the config key)::
 
     from wronai.config.extensions import load_object
-    from wronai.recipe import WronAITrainer
+    from wronai.recipe import Pipeline
 
     data_hook = load_object("examples/custom_data_processing.py:data_hook", "data_hook")  # or a plain import
-    trainer = WronAITrainer("configs/offline_demo.yaml")
+    trainer = Pipeline("configs/offline_demo.yaml")
     prepared = trainer.load_dataset(data_hook=data_hook)
     print(prepared.stats.dropped_by_hook)
 

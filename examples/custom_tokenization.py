@@ -19,9 +19,9 @@ or on the command line::
 From Python, set the config key before the stages run (``load_model`` sizes the embeddings to the
 tokenizer)::
 
-    from wronai.recipe import WronAITrainer
+    from wronai.recipe import Pipeline
 
-    trainer = WronAITrainer("configs/offline_demo.yaml", ["training.max_steps=10"])
+    trainer = Pipeline("configs/offline_demo.yaml", ["training.max_steps=10"])
     trainer.config.extensions.tokenizer_hook = "examples/custom_tokenization.py:add_domain_tokens"
     trainer.load_tokenizer()      # the hook runs here
     trainer.load_model()          # embeddings resized, new rows trainable

@@ -32,7 +32,7 @@ def main() -> None:
     log = logging.getLogger("python_api")
 
     from wronai.config.extensions import load_object
-    from wronai.recipe import WronAITrainer
+    from wronai.recipe import Pipeline
     from wronai.rundir import saving
     from wronai.runtime.hardware import apply_thread_settings
 
@@ -47,7 +47,7 @@ def main() -> None:
         f"extensions.tokenizer_hook={HERE / 'custom_tokenization.py'}:add_domain_tokens",
         *args.overrides,
     ]
-    trainer = WronAITrainer(args.config, overrides)
+    trainer = Pipeline(args.config, overrides)
     cfg = trainer.config
 
     # 2. Hardware plan: what this machine will actually use (fp16 -> bf16/fp32 on CPU, paged optimizers -> adamw_torch, ...).

@@ -93,7 +93,7 @@ def tiny_model_dir(tmp_path_factory, corpus_file) -> Path:
 def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from wronai.model.loading import set_pad_token
+    from wronai.model.tokenizer import set_pad_token
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     set_pad_token(tok)

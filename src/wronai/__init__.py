@@ -2,7 +2,7 @@
 
 Importing ``wronai`` is cheap and has no side effects; the heavy stages are imported on first use::
 
-    from wronai import WronAITrainer, load_config
+    from wronai import Pipeline, load_config
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["WronAITrainer", "__version__", "load_config", "run"]
+__all__ = ["Pipeline", "__version__", "load_config", "run"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("WronAITrainer", "run"):
+    if name in ("Pipeline", "run"):
         from wronai import recipe
 
         return getattr(recipe, name)

@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from conftest import alpaca_rows, make_config_dict, write_jsonl
-from wronai import recipe
 from wronai.cli import main
 from wronai.rundir.files import ERROR_LOG
 
@@ -38,7 +37,7 @@ def test_a_failure_after_the_loop_leaves_a_loadable_adapter(tmp_path, tiny_model
 
     config, out = _config(tmp_path, tiny_model_dir)
     seen: list = []
-    monkeypatch.setattr(recipe, "final_eval_metrics", _failing_final_eval(seen))
+    monkeypatch.setattr("wronai.train.trainer.final_eval_metrics", _failing_final_eval(seen))
     assert main(["train", str(config)]) == 1
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -63,7 +62,7 @@ def test_a_failure_after_the_loop_leaves_a_loadable_adapter(tmp_path, tiny_model
 @pytest.mark.slow
 def test_debug_shows_the_raw_traceback(tmp_path, tiny_model_dir, monkeypatch):
     config, _ = _config(tmp_path, tiny_model_dir)
-    monkeypatch.setattr(recipe, "final_eval_metrics", _failing_final_eval([]))
+    monkeypatch.setattr("wronai.train.trainer.final_eval_metrics", _failing_final_eval([]))
     with pytest.raises(RuntimeError, match="disk on fire"):
         main(["train", str(config), "--debug"])
 

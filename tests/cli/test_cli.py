@@ -146,10 +146,10 @@ def test_training_loss_falls_and_eval_runs(finished_run):
 
 def test_quantized_training_used_4bit_layers(finished_run, tiny_model_dir):
     from wronai.config import load_config
-    from wronai.recipe import WronAITrainer
+    from wronai.recipe import Pipeline
 
     _, cfg, _ = finished_run
-    trainer = WronAITrainer(load_config(cfg))
+    trainer = Pipeline(load_config(cfg))
     model = trainer.load_model()
     import bitsandbytes as bnb
 

@@ -1,7 +1,7 @@
 """Extension points (tokenizer hook, data hook, callbacks), exercised with the files in examples/.
 
 Each hook is shown to take effect both when named in the config (``load_config(data=...)`` + ``run``) and
-when plugged in from Python (``WronAITrainer``), and bad hook specs fail as a ``WronAIError`` naming the
+when plugged in from Python (``Pipeline``), and bad hook specs fail as a ``WronAIError`` naming the
 config key. Training runs are 1–2 optimizer steps on the tiny model.
 """
 
@@ -16,7 +16,7 @@ from conftest import REPO, alpaca_rows, make_config_dict, write_jsonl
 from wronai.config import load_config
 from wronai.config.extensions import build_callbacks, load_object
 from wronai.errors import WronAIError
-from wronai.recipe import WronAITrainer, run
+from wronai.recipe import Pipeline, run
 
 TOKENIZER_HOOK = "examples/custom_tokenization.py:add_domain_tokens"
 DATA_HOOK = "examples/custom_data_processing.py:data_hook"
@@ -149,7 +149,7 @@ def test_hooks_from_python_are_applied_by_wronai_trainer(tiny_model_dir, hook_da
     throughput_logger = example(THROUGHPUT)()
 
     out = tmp_path / "run"
-    trainer = WronAITrainer(
+    trainer = Pipeline(
         load_config(data=fast_config(tiny_model_dir, hook_data, out, training={"max_steps": 2}))
     )
     assert trainer.config.extensions.tokenizer_hook is None and trainer.config.extensions.data_hook is None
@@ -187,7 +187,7 @@ def test_tokenizer_hook_from_config_on_wronai_trainer_stages(tiny_model_dir, alp
             tiny_model_dir, alpaca_file, tmp_path / "o", extensions={"tokenizer_hook": TOKENIZER_HOOK}
         )
     )
-    trainer = WronAITrainer(cfg)
+    trainer = Pipeline(cfg)
     tokenizer = trainer.load_tokenizer()
     assert "<medycyna>" in tokenizer.get_vocab()
     model = trainer.load_model()
@@ -292,7 +292,7 @@ def test_bad_hook_spec_in_config_fails_before_loading_anything(
 
 def test_bad_hook_spec_from_python_names_the_key(tiny_model_dir, alpaca_file, tmp_path, in_repo):
     cfg = load_config(data=make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "o"))
-    trainer = WronAITrainer(cfg)
+    trainer = Pipeline(cfg)
     trainer.config.extensions.data_hook = "examples/custom_data_processing.py:no_such_hook"
     with pytest.raises(WronAIError, match=r"extensions\.data_hook: .* has no attribute 'no_such_hook'"):
         trainer.load_dataset()
@@ -311,7 +311,7 @@ def test_tokenizer_hook_returning_none_is_an_error(tiny_model_dir, alpaca_file, 
         )
     )
     with pytest.raises(WronAIError, match=r"extensions\.tokenizer_hook returned None"):
-        WronAITrainer(cfg).load_tokenizer()
+        Pipeline(cfg).load_tokenizer()
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ from conftest import (
 from wronai.config import load_config
 from wronai.kernels import fused_lora
 from wronai.model import loading
+from wronai.model.lora import apply_lora
+from wronai.model.tokenizer import load_tokenizer
 from wronai.runtime import hardware
 
 FUSED = tuple(fused_lora.SWAPS.values())
@@ -214,13 +216,13 @@ def test_model_through_wronai_builders_has_the_same_loss_and_gradients(
     raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", quantization=quantization)
     cfg = load_config(data=raw)
     plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    tok, _ = loading.load_tokenizer(cfg.model, cfg.polish)
+    tok, _ = load_tokenizer(cfg.model, cfg.polish)
     batch = polish_batch(tok)
     results = []
     for fused in (False, True):
         torch.manual_seed(0)
         base = loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
-        model = loading.apply_lora(
+        model = apply_lora(
             base, cfg.lora.model_copy(update={"lora_dropout": 0.1}), [], gradient_checkpointing=checkpointing,
             keep_embeddings=plan.keep_embeddings, dequantize_chunk_bytes=plan.dequantize_chunk_bytes and 16 * 64 * 4,
             fused_lora=fused,
@@ -243,12 +245,12 @@ def test_model_under_bf16_autocast_has_the_same_loss_and_gradients(
     raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", quantization={"load_in_4bit": True})
     cfg = load_config(data=raw)
     plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    batch = polish_batch(loading.load_tokenizer(cfg.model, cfg.polish)[0])
+    batch = polish_batch(load_tokenizer(cfg.model, cfg.polish)[0])
     results = []
     for fused in (False, True):
         torch.manual_seed(0)
         base = loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
-        model = loading.apply_lora(base, cfg.lora, [], gradient_checkpointing=0, fused_lora=fused).train()
+        model = apply_lora(base, cfg.lora, [], gradient_checkpointing=0, fused_lora=fused).train()
         fused_calls.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             results.append(loss_and_gradients(model, batch))
@@ -290,10 +292,10 @@ def test_bad_fused_lora_value_names_the_key():
 
 
 def test_pipeline_fuses_the_lora_layers_of_the_model_it_loads(tiny_model_dir, alpaca_file, tmp_path):
-    from wronai.recipe import WronAITrainer
+    from wronai.recipe import Pipeline
 
     raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", hardware={"device": "cpu"})
-    model = WronAITrainer(load_config(data=raw)).load_model()
+    model = Pipeline(load_config(data=raw)).load_model()
     lora_layers = [m for m in model.modules() if hasattr(m, "lora_A")]
     assert len(lora_layers) == 14 and all(isinstance(m, FUSED) for m in lora_layers)
     assert "FusedLora4bit" in str(model)  # what runs shows in print(model)

@@ -19,6 +19,8 @@ from conftest import loss_and_gradients, make_config_dict, polish_batch, quantiz
 from wronai.config import load_config
 from wronai.kernels import bnb as kernels_bnb
 from wronai.model import loading
+from wronai.model.lora import apply_lora
+from wronai.model.tokenizer import load_tokenizer
 from wronai.runtime import hardware
 
 
@@ -36,10 +38,10 @@ def _model(tiny_model_dir, tmp_path, alpaca_file, **quantization):
     )
     cfg = load_config(data=raw)
     plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    tok, _ = loading.load_tokenizer(cfg.model, cfg.polish)
+    tok, _ = load_tokenizer(cfg.model, cfg.polish)
     torch.manual_seed(0)
     base = loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
-    model = loading.apply_lora(
+    model = apply_lora(
         base, cfg.lora, [], gradient_checkpointing=0, keep_embeddings=plan.keep_embeddings,
         dequantize_chunk_bytes=plan.dequantize_chunk_bytes, fused_lora=plan.fused_lora,
     )  # fmt: skip
@@ -134,7 +136,7 @@ def test_training_with_evaluation_has_the_losses_of_training_without(
 ):
     """Evaluation every 2 steps, checkpoints every 3: the per-step training losses are those of a run that
     never evaluates (bit-identical in fp32), and nothing is packed at the end."""
-    from wronai.recipe import WronAITrainer
+    from wronai.recipe import Pipeline
 
     losses = []
     for name, strategy in (("eval", "steps"), ("no-eval", "no")):
@@ -144,7 +146,7 @@ def test_training_with_evaluation_has_the_losses_of_training_without(
             hardware={"fused_lora": "off"}, quantization={"dequantize_chunk_mib": 0},
         )  # fmt: skip
         raw["training"].update({"eval_strategy": strategy, "eval_steps": 2, "max_steps": 6})
-        pipeline = WronAITrainer(load_config(data=raw))
+        pipeline = Pipeline(load_config(data=raw))
         pipeline.train()
         history = pipeline.trainer.state.log_history
         losses.append([(e["step"], e["loss"]) for e in history if "loss" in e])

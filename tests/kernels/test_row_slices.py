@@ -17,6 +17,8 @@ from conftest import (
 from wronai.config import load_config
 from wronai.kernels import bnb as kbit_chunks
 from wronai.model import loading
+from wronai.model.lora import apply_lora
+from wronai.model.tokenizer import load_tokenizer
 from wronai.runtime import hardware
 
 
@@ -86,13 +88,13 @@ def test_4bit_model_with_chunked_layers_has_the_same_loss_and_gradients(
     raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", quantization={"load_in_4bit": True})
     cfg = load_config(data=raw)
     plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    tok, _ = loading.load_tokenizer(cfg.model, cfg.polish)
+    tok, _ = load_tokenizer(cfg.model, cfg.polish)
     batch = polish_batch(tok)
     results = []
     for chunk_bytes in (0, 16 * 64 * 4):
         torch.manual_seed(0)
         base = loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
-        model = loading.apply_lora(
+        model = apply_lora(
             base, cfg.lora.model_copy(update={"lora_dropout": 0.0}), [], gradient_checkpointing=True,
             dequantize_chunk_bytes=chunk_bytes,
         )  # fmt: skip

@@ -16,7 +16,7 @@ from conftest import (
 )
 from wronai.config import load_config
 from wronai.model import kbit
-from wronai.recipe import WronAITrainer
+from wronai.recipe import Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def pipeline_for(model_dir, tmp_path, alpaca_file, keep: bool, **lora):
         quantization={"load_in_4bit": True, "keep_embeddings_dtype": keep},
     )
     raw["lora"] = {**raw.get("lora", {}), "lora_dropout": 0.0, **lora}
-    return WronAITrainer(load_config(data=raw))
+    return Pipeline(load_config(data=raw))
 
 
 @pytest.mark.parametrize(
@@ -186,7 +186,7 @@ def test_8bit_optimizer_states_are_8bit_on_cpu(bf16_model_dir, tmp_path, alpaca_
     )
     # bitsandbytes keeps 32-bit states for tensors under 4096 elements: r=64 makes lora_A 64 x 64
     raw["lora"].update(r=64, lora_alpha=128)
-    pipeline = WronAITrainer(load_config(data=raw))
+    pipeline = Pipeline(load_config(data=raw))
     trainer = pipeline.build_trainer()
     trainer.train()
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper

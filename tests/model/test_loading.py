@@ -9,8 +9,11 @@ from conftest import make_config_dict
 from wronai.config import load_config
 from wronai.errors import WronAIError
 from wronai.model import loading
+from wronai.model.embeddings import resize_embeddings
 from wronai.model.kbit import gradient_checkpointing_on
-from wronai.recipe import WronAITrainer
+from wronai.model.lora import apply_lora
+from wronai.model.tokenizer import set_pad_token
+from wronai.recipe import Pipeline
 from wronai.runtime.hardware import plan_device
 
 
@@ -30,7 +33,7 @@ def test_gradient_checkpointing_is_on_without_deprecated_calls(
     base = loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*gradient_checkpointing_enable.*")
-        model = loading.apply_lora(base, cfg.lora, [], gradient_checkpointing=True)
+        model = apply_lora(base, cfg.lora, [], gradient_checkpointing=True)
     assert gradient_checkpointing_on(model)
 
 
@@ -39,18 +42,18 @@ def test_pad_token_prefers_unk_and_never_breaks_eos(tiny_model_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert tok.pad_token is None
-    loading.set_pad_token(tok)
+    set_pad_token(tok)
     assert tok.pad_token == tok.unk_token != tok.eos_token
     tok2 = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok2.unk_token = None
-    loading.set_pad_token(tok2)
+    set_pad_token(tok2)
     assert tok2.pad_token == tok2.eos_token
 
 
 @pytest.mark.parametrize("four_bit", [True, False], ids=["qlora-4bit", "lora-fp32"])
 def test_lora_trains_only_adapters(tiny_model_dir, tmp_path, alpaca_file, four_bit):
     cfg = config(tiny_model_dir, tmp_path, alpaca_file, quantization={"load_in_4bit": four_bit})
-    pipeline = WronAITrainer(cfg)
+    pipeline = Pipeline(cfg)
     model = pipeline.load_model()
     import bitsandbytes as bnb
 
@@ -114,7 +117,7 @@ def test_resize_initialises_new_rows_at_mean(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     old = model.get_input_embeddings().weight.detach().clone()
-    new_ids = loading.resize_embeddings(model, old.shape[0] + 3)
+    new_ids = resize_embeddings(model, old.shape[0] + 3)
     assert new_ids == [old.shape[0], old.shape[0] + 1, old.shape[0] + 2]
     rows = model.get_input_embeddings().weight[new_ids]
     assert torch.allclose(rows, old.mean(dim=0).expand(3, -1), atol=1e-6)
@@ -123,19 +126,26 @@ def test_resize_initialises_new_rows_at_mean(tiny_model_dir):
 def test_bad_target_modules_is_a_clear_error(tiny_model_dir, tmp_path, alpaca_file):
     cfg = config(tiny_model_dir, tmp_path, alpaca_file, lora={"target_modules": ["c_attn"]})
     with pytest.raises(WronAIError, match="lora.target_modules"):
-        WronAITrainer(cfg).load_model()
+        Pipeline(cfg).load_model()
 
 
 def test_local_model_dir_without_weights(tmp_path, alpaca_file):
     (tmp_path / "empty").mkdir()
     cfg = load_config(data=make_config_dict(tmp_path / "empty", alpaca_file, tmp_path / "out"))
     with pytest.raises(WronAIError, match="does not hold a loadable tokenizer"):
-        WronAITrainer(cfg).load_tokenizer()
+        Pipeline(cfg).load_tokenizer()
 
 
 def test_quantization_config_follows_plan(tiny_model_dir, tmp_path, alpaca_file):
     cfg = config(tiny_model_dir, tmp_path, alpaca_file, quantization={"bnb_4bit_use_double_quant": True})
     plan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    bnb = loading.quantization_config(cfg.quantization, plan)
+    bnb = loading.quantization_config(cfg.quantization, plan, cfg.hardware)
     assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
     assert bnb.bnb_4bit_compute_dtype == plan.compute_dtype
+    assert bnb.bnb_4bit_quant_storage == torch.uint8  # one process: bitsandbytes' packed bytes
+    # FSDP shards the 4-bit weights with the others, so they are stored in the model's dtype
+    sharded = cfg.hardware.model_copy(update={"distributed": "fsdp"})
+    assert (
+        loading.quantization_config(cfg.quantization, plan, sharded).bnb_4bit_quant_storage
+        == plan.model_dtype
+    )

@@ -105,7 +105,7 @@ def test_pipeline_decides_auto_from_the_loaded_model(
     tiny_model_dir, alpaca_file, tmp_path, monkeypatch, free, flags, what
 ):
     """A 4-layer model: plenty of memory → off; enough for every 2nd layer → layers 0 and 2; 1 KiB → all."""
-    from wronai.recipe import WronAITrainer
+    from wronai.recipe import Pipeline
 
     raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out")
     raw["model"] = {
@@ -118,7 +118,7 @@ def test_pipeline_decides_auto_from_the_loaded_model(
     budget = {"all": 10 * GIB, "none": 1024.0,
               "partial": 2 * activation_bytes(shape, replace(s, gradient_checkpointing=True, checkpoint_every=2), "cpu")}[free]  # fmt: skip
     monkeypatch.setattr(activation_checkpointing, "free_memory", lambda device: budget)
-    pipeline = WronAITrainer(cfg)
+    pipeline = Pipeline(cfg)
     model = pipeline.load_model()
     assert checkpointed_layers(model) == flags
     assert gradient_checkpointing_on(model) is any(flags)
@@ -126,7 +126,7 @@ def test_pipeline_decides_auto_from_the_loaded_model(
 
 
 def test_every_nth_layer_when_asked(tiny_model_dir, alpaca_file, tmp_path):
-    from wronai.recipe import WronAITrainer
+    from wronai.recipe import Pipeline
 
     raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out")
     raw["model"] = {
@@ -134,23 +134,25 @@ def test_every_nth_layer_when_asked(tiny_model_dir, alpaca_file, tmp_path):
         "create_if_missing": {**TINY_SPEC, "tokenizer_data": [str(alpaca_file)]},
     }
     raw["training"].update(gradient_checkpointing=True, checkpoint_every_n_layers=3)
-    model = WronAITrainer(load_config(data=raw)).load_model()
+    model = Pipeline(load_config(data=raw)).load_model()
     assert checkpointed_layers(model) == [True, False, False, True]
 
 
 def test_partial_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir, alpaca_file, tmp_path):
     from wronai.model import loading
+    from wronai.model.lora import apply_lora
+    from wronai.model.tokenizer import load_tokenizer
     from wronai.runtime.hardware import plan_device
 
     cfg = load_config(data=make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out"))
     plan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    tok, _ = loading.load_tokenizer(cfg.model, cfg.polish)
+    tok, _ = load_tokenizer(cfg.model, cfg.polish)
     batch = polish_batch(tok)
     results = []
     for every in (0, 2):
         torch.manual_seed(0)
         base = loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
-        model = loading.apply_lora(base, cfg.lora, [], gradient_checkpointing=every).train()
+        model = apply_lora(base, cfg.lora, [], gradient_checkpointing=every).train()
         assert checkpointed_layers(model) == [every == 2, False]
         results.append(loss_and_gradients(model, batch))
     assert_same_loss_and_gradients(results[1], results[0])

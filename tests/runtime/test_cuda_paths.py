@@ -29,7 +29,7 @@ from wronai.errors import WronAIError
 from wronai.model import loading
 from wronai.runtime import distributed
 from wronai.runtime.hardware import plan_device
-from wronai.train.trainer import training_arguments_kwargs
+from wronai.train.arguments import training_arguments_kwargs
 
 GIB = 2**30
 GPUS = 2

@@ -24,7 +24,7 @@ from wronai.cli import main
 from wronai.config import load_config
 from wronai.runtime import distributed
 from wronai.runtime.hardware import plan_device
-from wronai.train.trainer import training_arguments_kwargs
+from wronai.train.arguments import training_arguments_kwargs
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
 
@@ -285,7 +285,7 @@ from pathlib import Path
 from wronai import recipe
 from wronai.cli import main
 
-original = recipe.WronAITrainer.load_model
+original = recipe.Pipeline.load_model
 
 
 def load_model(self):  # the real load (pipeline calls prepare_for_sharded_load first); records what rank holds
@@ -296,7 +296,7 @@ def load_model(self):  # the real load (pipeline calls prepare_for_sharded_load 
     return model
 
 
-recipe.WronAITrainer.load_model = load_model
+recipe.Pipeline.load_model = load_model
 sys.exit(main(sys.argv[1:]))
 '''
 

@@ -18,6 +18,8 @@ from conftest import loss_and_gradients, make_config_dict, polish_batch
 from wronai.config import load_config
 from wronai.kernels import fused_lora
 from wronai.model import loading
+from wronai.model.lora import apply_lora
+from wronai.model.tokenizer import load_tokenizer
 from wronai.runtime import hardware
 
 QUANT = {"4bit": {"load_in_4bit": True}, "8bit": {"load_in_4bit": False, "load_in_8bit": True},
@@ -57,7 +59,7 @@ def test_plan_is_consistent(monkeypatch, tiny_model_dir, tmp_path, alpaca_file, 
 def _build(cfg, plan, fused: bool):
     torch.manual_seed(0)
     base = loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, plan)
-    model = loading.apply_lora(
+    model = apply_lora(
         base, cfg.lora, [], gradient_checkpointing=0, keep_embeddings=plan.keep_embeddings,
         dequantize_chunk_bytes=plan.dequantize_chunk_bytes and 16 * 64 * 4,  # several slices per layer
         fused_lora=fused, autocast=plan.autocast_dtype,
@@ -83,7 +85,7 @@ def test_what_the_plan_says_is_what_runs(
     monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: native)
     cfg = _config(tiny_model_dir, tmp_path, alpaca_file, precision, quant)
     plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    batch = polish_batch(loading.load_tokenizer(cfg.model, cfg.polish)[0])
+    batch = polish_batch(load_tokenizer(cfg.model, cfg.polish)[0])
     autocast = (
         torch.autocast("cpu", dtype=plan.autocast_dtype) if plan.autocast_dtype else contextlib.nullcontext()
     )

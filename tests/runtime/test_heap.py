@@ -206,8 +206,8 @@ def test_pipeline_trims_between_the_layers_of_the_model_it_loads(tiny_model_dir,
     config.write_text(json.dumps(raw))
     code = (
         "import json, sys\nfrom wronai.runtime import heap\nfrom wronai.config import load_config\n"
-        "from wronai.recipe import WronAITrainer\n"
-        "model = WronAITrainer(load_config(data=json.load(open(sys.argv[1])))).load_model()\n"
+        "from wronai.recipe import Pipeline\n"
+        "model = Pipeline(load_config(data=json.load(open(sys.argv[1])))).load_model()\n"
         "print(sum(bool(layer._forward_hooks) for layer in heap.decoder_layers(model)))\n"
     )
     here = str(Path(__file__).parent)
@@ -226,11 +226,12 @@ def test_training_hands_the_kept_heap_back_when_it_ends(tiny_model_dir, alpaca_f
     kept, released = [], []
     monkeypatch.setattr(heap, "keep_freed_memory", lambda: kept.append(True) or True)
     monkeypatch.setattr(  # the steps done when the heap is handed back
-        recipe, "release_free_memory", lambda: released.append(trainer.trainer.state.global_step) or 0
+        "wronai.train.loop.release_free_memory",
+        lambda: released.append(trainer.trainer.state.global_step) or 0,
     )
     raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out", training={"max_steps": 1, "save_strategy": "no",
                            "eval_strategy": "no"}, hardware={"return_freed_memory": "off"})  # fmt: skip
-    trainer = recipe.WronAITrainer(load_config(data=raw))
+    trainer = recipe.Pipeline(load_config(data=raw))
     trainer.load_dataset()
     trainer.train()
     assert kept == [True]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import json
 import os
 import subprocess
@@ -218,57 +217,6 @@ def test_apply_extend_vocab_for_the_pipeline(extension):
 # --- end to end: wronai.recipe.run -> saved adapter -> new process -> generate -> merge -> stock load ---
 
 
-def _pipeline_wires_extend_vocab() -> bool:
-    from wronai import recipe
-
-    return "extend_vocab" in inspect.getsource(recipe)
-
-
-def _wire_extend_vocab(monkeypatch) -> None:
-    """Until the lead wires polish.extend_vocab into the pipeline: the documented calls, patched in."""
-    from wronai.model import loading
-    from wronai.recipe import WronAITrainer
-    from wronai.tokenizers.extend import write_extension_file
-
-    original_load_tokenizer = WronAITrainer.load_tokenizer
-
-    def load_tokenizer(self):
-        tokenizer = original_load_tokenizer(self)
-        self.base_tokenizer, self.vocab_tokens = tokenizer, []
-        spec = self.config.polish.extend_vocab
-        if spec is not None:
-            tokenizer, self.vocab_tokens, _ = apply_extend_vocab(tokenizer, spec)
-            self.tokenizer = tokenizer
-        return tokenizer
-
-    def load_model(self):
-        if self.tokenizer is None:
-            self.load_tokenizer()
-        cfg = self.config
-        base = loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, self.plan)
-        new_ids = loading.resize_embeddings(base, len(self.tokenizer)) or self.new_token_ids
-        if self.vocab_tokens:
-            init_new_embeddings(base, self.base_tokenizer, self.vocab_tokens)
-            new_ids = sorted(set(new_ids) | {t.id for t in self.vocab_tokens})  # padded vocabularies (Qwen)
-        self.model = loading.apply_lora(base, cfg.lora, new_ids, cfg.training.gradient_checkpointing)
-        return self.model
-
-    original_save = WronAITrainer.save
-
-    def save(self):
-        spec = self.config.polish.extend_vocab
-        if self.vocab_tokens:  # before save_run, which writes the "finished" marker last
-            out = self.config.training.output_dir
-            write_extension_file(
-                out, self.vocab_tokens, self.config.model.name, spec.data, len(self.tokenizer)
-            )
-        return original_save(self)
-
-    monkeypatch.setattr(WronAITrainer, "load_tokenizer", load_tokenizer)
-    monkeypatch.setattr(WronAITrainer, "load_model", load_model)
-    monkeypatch.setattr(WronAITrainer, "save", save)
-
-
 RELOAD = """
 import json, sys, torch
 from peft import PeftModel
@@ -311,8 +259,6 @@ def test_extend_vocab_trains_saves_reloads_generates_and_merges(pretrained_dir, 
     from wronai.config import load_config
     from wronai.recipe import run
 
-    if not _pipeline_wires_extend_vocab():
-        _wire_extend_vocab(monkeypatch)
     data = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows(40))
     raw = make_config_dict(
         pretrained_dir, data, tmp_path / "run",

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 from conftest import alpaca_rows, make_config_dict, write_jsonl
 from wronai.config import load_config
 from wronai.errors import ConfigError, WronAIError
-from wronai.recipe import WronAITrainer, run
+from wronai.recipe import Pipeline, run
 from wronai.train import checkpointing
 from wronai.train.faults import NonFiniteLossError, resume_differences
-from wronai.train.trainer import make_trainer_class
+from wronai.train.trainer import GuardedTrainer
 
 
 def run_config(tiny_model_dir: Path, root: Path, name: str, **training) -> dict:
@@ -263,7 +263,7 @@ def nan_at(trainer, steps: set[int]):
 
 def test_nan_stop_keeps_last_good_checkpoint(tmp_path, tiny_model_dir):
     raw = run_config(tiny_model_dir, tmp_path, "out")
-    pipeline = WronAITrainer(load_config(data=raw))
+    pipeline = Pipeline(load_config(data=raw))
     pipeline.build_trainer()
     nan_at(pipeline.trainer, {5})
     with pytest.raises(NonFiniteLossError) as info:
@@ -275,7 +275,7 @@ def test_nan_stop_keeps_last_good_checkpoint(tmp_path, tiny_model_dir):
 
 def test_nan_skip_step_skips_the_update_and_counts(tmp_path, tiny_model_dir):
     raw = run_config(tiny_model_dir, tmp_path, "out", on_nan="skip_step", save_strategy="no")
-    pipeline = WronAITrainer(load_config(data=raw))
+    pipeline = Pipeline(load_config(data=raw))
     pipeline.build_trainer()
     nan_at(pipeline.trainer, {3})
     snapshots = {}
@@ -299,7 +299,7 @@ def test_nan_skip_step_stops_after_consecutive_limit(tmp_path, tiny_model_dir):
     raw = run_config(
         tiny_model_dir, tmp_path, "out", on_nan="skip_step", max_consecutive_nan_steps=2, save_strategy="no"
     )
-    pipeline = WronAITrainer(load_config(data=raw))
+    pipeline = Pipeline(load_config(data=raw))
     pipeline.build_trainer()
     nan_at(pipeline.trainer, {2, 3, 4})
     with pytest.raises(NonFiniteLossError, match="2 consecutive steps"):
@@ -383,14 +383,14 @@ def test_skipped_step_counts_survive_a_resume(tmp_path, tiny_model_dir):
     raw = run_config(
         tiny_model_dir, tmp_path, "out", on_nan="skip_step", max_consecutive_nan_steps=2, max_steps=4, save_steps=4
     )  # fmt: skip
-    first = WronAITrainer(load_config(data=raw))
+    first = Pipeline(load_config(data=raw))
     first.build_trainer()
     nan_at(first.trainer, {4})
     assert first.train()["skipped_nonfinite_steps"] == 1
     saved = json.loads((tmp_path / "out" / "checkpoint-4" / "wronai_gradient_guard.json").read_text())
     assert saved == {"skipped": 1, "consecutive": 1}
     raw["training"]["max_steps"] = 8
-    resumed = WronAITrainer(load_config(data=raw))
+    resumed = Pipeline(load_config(data=raw))
     resumed.build_trainer()
     nan_at(resumed.trainer, {5})
     with pytest.raises(NonFiniteLossError, match="2 consecutive steps"):
@@ -456,7 +456,7 @@ def test_best_checkpoint_tracked_and_kept_under_its_published_name(tmp_path, tin
                 extras,
             )
 
-    pipeline = WronAITrainer(load_config(data=raw))
+    pipeline = Pipeline(load_config(data=raw))
     pipeline.build_trainer()
     pipeline.trainer.add_callback(AfterSave())
     no_cpu_repacking(pipeline.model)
@@ -473,7 +473,7 @@ def test_best_checkpoint_tracked_and_kept_under_its_published_name(tmp_path, tin
         6: (["checkpoint-2", "checkpoint-6"], best, True, True),
     }
     assert "wronai_config.yaml" in pipeline.trainer.checkpoint_extras
-    assert not hasattr(make_trainer_class(), "checkpoint_extras")  # per instance, never shared
+    assert not hasattr(GuardedTrainer, "checkpoint_extras")  # per instance, never shared
 
 
 def test_unwritable_output_dir(tmp_path, tiny_model_dir):

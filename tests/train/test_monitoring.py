@@ -10,7 +10,7 @@ from conftest import make_config_dict
 from wronai.config import load_config
 from wronai.config.schema import LoggingSection
 from wronai.recipe import run
-from wronai.train.monitoring import resolve_report_to, run_name
+from wronai.train.monitoring import environment, resolve_report_to, run_name, tracker_environment
 
 
 def test_run_name_timestamp():
@@ -25,12 +25,27 @@ def test_wandb_goes_offline_without_key(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     for key in ("WANDB_DIR", "WANDB_PROJECT"):
         monkeypatch.delenv(key, raising=False)
-    report = resolve_report_to(LoggingSection(report_to=["wandb", "tensorboard"]), str(tmp_path / "out"))
+    logging_cfg = LoggingSection(report_to=["wandb", "tensorboard"])
+    assert resolve_report_to(logging_cfg, str(tmp_path / "out")) == ["wandb", "tensorboard"]
+    env = tracker_environment(logging_cfg, str(tmp_path / "out"))
+    assert env["WANDB_MODE"] == "offline" and env["WANDB_DIR"].startswith(str(tmp_path / "out"))
+
+
+def test_tracker_environment_is_set_only_inside_the_block(monkeypatch, tmp_path):
+    """The trackers' variables exist while the Trainer is built and trains, and the process's environment
+    is exactly as before afterwards (a value the user set is restored, not overwritten for good)."""
     import os
 
-    assert report == ["wandb", "tensorboard"]
-    assert os.environ["WANDB_MODE"] == "offline"
-    assert os.environ["WANDB_DIR"].startswith(str(tmp_path / "out"))
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "/users/own")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    before = dict(os.environ)
+    values = {"TENSORBOARD_LOGGING_DIR": str(tmp_path / "logs"), "WANDB_MODE": "offline"}
+    with environment(values):
+        assert (
+            os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "logs")
+            and os.environ["WANDB_MODE"] == "offline"
+        )
+    assert dict(os.environ) == before
 
 
 def test_wandb_disabled_mode_drops_it(monkeypatch, tmp_path):

@@ -11,7 +11,7 @@ from transformers import TrainingArguments
 from wronai.config import load_config
 from wronai.errors import WronAIError
 from wronai.runtime.hardware import plan_device
-from wronai.train.trainer import training_arguments_kwargs
+from wronai.train.arguments import training_arguments_kwargs
 
 RAW = {
     "model": {"name": "org/m"},

@@ -53,21 +53,21 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from wronai.recipe import WronAITrainer
+    from wronai.recipe import Pipeline
 
     loaded = load_config_args(args)
-    trainer = WronAITrainer(loaded.config)
+    trainer = Pipeline(loaded.config)
     prepared = trainer.load_dataset()
     logger.info("prepared data cached (key %s)", prepared.stats.cache_key)
     return 0
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from wronai.recipe import WronAITrainer
+    from wronai.recipe import Pipeline
 
     loaded = load_config_args(args)
     config = loaded.config.model_copy(update={"data": loaded.config.data.model_copy(update={"checks": True})})
-    prepared = WronAITrainer(config).load_dataset()
+    prepared = Pipeline(config).load_dataset()
     lines = [f"{name}: {result}" for name, result in prepared.stats.checks.items()]
     sys.stdout.write("data checks passed\n" + "".join(f"  {line}\n" for line in lines))
     return 0

@@ -62,9 +62,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _launch_train(args: argparse.Namespace, config) -> int:
     """`train --nproc N`: check once here, then re-run this command in N processes under torchrun."""
+    from wronai.config.preflight import preflight
     from wronai.errors import ConfigError
     from wronai.model import loading
-    from wronai.recipe import preflight
     from wronai.rundir import saving
     from wronai.runtime import distributed
     from wronai.runtime.hardware import plan_device

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from wronai.config import dump_config
-    from wronai.recipe import preflight
+    from wronai.config.preflight import preflight
     from wronai.runtime.hardware import plan_device
 
     loaded = load_config_args(args)

@@ -29,9 +29,9 @@ def render_example(tokenizer, input_ids: list[int], labels: list[int], color: bo
 
 
 def preview(config: WronAIConfig, n: int = 3, color: bool = False) -> str:
-    from wronai.recipe import WronAITrainer
+    from wronai.recipe import Pipeline
 
-    pipeline = WronAITrainer(config)
+    pipeline = Pipeline(config)
     pipeline.load_tokenizer()
     data = pipeline.load_dataset()
     tok = pipeline.tokenizer

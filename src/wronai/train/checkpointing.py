@@ -2,7 +2,7 @@
 
 A checkpoint is *complete* only when ``wronai_checkpoint.json`` (the manifest, written last) is present and
 every file it lists exists with the recorded size. transformers' Trainer writes its checkpoint as usual, but
-into the staging folder ``.tmp-checkpoint-N/checkpoint-N`` (``training.make_trainer_class`` points the
+into the staging folder ``.tmp-checkpoint-N/checkpoint-N`` (``wronai.train.trainer.GuardedTrainer`` points the
 Trainer's output folder there while it saves); the staging folder sits in the output directory, so the final
 ``rename`` to ``checkpoint-N`` is atomic on one filesystem. All ranks write into it, then after a barrier the
 main process seals and renames it, and the others wait at a second barrier. A process killed at any moment

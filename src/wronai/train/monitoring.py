@@ -6,10 +6,11 @@ synced later with `wandb sync`. Everything is set per run, in the process enviro
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
-import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -51,62 +52,53 @@ def check_trackers(logging_cfg: LoggingSection) -> None:
         )
 
 
+def _wandb_mode(logging_cfg: LoggingSection) -> str:
+    if logging_cfg.wandb_mode == "auto":
+        return "online" if _wandb_has_key() else "offline"
+    return logging_cfg.wandb_mode
+
+
 def resolve_report_to(logging_cfg: LoggingSection, output_dir: str) -> list[str]:
-    """Tracker names for TrainingArguments.report_to; configures W&B's mode and directories."""
+    """Tracker names for TrainingArguments.report_to (W&B dropped when ``wandb_mode: disabled``)."""
     check_trackers(logging_cfg)
     wanted: list[str] = [r for r in logging_cfg.report_to if r != "none"]
     if "wandb" in wanted:
-        mode = logging_cfg.wandb_mode
-        if mode == "auto":
-            mode = "online" if _wandb_has_key() else "offline"
-            if mode == "offline":
-                logger.info(
-                    "W&B: no API key found — logging offline to %s (sync later with `wandb sync`)", output_dir
-                )
-        if mode == "disabled":
+        if logging_cfg.wandb_mode == "auto" and _wandb_mode(logging_cfg) == "offline":
+            logger.info(
+                "W&B: no API key found — logging offline to %s (sync later with `wandb sync`)", output_dir
+            )
+        if _wandb_mode(logging_cfg) == "disabled":
             wanted.remove("wandb")
-        os.environ["WANDB_MODE"] = mode
-        os.environ.setdefault("WANDB_PROJECT", logging_cfg.wandb_project)
-        os.environ.setdefault("WANDB_DIR", str(Path(logging_cfg.logging_dir or Path(output_dir) / "logs")))
-        os.environ.setdefault("WANDB_SILENT", "true")
-        Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
     return wanted or ["none"]
 
 
-def make_console_callback():
-    """A TrainerCallback printing one readable line per log event (loss, lr, speed, ETA)."""
-    from transformers import TrainerCallback
-
-    class ConsoleLogCallback(TrainerCallback):
-        def __init__(self) -> None:
-            self.start = 0.0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.time()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            elapsed = time.time() - self.start
-            parts = [f"step {state.global_step}/{state.max_steps}"]
-            for key in ("loss", "eval_loss", "grad_norm", "learning_rate"):
-                if key in logs:
-                    value = logs[key]
-                    parts.append(f"{key} {value:.3e}" if key == "learning_rate" else f"{key} {value:.4f}")
-            if state.global_step and state.max_steps:
-                eta = elapsed / state.global_step * (state.max_steps - state.global_step)
-                parts.append(f"elapsed {elapsed:.0f}s, eta {eta:.0f}s")
-            logger.info(" | ".join(parts))
-
-    return ConsoleLogCallback()
+def tracker_environment(logging_cfg: LoggingSection, output_dir: str) -> dict[str, str]:
+    """The environment the trackers read (TensorBoard when its callback is built, W&B when the run starts):
+    the log directory, W&B's mode, project and directory; what the user set in the environment wins."""
+    logs = str(Path(logging_cfg.logging_dir or Path(output_dir) / "logs"))
+    env = {"TENSORBOARD_LOGGING_DIR": logs}
+    if "wandb" in logging_cfg.report_to:
+        env["WANDB_MODE"] = _wandb_mode(logging_cfg)
+        for key, value in (
+            ("WANDB_PROJECT", logging_cfg.wandb_project),
+            ("WANDB_DIR", logs),
+            ("WANDB_SILENT", "true"),
+        ):
+            env[key] = os.environ.get(key, value)
+        Path(env["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
+    return env
 
 
-def make_progress_callback():
-    """transformers' progress bar without its raw-dict log lines (the console callback prints readable ones)."""
-    from transformers.trainer_callback import ProgressCallback
-
-    class QuietProgressCallback(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            return None
-
-    return QuietProgressCallback()
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set inside the block, and exactly as before after it."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
