@@ -239,3 +239,10 @@ def test_python_module_entry_point():
         [sys.executable, "-m", "wronai", "--version"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and result.stdout.startswith("wronai ")
+
+
+def test_the_earlier_name_of_the_pipeline_still_imports():
+    import wronai
+    from wronai.recipe import Pipeline
+
+    assert wronai.WronAITrainer is Pipeline is wronai.Pipeline
