@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def loaded(run_dir):
-    from wronai.use.inference import load_run
+    from wronai.use.load import load_run
 
     return load_run(run_dir)
 
@@ -54,7 +54,7 @@ def test_run_loads_4bit_with_resized_embeddings_and_saved_template(loaded, tiny_
 
 
 def test_generate_streams_the_same_text_it_returns(loaded):
-    from wronai.use.inference import GenerationOptions, generate
+    from wronai.use.generate import GenerationOptions, generate
 
     options = GenerationOptions(max_new_tokens=12, temperature=0)
     stream = io.StringIO()
@@ -75,7 +75,7 @@ def test_generate_cli_single_prompt(run_dir, capsys):
 
 
 def test_generate_batch_mode_writes_one_line_per_prompt(run_dir, loaded, tmp_path):
-    from wronai.use.inference import GenerationOptions, generate
+    from wronai.use.generate import GenerationOptions, generate
 
     prompts = [PROMPT, "Napisz jedno zdanie o mieście Gdańsk.", "Opisz Wrocław."]
     txt = tmp_path / "prompts.txt"
@@ -148,7 +148,7 @@ def test_generate_on_a_folder_that_is_not_a_run(tmp_path, capsys):
 
 
 def test_alpaca_chat_puts_the_history_in_the_input_block(loaded):
-    from wronai.use.inference import ChatSession, GenerationOptions
+    from wronai.use.generate import ChatSession, GenerationOptions
 
     session = ChatSession(loaded, GenerationOptions(max_new_tokens=4, temperature=0))
     first = session.reply(PROMPT)
@@ -166,7 +166,7 @@ def test_chat_format_prompts_match_training_rendering(tiny_tokenizer):
     from wronai.config.schema import DataSection
     from wronai.data.chat_template import TokenizerChatRenderer
     from wronai.data.formats import format_chat
-    from wronai.use.inference import PromptFormat
+    from wronai.use.prompts import PromptFormat
 
     convo = [
         {"role": "system", "content": "Jesteś pomocnym asystentem."},
@@ -201,7 +201,7 @@ def test_chat_format_prompts_match_training_rendering(tiny_tokenizer):
 
 
 def test_streamer_hides_the_end_of_turn_marker(tiny_tokenizer):
-    from wronai.use.inference import make_streamer
+    from wronai.use.generate import make_streamer
 
     out = io.StringIO()
     streamer = make_streamer(tiny_tokenizer, out, ["<|im_end|>"])

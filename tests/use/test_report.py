@@ -106,7 +106,7 @@ def test_write_report_with_the_in_memory_model(run_dir, tmp_path):
     """What the pipeline does at the end of training: reuse the model it holds instead of loading it again."""
     import shutil
 
-    from wronai.use.inference import load_run
+    from wronai.use.load import load_run
     from wronai.use.report import write_report
 
     copy = tmp_path / "copy"
@@ -161,10 +161,10 @@ def test_model_card_front_matter_and_code_run_with_stock_peft(run_dir):
 
 def test_attach_puts_one_callback_first(run_dir):
     from wronai.config import load_config
-    from wronai.recipe import WronAITrainer
+    from wronai.recipe import Pipeline
     from wronai.train.throughput import ThroughputMemoryCallback, attach
 
-    pipeline = WronAITrainer(
+    pipeline = Pipeline(
         load_config(run_dir.parent / "run.yaml")
     )  # lists the callback in extensions.callbacks
     trainer = pipeline.build_trainer()

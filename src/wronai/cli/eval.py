@@ -60,10 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from wronai.cli.run_args import quiet_third_party
     from wronai.errors import WronAIError
     from wronai.rundir.files import EVAL_FILE
     from wronai.use.evaluate import evaluate, save_report
-    from wronai.use.inference import quiet_third_party
 
     quiet_third_party()
 

@@ -52,8 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from wronai.cli.run_args import quiet_third_party
     from wronai.use.export import export_gguf
-    from wronai.use.inference import quiet_third_party
 
     quiet_third_party()
     summary = export_gguf(args.target, args.out, outtype=args.outtype, base_model=args.base_model)

@@ -97,7 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from wronai.use.inference import GenerationOptions
+    from wronai.use.generate import GenerationOptions
 
     return GenerationOptions(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -106,7 +106,8 @@ def _options(args: argparse.Namespace) -> Any:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from wronai.use.inference import load_run, quiet_third_party
+    from wronai.cli.run_args import quiet_third_party
+    from wronai.use.load import load_run
 
     quiet_third_party()
     return load_run(args.target, base_model=args.base_model, quantize=not args.full_precision)
@@ -148,7 +149,8 @@ def read_prompts(path: str) -> list[dict[str, str]]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from wronai.use.inference import Prompt, generate
+    from wronai.use.generate import generate
+    from wronai.use.prompts import Prompt
 
     options = _options(args)
     rows = (
@@ -190,7 +192,7 @@ def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from wronai.use.inference import ChatSession
+    from wronai.use.generate import ChatSession
 
     options = _options(args)
     session = ChatSession(_load(args), options, system=args.system)

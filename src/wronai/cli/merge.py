@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from wronai.use.inference import quiet_third_party
+    from wronai.cli.run_args import quiet_third_party
     from wronai.use.merge import merge_run
 
     quiet_third_party()

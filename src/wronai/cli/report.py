@@ -21,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from wronai.cli.run_args import quiet_third_party
     from wronai.rundir.files import CARD_FILE
-    from wronai.use.inference import quiet_third_party
     from wronai.use.report import write_report
 
     quiet_third_party()

@@ -21,7 +21,7 @@ from typing import Any
 from wronai.config.schema import DataSection
 from wronai.errors import WronAIError
 from wronai.rundir.files import CONFIG_FILE, EVAL_FILE
-from wronai.use.inference import LoadedRun, load_run
+from wronai.use.load import LoadedRun, load_run
 
 logger = logging.getLogger(__name__)
 

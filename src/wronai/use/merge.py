@@ -17,7 +17,7 @@ from typing import Any
 from wronai.errors import WronAIError
 from wronai.rundir.files import ADAPTER_FILE, CONFIG_FILE, DATA_STATS_FILE, MERGE_INFO_FILE, MODEL_CONFIG_FILE
 from wronai.rundir.locate import RunDir, locate_run
-from wronai.use.inference import load_tokenizer
+from wronai.use.load import load_tokenizer
 
 logger = logging.getLogger(__name__)
 

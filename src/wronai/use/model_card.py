@@ -51,7 +51,8 @@ def _is_hub_id(name: str) -> bool:
 def _example_prompt(run_dir: Path) -> tuple[str, bool, str]:
     """(prompt text, add_special_tokens, how it was made) in the run's own format."""
     from wronai.rundir.locate import locate_run
-    from wronai.use.inference import PromptFormat, load_tokenizer
+    from wronai.use.load import load_tokenizer
+    from wronai.use.prompts import PromptFormat
 
     run = locate_run(run_dir)
     tokenizer = load_tokenizer(run)

@@ -110,7 +110,9 @@ def generate_samples(
 ) -> list[dict[str, str]]:
     """Greedy answers to the fixed prompts, rendered in the run's prompt format."""
     from wronai.rundir.locate import locate_run
-    from wronai.use.inference import GenerationOptions, LoadedRun, PromptFormat, generate, load_run
+    from wronai.use.generate import GenerationOptions, generate
+    from wronai.use.load import LoadedRun, load_run
+    from wronai.use.prompts import PromptFormat
 
     if model is None:
         run = load_run(run_dir)
