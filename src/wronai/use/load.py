@@ -62,14 +62,45 @@ def load_run(
 
     ``quantize=False`` loads the base in full precision; ``dtype`` (a torch dtype) forces the weights' dtype.
     """
-    from wronai.config.schema import HardwareSection, QuantizationSection, TrainingSection
     from wronai.model.embeddings import resize_embeddings
-    from wronai.runtime.hardware import plan_device
 
     run = locate_run(path)
     tokenizer = load_tokenizer(run)
-    cfg = run.config
     name = base_model or run.base_name
+    model_cfg, quant, hardware, plan = _load_settings(
+        run, name, quantize=quantize, device=device, dtype=dtype
+    )
+    model = _load_base(model_cfg, quant, hardware, plan, run)
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        resize_embeddings(model, len(tokenizer))  # tokens added in training: rows restored by the adapter
+    model = _with_adapter(model, run, plan)
+    is_quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    quantized = plan.quantization if is_quantized else "none"
+    logger.info(
+        "loaded %s%s (%s, weights %s)",
+        name,
+        " + adapter" if run.is_adapter else "",
+        quantized,
+        plan.model_dtype,
+    )
+    cfg = run.config
+    return LoadedRun(
+        run,
+        model,
+        tokenizer,
+        PromptFormat.for_run(run.data_format, cfg.data if cfg else None, tokenizer),
+        quantized,
+    )
+
+
+def _load_settings(
+    run: RunDir, name: str, *, quantize: bool, device: str | None, dtype: Any
+) -> tuple[ModelConfig, Any, Any, Any]:
+    """(model, quantization, hardware sections, device plan) to load ``run`` with: its saved config, for inference."""
+    from wronai.config.schema import HardwareSection, QuantizationSection, TrainingSection
+    from wronai.runtime.hardware import plan_device
+
+    cfg = run.config
     model_cfg = (cfg.model if cfg else ModelConfig(name=name)).model_copy(
         update={"name": name, "create_if_missing": None}
     )
@@ -84,9 +115,11 @@ def load_run(
     plan = plan_device(hardware, cfg.training if cfg else TrainingSection(), quant, model_cfg)
     if dtype is not None:
         plan = dataclasses.replace(plan, model_dtype=dtype, compute_dtype=dtype)
-    model = _load_base(model_cfg, quant, hardware, plan, run)
-    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        resize_embeddings(model, len(tokenizer))  # tokens added in training: rows restored by the adapter
+    return model_cfg, quant, hardware, plan
+
+
+def _with_adapter(model: Any, run: RunDir, plan: Any) -> Any:
+    """The base with the run's adapter on top (a LoRA run), switched to inference mode."""
     if run.is_adapter:
         from peft import PeftModel
 
@@ -97,22 +130,7 @@ def load_run(
         from wronai.kernels.bnb import allow_checked_packed_format
 
         logger.info("%s", allow_checked_packed_format(model))
-    is_quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-    quantized = plan.quantization if is_quantized else "none"
-    logger.info(
-        "loaded %s%s (%s, weights %s)",
-        name,
-        " + adapter" if run.is_adapter else "",
-        quantized,
-        plan.model_dtype,
-    )
-    return LoadedRun(
-        run,
-        model,
-        tokenizer,
-        PromptFormat.for_run(run.data_format, cfg.data if cfg else None, tokenizer),
-        quantized,
-    )
+    return model
 
 
 def _load_base(model_cfg: ModelConfig, quant: Any, hardware: Any, plan: Any, run: RunDir) -> Any:
