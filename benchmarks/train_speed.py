@@ -2,6 +2,7 @@
 """Training speed, side by side in one run: the classic WronAI script vs `wronai train`.
 
     python benchmarks/train_speed.py [--rows 4000] [--hidden 384] [--layers 6] [--repeat 3] [--out /tmp/wronai-bench]
+    python benchmarks/train_speed.py --defaults     # classic vs `wronai train` with a minimal config
 
 Both train the same locally built Llama model with 4-bit NF4 QLoRA on the same generated Polish instruction
 set (long-tailed answer lengths) for one epoch, i.e. the same examples:
@@ -11,6 +12,10 @@ set (long-tailed answer lengths) for one epoch, i.e. the same examples:
     `prepare_model_for_kbit_training` (gradient checkpointing on, as in the classic config), length grouping.
 (b) wronai: `wronai.recipe.run` with packing (per-example position ids), answer-only loss, gradient
     checkpointing `auto` (off for a model this small), bf16 only where the CPU has it.
+
+(c) wronai-defaults (``--defaults``): the `wronai train` command with a minimal config — model, LoRA shape,
+    quantization, epochs, learning rate, data, max length; no speed setting — in its own process; the
+    automatic choices it logged (packing, batch, precision and kernels, checkpointing) are printed.
 
 Printed per run: wall time, non-pad tokens per second, padding fraction, peak RSS, MFU against the matmul
 peak measured here at the start, the answer-only eval loss on the same held-out examples, and the minor
@@ -251,6 +256,50 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
             "precision": pipeline.plan.precision, "page_faults": faults}  # fmt: skip
 
 
+MINIMAL_CONFIG_NOTES = ("auto ->", "auto:", "precision:", "LoRA layers", "data.packing", "hardware:")
+
+
+def run_defaults(model_dir: Path, train_file: Path, out: Path, args) -> dict:
+    """`wronai train` on a minimal config, as a user copies it: only what the job is, no speed settings."""
+    import yaml
+
+    config = {
+        "model": {"name": str(model_dir)},
+        "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "quantization": {"load_in_4bit": True},
+        "training": {"output_dir": str(out), "num_train_epochs": 1, "learning_rate": 2e-4, "seed": 0,
+                     "save_strategy": "no", "eval_strategy": "no"},
+        "data": {"dataset_name": str(train_file), "max_seq_length": args.max_len, "eval_fraction": 0.0,
+                 "cache_dir": str(out.parent / "cache-defaults")},
+        "logging": {"report_to": ["none"], "report": False},
+        "hardware": {"device": args.device},
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    path = out.parent / "minimal.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "wronai", "train", str(path), "--overwrite"],
+        capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )  # fmt: skip
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"wronai train failed ({proc.returncode})")
+    choices = [
+        line.split(": ", 1)[-1]
+        for line in proc.stderr.splitlines()
+        if any(k in line for k in MINIMAL_CONFIG_NOTES)
+    ]
+    results = json.loads((out / "train_results.json").read_text())
+    stats = json.loads((out / "data_stats.json").read_text())
+    (out / "adapter").mkdir(exist_ok=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (out / "adapter" / name).write_bytes((out / name).read_bytes())
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"wall_s": results["train_runtime"], "tokens": stats["total_tokens"], "padding_fraction": 0.0,
+            "precision": "bf16" if any("bf16 autocast" in c for c in choices) else "fp32",
+            "choices": choices, "child_peak_rss_mb": peak}  # fmt: skip
+
+
 def eval_loss(model_dir: Path, adapter: Path, eval_file: Path, max_len: int) -> float:
     """Answer-only loss on held-out examples (the same measure for both adapters)."""
     import torch
@@ -305,9 +354,9 @@ def child(args) -> None:
     """One measured run in a fresh process (clean peak RSS)."""
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
-    fn = run_classic if args.child == "classic" else run_wronai
+    fn = {"classic": run_classic, "wronai-defaults": run_defaults}.get(args.child, run_wronai)
     result = fn(out / "model", out / "train.jsonl", out / args.child, args)
-    result["peak_rss_mb"] = peak_rss_mb()
+    result["peak_rss_mb"] = result.pop("child_peak_rss_mb", None) or peak_rss_mb()
     if args.device == "cuda":
         import torch
 
@@ -348,7 +397,12 @@ def main() -> None:
         default="classic,wronai",
         help=f"comma-separated runs: classic and any of {', '.join(ABLATIONS)} (ablations switch one optimization off)",
     )
-    parser.add_argument("--child", choices=["classic", *ABLATIONS], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="compare the classic script with `wronai train` on a minimal config (variants classic,wronai-defaults)",
+    )
+    parser.add_argument("--child", choices=["classic", "wronai-defaults", *ABLATIONS], help=argparse.SUPPRESS)
     parser.add_argument("--mean-len", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == "auto":
@@ -384,9 +438,13 @@ def main() -> None:
             lengths = [len(tok(r["instruction"] + r["input"] + r["output"])["input_ids"]) + 20 for r in fits]
     mean_len = int(sum(lengths) / len(lengths))
     peaks = {d: matmul_peak(d, args.device) / 1e9 for d in ("float32", "bfloat16")}
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(variants) - {"classic", *ABLATIONS})
-    if unknown or not {"classic", "wronai"} <= set(variants):
+    variants = [
+        v.strip()
+        for v in ("classic,wronai-defaults" if args.defaults else args.variants).split(",")
+        if v.strip()
+    ]
+    unknown = sorted(set(variants) - {"classic", "wronai-defaults", *ABLATIONS})
+    if unknown or "classic" not in variants or not ({"wronai", "wronai-defaults"} & set(variants)):
         parser.error(f"--variants must include classic and wronai; unknown: {', '.join(unknown) or 'none'}")
     fpt = flops_per_token(out / "model", mean_len)
     rounds = []  # each round runs every variant once, in order, after measuring the fp32 matmul peak again
@@ -428,12 +486,15 @@ def render_rounds(rounds: list[dict], peaks: dict, args, mean_len: int) -> str:
         for name, r in round_["results"].items():
             lines.append(f"{name + tag:28} {r['wall_s']:8.1f} {r['tokens_per_s']:9.0f} {100 * r['padding_fraction']:7.1f}% "
                          f"{r['peak_rss_mb']:12.0f} {100 * r['mfu']:5.1f}% {r['eval_loss']:10.4f} {r['vs_classic']:9.2f}x {r.get('page_faults', 0) / 1000:9.0f} {r.get('peak_cuda_mb', 0):8.0f}")  # fmt: skip
-    ratios = sorted(r["results"]["wronai"]["vs_classic"] for r in rounds)
-    mfus = sorted(r["results"]["wronai"]["mfu"] for r in rounds)
-    memory = [r["results"]["wronai"]["peak_rss_mb"] / r["results"]["classic"]["peak_rss_mb"] for r in rounds]
-    lines.append(f"\nspeed-up (tokens/s, wronai / classic): median {statistics.median(ratios):.2f}x "
+    main = "wronai" if "wronai" in rounds[0]["results"] else "wronai-defaults"
+    ratios = sorted(r["results"][main]["vs_classic"] for r in rounds)
+    mfus = sorted(r["results"][main]["mfu"] for r in rounds)
+    memory = [r["results"][main]["peak_rss_mb"] / r["results"]["classic"]["peak_rss_mb"] for r in rounds]
+    for choice in rounds[0]["results"].get("wronai-defaults", {}).get("choices", []):
+        lines.append(f"  wronai-defaults chose: {choice}")
+    lines.append(f"\nspeed-up (tokens/s, {main} / classic): median {statistics.median(ratios):.2f}x "
                  f"(min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x over {len(rounds)} round(s)); "
-                 f"wronai MFU median {100 * statistics.median(mfus):.1f}%; memory ratio: {max(memory):.2f}")  # fmt: skip
+                 f"{main} MFU median {100 * statistics.median(mfus):.1f}%; memory ratio: {max(memory):.2f}")  # fmt: skip
     return "\n".join(lines)
 
 
