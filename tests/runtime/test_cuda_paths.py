@@ -27,7 +27,7 @@ from wronai.cli import main
 from wronai.config import load_config
 from wronai.errors import WronAIError
 from wronai.model import loading
-from wronai.runtime import distributed
+from wronai.runtime import sharding
 from wronai.runtime.hardware import plan_device
 from wronai.train.arguments import training_arguments_kwargs
 
@@ -225,14 +225,14 @@ def test_fsdp_training_arguments_in_the_current_form(fake_cuda, monkeypatch, tmp
 
 
 def test_fsdp_loading_environment_holds_only_inside_from_pretrained(fake_cuda, monkeypatch, tmp_path):
-    _isolate_env(monkeypatch, *distributed.FSDP_LOAD_ENV)
+    _isolate_env(monkeypatch, *sharding.FSDP_LOAD_ENV)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # a value set before: restored afterwards
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # as after init_process_group
     _rank(monkeypatch, 1)
     seen = []
 
     def from_pretrained(name, **kwargs):
-        seen.append(({k: os.environ.get(k) for k in distributed.FSDP_LOAD_ENV}, is_fsdp_enabled()))
+        seen.append(({k: os.environ.get(k) for k in sharding.FSDP_LOAD_ENV}, is_fsdp_enabled()))
         return _Loaded()
 
     def load(hardware, quantization=None):
@@ -243,8 +243,8 @@ def test_fsdp_loading_environment_holds_only_inside_from_pretrained(fake_cuda, m
         return seen.pop()
 
     outside = {"ACCELERATE_USE_FSDP": "false", "FSDP_CPU_RAM_EFFICIENT_LOADING": None}
-    assert load({"distributed": "fsdp"}) == (dict(distributed.FSDP_LOAD_ENV), True)  # transformers sees FSDP
-    assert {k: os.environ.get(k) for k in distributed.FSDP_LOAD_ENV} == outside and not is_fsdp_enabled()
+    assert load({"distributed": "fsdp"}) == (dict(sharding.FSDP_LOAD_ENV), True)  # transformers sees FSDP
+    assert {k: os.environ.get(k) for k in sharding.FSDP_LOAD_ENV} == outside and not is_fsdp_enabled()
     assert load({"distributed": "ddp"}) == (outside, False)
     off = tmp_path / "accelerate_fsdp.yaml"
     off.write_text(
@@ -261,7 +261,7 @@ def test_fsdp_loading_environment_holds_only_inside_from_pretrained(fake_cuda, m
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", failing)
     with pytest.raises(WronAIError):
         loading.load_base_model(cfg.model, cfg.quantization, cfg.hardware, _plan(cfg))
-    assert {k: os.environ.get(k) for k in distributed.FSDP_LOAD_ENV} == outside  # restored on the error too
+    assert {k: os.environ.get(k) for k in sharding.FSDP_LOAD_ENV} == outside  # restored on the error too
 
 
 # --- a paged optimizer under FSDP is refused ----------------------------------------------------------------
@@ -273,16 +273,16 @@ def test_paged_optimizer_with_fsdp_is_refused_in_one_line(optim, tmp_path):
         return load_config(data={"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"},
                                  "training": {"optim": optim}, "hardware": hardware})  # fmt: skip
 
-    (problem,) = distributed.preflight_problems(cfg(optim, distributed="fsdp"), "cuda")
+    (problem,) = sharding.preflight_problems(cfg(optim, distributed="fsdp"), "cuda")
     assert problem.startswith(f"training.optim={optim} does not work with hardware.distributed=fsdp")
     assert (
         problem.endswith("set training.optim: adamw_torch (FSDP shards its states)") and "\n" not in problem
     )
-    assert distributed.preflight_problems(cfg("adamw_torch", distributed="fsdp"), "cuda") == []
-    assert distributed.preflight_problems(cfg(optim, distributed="ddp"), "cuda") == []
+    assert sharding.preflight_problems(cfg("adamw_torch", distributed="fsdp"), "cuda") == []
+    assert sharding.preflight_problems(cfg(optim, distributed="ddp"), "cuda") == []
     accelerate_fsdp = tmp_path / "fsdp.yaml"
     accelerate_fsdp.write_text("distributed_type: FSDP\n")
-    (problem,) = distributed.preflight_problems(cfg(optim, distributed_config=str(accelerate_fsdp)), "cuda")
+    (problem,) = sharding.preflight_problems(cfg(optim, distributed_config=str(accelerate_fsdp)), "cuda")
     assert problem.startswith(f"training.optim={optim}")
 
 

@@ -22,7 +22,7 @@ import yaml
 from conftest import REPO, make_config_dict
 from wronai.cli import main
 from wronai.config import load_config
-from wronai.runtime import distributed
+from wronai.runtime import distributed, sharding
 from wronai.runtime.hardware import plan_device
 from wronai.train.arguments import training_arguments_kwargs
 
@@ -160,53 +160,49 @@ def test_strategy_maps_to_training_arguments(tmp_path, monkeypatch):
         cfg.training, cfg.hardware, plan, report_to=["none"], run_name="r", has_eval=False
     )
     assert kwargs["ddp_backend"] == "gloo" and kwargs["ddp_find_unused_parameters"] is False
-    fsdp = distributed.training_kwargs(_cfg(distributed="fsdp").hardware, "cuda")
+    fsdp = sharding.training_kwargs(_cfg(distributed="fsdp").hardware, "cuda")
     assert fsdp["ddp_backend"] == "nccl" and fsdp["fsdp"] is True
     assert fsdp["fsdp_config"]["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    zero3 = distributed.training_kwargs(_cfg(distributed="deepspeed_zero3").hardware, "cuda")["deepspeed"]
+    zero3 = sharding.training_kwargs(_cfg(distributed="deepspeed_zero3").hardware, "cuda")["deepspeed"]
     assert zero3["zero_optimization"]["stage"] == 3
     import torch
 
-    assert (
-        distributed.quant_storage_dtype(_cfg(distributed="fsdp").hardware, torch.bfloat16) == torch.bfloat16
-    )
-    assert distributed.quant_storage_dtype(_cfg(distributed="ddp").hardware, torch.bfloat16) == torch.uint8
-    assert distributed.device_map(_cfg(distributed="fsdp").hardware, "cuda") is None
+    assert sharding.quant_storage_dtype(_cfg(distributed="fsdp").hardware, torch.bfloat16) == torch.bfloat16
+    assert sharding.quant_storage_dtype(_cfg(distributed="ddp").hardware, torch.bfloat16) == torch.uint8
+    assert sharding.device_map(_cfg(distributed="fsdp").hardware, "cuda") is None
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    assert distributed.strategy(_cfg(distributed_config=str(ds)).hardware) == "deepspeed_zero3"
+    assert sharding.strategy(_cfg(distributed_config=str(ds)).hardware) == "deepspeed_zero3"
     acc = tmp_path / "accelerate.yaml"
     acc.write_text("distributed_type: FSDP\nfsdp_config:\n  fsdp_state_dict_type: SHARDED_STATE_DICT\n")
     hw = _cfg(distributed_config=str(acc)).hardware
-    assert distributed.strategy(hw) == "fsdp"
-    assert (
-        distributed.training_kwargs(hw, "cuda")["fsdp_config"]["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
-    )
+    assert sharding.strategy(hw) == "fsdp"
+    assert sharding.training_kwargs(hw, "cuda")["fsdp_config"]["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
 
 
 def test_fsdp_needs_cuda_and_says_why():
-    problems = distributed.preflight_problems(_cfg(distributed="fsdp"), "cpu")
+    problems = sharding.preflight_problems(_cfg(distributed="fsdp"), "cpu")
     assert len(problems) == 1 and "\n" not in problems[0]
     assert problems[0].startswith("hardware.distributed=fsdp needs CUDA GPUs (this machine runs on cpu;")
     assert "silently train plain DDP" in problems[0] and "deepspeed_zero3" in problems[0]
-    assert distributed.preflight_problems(_cfg(distributed="fsdp"), "cuda") == []
-    assert distributed.preflight_problems(_cfg(distributed="ddp"), "cpu") == []
-    assert "not found" in distributed.preflight_problems(_cfg(distributed_config="/nope.json"), "cpu")[0]
+    assert sharding.preflight_problems(_cfg(distributed="fsdp"), "cuda") == []
+    assert sharding.preflight_problems(_cfg(distributed="ddp"), "cpu") == []
+    assert "not found" in sharding.preflight_problems(_cfg(distributed_config="/nope.json"), "cpu")[0]
 
 
 @pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero3"])
 def test_deepspeed_runs_on_cpu_when_installed(name, monkeypatch):
     import importlib.util
 
-    assert distributed.preflight_problems(_cfg(distributed=name), "mps")[0].startswith(
+    assert sharding.preflight_problems(_cfg(distributed=name), "mps")[0].startswith(
         f"hardware.distributed={name} runs on CUDA GPUs or the CPU (this machine runs on mps)"
     )
     real = importlib.util.find_spec
     present = lambda n, *a: object() if n == "deepspeed" else real(n, *a)  # noqa: E731
     monkeypatch.setattr(importlib.util, "find_spec", present)
-    assert distributed.preflight_problems(_cfg(distributed=name), "cpu") == []
+    assert sharding.preflight_problems(_cfg(distributed=name), "cpu") == []
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "deepspeed" else real(n, *a))
-    (problem,) = distributed.preflight_problems(_cfg(distributed=name), "cpu")
+    (problem,) = sharding.preflight_problems(_cfg(distributed=name), "cpu")
     assert problem.startswith(f"hardware.distributed={name} needs the deepspeed package — pip install")
 
 
@@ -239,7 +235,7 @@ def test_load_time_deepspeed_config_resolves_auto(tmp_path):
 
     cfg = _cfg(distributed="deepspeed_zero3")
     plan = _plan(cfg)
-    ds = distributed.load_time_deepspeed_config(cfg.hardware, plan, cfg.training)
+    ds = sharding.load_time_deepspeed_config(cfg.hardware, plan, cfg.training)
     assert ds["zero_optimization"]["stage"] == 3 and "auto" not in json.dumps(ds)
     assert ds["train_micro_batch_size_per_gpu"] == cfg.training.per_device_train_batch_size
     assert ds["gradient_accumulation_steps"] == cfg.training.gradient_accumulation_steps
@@ -250,7 +246,7 @@ def test_load_time_deepspeed_config_resolves_auto(tmp_path):
     own.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}, "bf16": {"enabled": True},
                                "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}, "train_batch_size": "auto"}))  # fmt: skip
     hw = _cfg(distributed_config=str(own)).hardware
-    ds = distributed.load_time_deepspeed_config(hw, plan, cfg.training)
+    ds = sharding.load_time_deepspeed_config(hw, plan, cfg.training)
     assert ds["zero_optimization"] == {"stage": 3} and ds["bf16"]["enabled"] is True and "optimizer" not in ds
 
 
@@ -263,10 +259,10 @@ def test_prepare_for_sharded_load_turns_on_zero3_loading():
     for name, quant in (("ddp", False), ("deepspeed_zero2", False), ("deepspeed_zero3", True)):
         cfg = load_config(data={"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"}, "hardware": {"distributed": name},
                                 "quantization": {"load_in_4bit": quant}})  # fmt: skip
-        assert distributed.prepare_for_sharded_load(cfg.hardware, _plan(cfg), cfg.training) is None, name
+        assert sharding.prepare_for_sharded_load(cfg.hardware, _plan(cfg), cfg.training) is None, name
     cfg = load_config(data={"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"},
                             "hardware": {"distributed": "deepspeed_zero3"}, "quantization": {"load_in_4bit": False}})  # fmt: skip
-    keep = distributed.prepare_for_sharded_load(cfg.hardware, _plan(cfg), cfg.training)
+    keep = sharding.prepare_for_sharded_load(cfg.hardware, _plan(cfg), cfg.training)
     assert keep is not None and keep.is_zero3() and is_deepspeed_zero3_enabled()
     del keep
     gc.collect()

@@ -12,7 +12,7 @@ from wronai.config.schema import WronAIConfig
 from wronai.data.sources import LOCAL_SUFFIXES, is_local, local_files
 from wronai.errors import WronAIError
 from wronai.model.loading import looks_like_path
-from wronai.runtime import distributed
+from wronai.runtime import distributed, sharding
 from wronai.runtime.hardware import plan_device
 from wronai.train.monitoring import check_trackers
 
@@ -26,7 +26,7 @@ def preflight(config: WronAIConfig, *, in_this_process: bool = False) -> list[st
     except WronAIError as err:
         problems.append(str(err))
     device = plan_device(config.hardware, config.training, config.quantization, config.model).device
-    problems += distributed.preflight_problems(config, device)  # FSDP/DeepSpeed need CUDA (+ deepspeed)
+    problems += sharding.preflight_problems(config, device)  # FSDP/DeepSpeed need CUDA (+ deepspeed)
     if in_this_process and config.hardware.distributed == "fsdp" and not distributed.world().is_distributed:
         problems.append(
             "hardware.distributed: fsdp shards the model across processes and this is one — run with "

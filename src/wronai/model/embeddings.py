@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from wronai.runtime.distributed import full_shape, gathered_for_update
+from wronai.runtime.sharding import full_shape, gathered_for_update
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 from wronai.config.schema import HardwareSection, ModelConfig, QuantizationSection
 from wronai.errors import WronAIError
 from wronai.model.embeddings import resize_embeddings
-from wronai.runtime import distributed
+from wronai.runtime import sharding
 from wronai.runtime.hardware import DevicePlan
 
 logger = logging.getLogger(__name__)
@@ -80,15 +80,15 @@ def quantization_config(quant_cfg: QuantizationSection, plan: DevicePlan, hardwa
         bnb_4bit_quant_type=quant_cfg.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=quant_cfg.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=plan.compute_dtype,
-        bnb_4bit_quant_storage=distributed.quant_storage_dtype(hardware, plan.model_dtype),
+        bnb_4bit_quant_storage=sharding.quant_storage_dtype(hardware, plan.model_dtype),
     )
 
 
 def _device_map(model_cfg: ModelConfig, plan: DevicePlan, hardware: HardwareSection) -> Any:
     """auto: "auto" in one CUDA process (accelerate spreads the layers), the rank's GPU under DDP, None under
-    FSDP/ZeRO-3 (they place the weights), else the device (``distributed.device_map``)."""
+    FSDP/ZeRO-3 (they place the weights), else the device (``sharding.device_map``)."""
     if model_cfg.device_map in (None, "auto"):
-        return distributed.device_map(hardware, plan.device)
+        return sharding.device_map(hardware, plan.device)
     if isinstance(model_cfg.device_map, str):
         return {"": model_cfg.device_map}
     return model_cfg.device_map
@@ -162,7 +162,7 @@ def load_base_model(
     if max_memory:
         kwargs["max_memory"] = max_memory
     try:
-        with distributed.sharded_load_environment(hardware):  # FSDP: what accelerate's launcher would set
+        with sharding.sharded_load_environment(hardware):  # FSDP: what accelerate's launcher would set
             model = AutoModelForCausalLM.from_pretrained(model_cfg.name, **kwargs)
     except (OSError, ValueError) as err:
         if _is_offload_error(err):

@@ -14,7 +14,7 @@ from wronai.model import loading
 from wronai.model.embeddings import resize_embeddings
 from wronai.model.lora import apply_lora
 from wronai.model.tokenizer import load_tokenizer, set_pad_token
-from wronai.runtime import distributed
+from wronai.runtime import sharding
 from wronai.runtime.hardware import DevicePlan
 from wronai.train import faults
 
@@ -66,7 +66,7 @@ def prepare_model(config: WronAIConfig, plan: DevicePlan, tokens: PreparedTokeni
 
     set_seed(config.training.seed)  # LoRA's random init happens before the Trainer seeds anything
     # ZeRO-3: load each weight straight into its partition
-    zero3_load = distributed.prepare_for_sharded_load(config.hardware, plan, config.training)
+    zero3_load = sharding.prepare_for_sharded_load(config.hardware, plan, config.training)
     base = load_base(config, plan)
     # rows past the old embedding matrix, plus added tokens that fit into spare rows (e.g. Qwen's padding rows)
     new_ids = sorted({*tokens.new_token_ids, *resize_embeddings(base, len(tokens.tokenizer))})

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from wronai.errors import WronAIError
+from wronai.runtime import sharding
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +110,11 @@ class Settings:
     @classmethod
     def from_config(cls, config: Any, nproc: int = 1) -> Settings:
         """Settings on a bf16-capable GPU (what `wronai plan` sizes for)."""
-        from wronai.runtime import distributed
-
         q, t = config.quantization, config.training
         weight_bytes = 4 if config.model.torch_dtype == "float32" else 2  # auto = bf16 on GPUs
         quant = "4bit" if q.load_in_4bit else "8bit" if q.load_in_8bit else "none"
         compute = (4 if q.bnb_4bit_compute_dtype == "float32" else 2) if quant == "4bit" else weight_bytes
-        name = distributed.strategy(config.hardware)
+        name = sharding.strategy(config.hardware)
         targets = config.lora.target_modules
         return cls(
             quantization=quant, double_quant=q.bnb_4bit_use_double_quant, weight_bytes=weight_bytes, compute_bytes=compute,

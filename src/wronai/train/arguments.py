@@ -13,7 +13,7 @@ from typing import Any
 
 from wronai.config.schema import HardwareSection, TrainingSection
 from wronai.errors import WronAIError
-from wronai.runtime import distributed
+from wronai.runtime import sharding
 from wronai.runtime.hardware import DevicePlan
 
 
@@ -105,9 +105,7 @@ def training_arguments_kwargs(
     kwargs = _direct_settings(training, hardware, plan, has_eval)
     kwargs.update(report_to=report_to, run_name=run_name)
     kwargs.update(_renamed_settings(training, has_eval, accepted))
-    kwargs.update(
-        distributed.training_kwargs(hardware, plan.device)
-    )  # ddp_backend, fsdp/fsdp_config, deepspeed
+    kwargs.update(sharding.training_kwargs(hardware, plan.device))  # ddp_backend, fsdp/fsdp_config, deepspeed
     unknown = [k for k in kwargs if k not in accepted]
     if unknown:  # never dropped silently: the setting would not apply
         raise WronAIError(unaccepted_arguments_message(unknown))
