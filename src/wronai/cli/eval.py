@@ -65,14 +65,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from wronai.rundir.files import EVAL_FILE
     from wronai.use.evaluate import evaluate, save_report
 
-    quiet_third_party()
-
     if args.batch_size is not None and args.batch_size < 1:
         raise WronAIError(f"--batch-size {args.batch_size}: must be at least 1")
-    report = evaluate(
-        args.target, args.data, base=args.base, batch_size=args.batch_size, limit=args.limit,
-        base_model=args.base_model, quantize=not args.full_precision,
-    )  # fmt: skip
+    with quiet_third_party():
+        report = evaluate(
+            args.target, args.data, base=args.base, batch_size=args.batch_size, limit=args.limit,
+            base_model=args.base_model, quantize=not args.full_precision,
+        )  # fmt: skip
     for line in report.lines():
         sys.stdout.write(line + "\n")
     out = Path(args.out) if args.out else Path(args.target) / EVAL_FILE

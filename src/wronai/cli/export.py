@@ -55,8 +55,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from wronai.cli.run_args import quiet_third_party
     from wronai.use.export import export_gguf
 
-    quiet_third_party()
-    summary = export_gguf(args.target, args.out, outtype=args.outtype, base_model=args.base_model)
+    with quiet_third_party():
+        summary = export_gguf(args.target, args.out, outtype=args.outtype, base_model=args.base_model)
     size = summary.path.stat().st_size / 2**20
     sys.stdout.write(
         f"wrote {summary.path} ({summary.tensors} tensors, {summary.outtype}, {size:.1f} MiB; tokenizer {summary.tokenizer})\n"

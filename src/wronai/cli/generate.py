@@ -106,10 +106,8 @@ def _options(args: argparse.Namespace) -> Any:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from wronai.cli.run_args import quiet_third_party
     from wronai.use.load import load_run
 
-    quiet_third_party()
     return load_run(args.target, base_model=args.base_model, quantize=not args.full_precision)
 
 
@@ -149,8 +147,8 @@ def read_prompts(path: str) -> list[dict[str, str]]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from wronai.cli.run_args import quiet_third_party
     from wronai.use.generate import generate
-    from wronai.use.prompts import Prompt
 
     options = _options(args)
     rows = (
@@ -158,31 +156,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.prompts_file
         else [{"prompt": args.prompt, "input": args.input}]
     )
-    run = _load(args)
-
-    def render(row: dict[str, str]) -> Prompt:
-        if args.raw:
-            return Prompt(row["prompt"])
-        return run.prompt.single(
-            row["prompt"], input=row.get("input", ""), system=row.get("system") or args.system
-        )
-
-    prompts = [render(r) for r in rows]
-    if args.prompts_file is None:
-        stream = None if args.no_stream else sys.stdout
-        [answer] = generate(run, prompts, options, stream=stream)
-        sys.stdout.write(("" if stream else answer) + "\n")
-        if args.out:
-            _write_jsonl(args.out, [{**rows[0], "answer": answer}])
-        return 0
-    answers = generate(run, prompts, options, batch_size=max(1, args.batch_size))
+    stream = None if args.prompts_file or args.no_stream else sys.stdout
+    with quiet_third_party():
+        run = _load(args)
+        prompts = [_render(run, args, row) for row in rows]
+        if args.prompts_file is None:
+            answers = generate(run, prompts, options, stream=stream)
+        else:
+            answers = generate(run, prompts, options, batch_size=max(1, args.batch_size))
     results = [{**row, "answer": answer} for row, answer in zip(rows, answers, strict=True)]
+    if args.prompts_file is None:
+        sys.stdout.write(("" if stream else answers[0]) + "\n")
+        if args.out:
+            _write_jsonl(args.out, results)
+        return 0
     if args.out:
         _write_jsonl(args.out, results)
         sys.stderr.write(f"wrote {len(results)} answers to {args.out}\n")
     else:
         sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
     return 0
+
+
+def _render(run: Any, args: argparse.Namespace, row: dict[str, str]) -> Any:
+    """One row as a prompt: in the run's format, or as written with --raw."""
+    from wronai.use.prompts import Prompt
+
+    if args.raw:
+        return Prompt(row["prompt"])
+    return run.prompt.single(
+        row["prompt"], input=row.get("input", ""), system=row.get("system") or args.system
+    )
 
 
 def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
@@ -192,11 +196,13 @@ def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from wronai.cli.run_args import quiet_third_party
     from wronai.use.generate import ChatSession
 
     options = _options(args)
-    session = ChatSession(_load(args), options, system=args.system)
-    return chat_loop(session, args.target, sys.stdin, sys.stdout)
+    with quiet_third_party():
+        session = ChatSession(_load(args), options, system=args.system)
+        return chat_loop(session, args.target, sys.stdin, sys.stdout)
 
 
 def _read_line(stdin: Any, out: Any) -> str:

@@ -45,14 +45,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from wronai.cli.run_args import quiet_third_party
     from wronai.use.merge import merge_run
 
-    quiet_third_party()
-    out = merge_run(
-        args.target,
-        args.out_dir,
-        dtype=args.dtype,
-        base_model=args.base_model,
-        overwrite=args.overwrite,
-        device=args.device,
-    )
+    with quiet_third_party():
+        out = merge_run(
+            args.target,
+            args.out_dir,
+            dtype=args.dtype,
+            base_model=args.base_model,
+            overwrite=args.overwrite,
+            device=args.device,
+        )
     sys.stdout.write(f"merged model saved to {out} (load it with AutoModelForCausalLM.from_pretrained)\n")
     return 0

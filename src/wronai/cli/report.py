@@ -25,7 +25,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from wronai.rundir.files import CARD_FILE
     from wronai.use.report import write_report
 
-    quiet_third_party()
-    path = write_report(args.target, samples=not args.no_samples, max_new_tokens=args.max_new_tokens)
+    with quiet_third_party():
+        path = write_report(args.target, samples=not args.no_samples, max_new_tokens=args.max_new_tokens)
     sys.stdout.write(f"report: {path}\nmodel card: {path.parent / CARD_FILE}\n")
     return 0
