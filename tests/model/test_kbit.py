@@ -141,7 +141,7 @@ def test_trained_head_is_cast_to_float32(bf16_model_dir, tmp_path, alpaca_file):
 
 
 def test_plan_counts_16bit_embeddings(bf16_model_dir, tmp_path, alpaca_file):
-    from wronai.runtime.memory import plan_config
+    from wronai.runtime.memory_plan import plan_config
 
     sizes = []
     for keep in (True, False):

@@ -18,10 +18,8 @@ from wronai.runtime.memory import (
     ModelShape,
     Settings,
     estimate,
-    make_plan,
-    parse_gpu_size,
-    render,
 )
+from wronai.runtime.memory_plan import make_plan, parse_gpu_size, render
 
 LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
              "num_key_value_heads": 32, "vocab_size": 32000}  # fmt: skip
@@ -233,7 +231,7 @@ def test_cli_offline_hub_error_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_plan_uses_create_if_missing_spec(tmp_path):
-    from wronai.runtime.memory import plan_config
+    from wronai.runtime.memory_plan import plan_config
 
     cfg = load_config(data={"model": {"name": str(tmp_path / "nope"), "create_if_missing": {"tokenizer_data": ["x.txt"]}},
                             "data": {"dataset_name": "org/dataset"}})  # fmt: skip

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     from wronai.config import load_config
     from wronai.errors import WronAIError
-    from wronai.runtime.memory import plan_config
+    from wronai.runtime.memory_plan import plan_config
 
     if args.nproc < 1:
         raise WronAIError(f"--nproc {args.nproc}: use 1 or more GPUs")

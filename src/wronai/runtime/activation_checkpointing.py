@@ -15,8 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from wronai.errors import WronAIError
-from wronai.runtime import memory
-from wronai.runtime.memory import GIB, ModelShape, Settings, estimate
+from wronai.runtime.memory import GIB, ModelShape, Settings, estimate, on_this_cpu
 
 # training.gradient_checkpointing: auto turns it off while a step's activations without it take at most
 # this share of the memory free after loading (the estimate is conservative on CPUs; evaluation, the
@@ -77,7 +76,7 @@ def free_memory(device: str) -> float | None:
 def run_settings(config: Any, device: str) -> Settings:
     """The estimate's settings for a run of ``config`` on ``device`` (dtypes as this machine's plan resolves them)."""
     settings = Settings.from_config(config)
-    return memory.on_this_cpu(settings, config) if device == "cpu" else settings
+    return on_this_cpu(settings, config) if device == "cpu" else settings
 
 
 def auto_gradient_checkpointing(

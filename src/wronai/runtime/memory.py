@@ -1,6 +1,7 @@
-"""`wronai plan`: GPU memory per device for a config, from the model's config.json alone (nothing downloaded).
+"""The memory estimate of a run (what `wronai plan` reports): bytes per GPU from the model's config.json alone.
 
-The estimate adds, per GPU: frozen base weights (4-bit NF4 / 8-bit / 16/32-bit; FSDP and ZeRO-3 split them
+The model's shape comes from its config.json (``read_model_config``: nothing but that file is downloaded),
+the settings that move memory from the WronAI config (``Settings``, ``plan_settings``). The estimate adds, per GPU: frozen base weights (4-bit NF4 / 8-bit / 16/32-bit; FSDP and ZeRO-3 split them
 across GPUs), the LoRA adapter with its fp32 gradients and AdamW states, activations for the configured
 batch and sequence length (with or without gradient checkpointing), the logits of the loss, and a fixed CUDA
 context. ``estimate(..., device="cpu")`` sizes a CPU run's peak RSS instead: no CUDA context, plus the heap
@@ -9,7 +10,7 @@ that glibc's malloc keeps after freeing activations and a small fixed runtime te
 A quantized model under FSDP or ZeRO-3 has a second peak, while loading: transformers reads the whole
 4-bit model on every rank (onto its GPU), k-bit preparation casts the other weights to float32 and LoRA is
 added, all before the Trainer shards anything. ``Estimate.load_peak`` is that peak per GPU and
-``Estimate.peak`` (the larger of the two) is what the verdict and the advice use.
+``Estimate.peak`` (the larger of the two) is what the verdict and the advice use (``runtime.memory_plan``).
 ``benchmarks/plan_accuracy.py`` checks it against measured peaks (docs/distributed.md).
 """
 
@@ -21,8 +22,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from wronai.errors import WronAIError
 from wronai.runtime import sharding
+from wronai.runtime.hardware import keeps_16bit_embeddings, plan_device
 
 logger = logging.getLogger(__name__)
 
@@ -155,84 +159,84 @@ def estimate(shape: ModelShape, s: Settings, *, cuda_context: bool = True, devic
     terms added). The Python process with torch/transformers/peft loaded (~0.4 GiB) is not included.
     """
     n = max(1, s.nproc)
-    shard_weights = s.strategy in ("fsdp", "deepspeed_zero3")
-    shard_states = s.strategy in ("fsdp", "deepspeed_zero3", "deepspeed_zero2")
-    quantized = s.quantization != "none"
-    per_linear = {
-        "4bit": 0.5 + (0.127 if s.double_quant else 0.5) / 8,
-        "8bit": 1.0 + 4 / 4096,
-        "none": float(s.weight_bytes),
-    }[s.quantization]
-    other_bytes = s.embedding_bytes if quantized else s.weight_bytes
-    weights = shape.linear_params * per_linear + shape.other_params * other_bytes
-    layer_weights = weights / shape.layers if shard_weights else 0.0
-    if shard_weights:
-        weights = weights / n + layer_weights  # own shard + one all-gathered layer at a time
-
+    shard_weights = s.strategy in sharding.SHARDED
+    shard_states = shard_weights or s.strategy == "deepspeed_zero2"
+    whole = _weights(shape, s)
+    # sharded: own shard + one all-gathered layer at a time
+    weights = whole / n + whole / shape.layers if shard_weights else whole
+    lora = _lora_params(shape, s)
+    per_layer = _layer_activations(shape, s)
     linears = shape.linears()
-    lora = shape.layers * sum(
-        s.lora_r * (a + b) for name, (a, b) in linears.items() if name in s.lora_targets
-    )
-    lora_weights = lora * 4 / (n if shard_weights else 1)
-    lora_states = lora * (4 + 8) / (n if shard_states else 1)  # fp32 grads + AdamW exp_avg, exp_avg_sq
-
-    tokens = s.batch * s.seq
-    h, i, d = shape.hidden, shape.intermediate, s.compute_bytes
-    kv = shape.kv_heads * shape.head_dim
-    lora_in = sum(a for name, (a, _b) in linears.items() if name in s.lora_targets) if s.lora_dropout else 0
-    per_layer = tokens * d * (10 * h + 2 * kv + 4 * i + lora_in)  # saved for backward by one decoder layer
-    if s.gradient_checkpointing:
-        # layers 0, N, 2N, … keep only their input; the others keep everything. Peak: the end of the forward,
-        # or the recomputation of the highest checkpointed layer above the uncheckpointed ones below it
-        every = max(1, s.checkpoint_every)
-        recomputed = -(-shape.layers // every)
-        held = max(shape.layers - recomputed, (every - 1) * (recomputed - 1) + 1)
-        activations = held * per_layer + recomputed * tokens * h * d
-    else:
-        activations = shape.layers * per_layer
-    # alive together at the loss's peak: the logits plus three fp32 tensors of their size (fp32 copy or
-    # log-softmax output, and gradients); measured with transformers' loss: 14 bytes/logit in bf16, 16 in fp32
-    logits = tokens * shape.vocab * (d + 12)
-    dequant = (
-        max(a * b for a, b in linears.values()) * d if quantized else 0
-    )  # one dequantized weight at a time
-
-    load_peak = 0.0
-    if shard_weights and quantized:
-        # before the Trainer shards anything every rank holds the whole model: transformers reads all 4-bit
-        # weights on each rank (accelerate's rank-0-only FSDP loading skips bitsandbytes weights), k-bit
-        # preparation casts the other weights to float32 (the 16-bit original of the largest alive meanwhile),
-        # and LoRA's float32 weights are added; ``cuda_context`` as for a step
-        whole = shape.linear_params * per_linear + shape.other_params * other_bytes
-        largest = max(max(a * b for a, b in linears.values()), shape.vocab * shape.hidden) * s.weight_bytes
-        load_peak = whole + largest + lora * 4
-        if device != "cpu" and cuda_context:
-            load_peak += CUDA_CONTEXT
-
+    quantized = s.quantization != "none"
     parts = {
         "base weights": weights,
-        "LoRA weights": lora_weights,
-        "LoRA grads + AdamW": lora_states,
-        "activations": activations,
-        "logits + loss": logits,
-        "dequant buffer": dequant,
+        "LoRA weights": lora * 4 / (n if shard_weights else 1),
+        "LoRA grads + AdamW": lora * (4 + 8) / (n if shard_states else 1),  # fp32 grads + exp_avg, exp_avg_sq
+        "activations": _activations(shape, s, per_layer),
+        # alive together at the loss's peak: the logits plus three fp32 tensors of their size (fp32 copy or
+        # log-softmax output, and gradients); measured with transformers' loss: 14 bytes/logit in bf16, 16 in fp32
+        "logits + loss": s.batch * s.seq * shape.vocab * (s.compute_bytes + 12),
+        # one dequantized weight at a time
+        "dequant buffer": max(a * b for a, b in linears.values()) * s.compute_bytes if quantized else 0,
     }
     if device == "cpu":
         parts["CPU heap slack"] = CPU_HEAP_SLACK * shape.layers * per_layer
         parts["CPU runtime"] = CPU_RUNTIME
     elif cuda_context:
         parts["CUDA context"] = CUDA_CONTEXT
+    load_peak = 0.0
+    if shard_weights and quantized:
+        load_peak = _sharded_load_peak(shape, s, whole, lora, device != "cpu" and cuda_context)
     return Estimate(parts=parts, trainable=lora, total_params=shape.total_params, load_peak=load_peak)
 
 
-def parse_gpu_size(text: str) -> float:
-    """'24GB', '80', '7.5GiB' -> bytes (GPU sizes are sold in GiB even when labelled GB)."""
-    raw = text.strip().lower().removesuffix("ib").removesuffix("gb").removesuffix("g").strip()
-    try:
-        value = float(raw)
-    except ValueError:
-        raise WronAIError(f"{text}: give the memory size like 8GB, 24GB or 80GB") from None
-    return value * GIB
+def _weights(shape: ModelShape, s: Settings) -> float:
+    """Bytes of the whole frozen base model as it is held for training."""
+    per_linear = {
+        "4bit": 0.5 + (0.127 if s.double_quant else 0.5) / 8,
+        "8bit": 1.0 + 4 / 4096,
+        "none": float(s.weight_bytes),
+    }[s.quantization]
+    other_bytes = s.embedding_bytes if s.quantization != "none" else s.weight_bytes
+    return shape.linear_params * per_linear + shape.other_params * other_bytes
+
+
+def _lora_params(shape: ModelShape, s: Settings) -> int:
+    return shape.layers * sum(
+        s.lora_r * (a + b) for name, (a, b) in shape.linears().items() if name in s.lora_targets
+    )
+
+
+def _layer_activations(shape: ModelShape, s: Settings) -> int:
+    """Bytes one decoder layer saves for backward."""
+    kv = shape.kv_heads * shape.head_dim
+    linears = shape.linears()
+    lora_in = sum(a for name, (a, _b) in linears.items() if name in s.lora_targets) if s.lora_dropout else 0
+    h, i = shape.hidden, shape.intermediate
+    return s.batch * s.seq * s.compute_bytes * (10 * h + 2 * kv + 4 * i + lora_in)
+
+
+def _activations(shape: ModelShape, s: Settings, per_layer: int) -> float:
+    """Saved activations at their peak, with or without gradient checkpointing."""
+    if not s.gradient_checkpointing:
+        return shape.layers * per_layer
+    # layers 0, N, 2N, … keep only their input; the others keep everything. Peak: the end of the forward,
+    # or the recomputation of the highest checkpointed layer above the uncheckpointed ones below it
+    every = max(1, s.checkpoint_every)
+    recomputed = -(-shape.layers // every)
+    held = max(shape.layers - recomputed, (every - 1) * (recomputed - 1) + 1)
+    return held * per_layer + recomputed * s.batch * s.seq * shape.hidden * s.compute_bytes
+
+
+def _sharded_load_peak(shape: ModelShape, s: Settings, whole: float, lora: int, cuda_context: bool) -> float:
+    """A quantized model under FSDP/ZeRO-3 before the Trainer shards anything: every rank holds the whole
+    model (transformers reads all 4-bit weights on each rank; accelerate's rank-0-only FSDP loading skips
+    bitsandbytes weights), k-bit preparation casts the other weights to float32 (the 16-bit original of the
+    largest alive meanwhile), and LoRA's float32 weights are added."""
+    largest = (
+        max(max(a * b for a, b in shape.linears().values()), shape.vocab * shape.hidden) * s.weight_bytes
+    )
+    return whole + largest + lora * 4 + (CUDA_CONTEXT if cuda_context else 0.0)
 
 
 def read_model_config(config: Any) -> dict[str, Any]:
@@ -273,128 +277,8 @@ def _hub_config(repo_id: str, revision: str | None) -> dict[str, Any]:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-@dataclass
-class Plan:
-    shape: ModelShape
-    settings: Settings
-    estimate: Estimate
-    gpu_bytes: float
-    advice: list[str]
-    device: str = "cuda"  # "cpu": estimate is peak RSS, gpu_bytes is RAM
-
-    @property
-    def fits(self) -> bool:
-        return self.estimate.peak <= self.gpu_bytes
-
-
-def _variants(s: Settings, device: str = "cuda") -> list[tuple[str, Settings]]:
-    out = []
-    if not s.gradient_checkpointing:
-        out.append(("set training.gradient_checkpointing: true", replace(s, gradient_checkpointing=True)))
-    elif s.checkpoint_every > 1:
-        out.append(("set training.checkpoint_every_n_layers: 1", replace(s, checkpoint_every=1)))
-    if s.quantization != "4bit":
-        out.append(
-            (
-                "set quantization.load_in_4bit: true (QLoRA)",
-                replace(s, quantization="4bit", double_quant=True),
-            )
-        )
-    if s.batch > 1:
-        b = max(1, s.batch // 2)
-        acc = s.accumulation * s.batch // b
-        out.append((f"set training.per_device_train_batch_size: {b} and gradient_accumulation_steps: {acc} (same global batch)",
-                    replace(s, batch=b, accumulation=acc)))  # fmt: skip
-    if s.seq > 512:
-        out.append((f"set data.max_seq_length: {s.seq // 2}", replace(s, seq=s.seq // 2)))
-    if s.strategy not in ("fsdp", "deepspeed_zero3") and s.nproc > 1:
-        if device == "cpu":  # accelerate turns FSDP on only for GPUs; ZeRO-3 shards on CPU too
-            out.append(
-                (
-                    f"set hardware.distributed: deepspeed_zero3 (shard the weights over {s.nproc} processes)",
-                    replace(s, strategy="deepspeed_zero3"),
-                )
-            )
-        else:
-            out.append(
-                (
-                    f"set hardware.distributed: fsdp (shard the weights over {s.nproc} GPUs)",
-                    replace(s, strategy="fsdp"),
-                )
-            )
-    if s.lora_r > 16:
-        out.append(("set lora.r: 16", replace(s, lora_r=16)))
-    return out
-
-
-def make_plan(shape: ModelShape, settings: Settings, gpu_bytes: float, device: str = "cuda") -> Plan:
-    est = estimate(shape, settings, device=device)
-    advice: list[str] = []
-    if est.peak > gpu_bytes:
-        current, peak = settings, est.peak
-        for _ in range(6):  # greedy: the change that saves most, until it fits
-            options = [
-                (estimate(shape, v, device=device).peak, text, v) for text, v in _variants(current, device)
-            ]
-            if not options or min(o[0] for o in options) >= peak:  # nothing left lowers the peak
-                break
-            peak, text, current = min(options, key=lambda o: o[0])
-            advice.append(f"{text} -> {peak / GIB:.1f} GiB")
-            if peak <= gpu_bytes:
-                break
-        final = estimate(shape, current, device=device)
-        if final.peak > gpu_bytes:
-            if final.load_peak > final.total:  # more GPUs do not help: each loads the whole quantized model
-                where = "GPUs with more memory (each holds the whole quantized model while it loads)"
-            elif device == "cpu":
-                where = "more RAM"
-            else:
-                where = "a GPU with more memory, more GPUs with hardware.distributed: fsdp"
-            advice.append(f"still too large: use {where}, or a smaller model")
-    return Plan(shape, settings, est, gpu_bytes, advice, device)
-
-
-def render(plan: Plan, model_name: str, gpu_label: str) -> str:
-    s, e = plan.settings, plan.estimate
-    cpu = plan.device == "cpu"
-    lines = [
-        f"model: {model_name} — {_count(e.total_params)} parameters ({plan.shape.layers} layers, hidden {plan.shape.hidden}, vocab {plan.shape.vocab})",
-        f"run: {s.quantization} weights, LoRA r={s.lora_r} on {len(s.lora_targets)} module types ({_count(e.trainable)} trainable), "
-        f"batch {s.batch} × seq {s.seq}, gradient checkpointing {_checkpointing_text(s, plan.shape.layers)}, "
-        f"{s.nproc} {'process' if cpu else 'GPU'}(s), strategy {s.strategy}",
-        "peak RSS increase per process (CPU; + ~0.4 GiB for Python and the libraries):"
-        if cpu
-        else "memory per GPU:",
-        *[f"  {name:<20} {value / GIB:7.2f} GiB" for name, value in e.parts.items()],
-        f"  {'total':<20} {e.total / GIB:7.2f} GiB",
-    ]
-    if e.load_peak > e.total:
-        where = "process" if cpu else "GPU"
-        lines.append(
-            f"  {'load peak':<20} {e.load_peak / GIB:7.2f} GiB  (each {where} holds the whole "
-            f"{s.quantization} model until {s.strategy} shards it)"
-        )
-    verdict = "fits" if plan.fits else "does NOT fit"
-    target = f"in {gpu_label} of RAM" if cpu else f"on a {gpu_label} GPU"
-    lines.append(
-        f"{verdict} {target} ({plan.gpu_bytes / GIB:.0f} GiB): {100 * e.peak / plan.gpu_bytes:.0f}% used"
-    )
-    lines += [f"  to fit: {a}" for a in plan.advice]
-    return "\n".join(lines) + "\n"
-
-
-def _checkpointing_text(s: Settings, layers: int) -> str:
-    from wronai.runtime.activation_checkpointing import describe_checkpointing
-
-    return describe_checkpointing(s.checkpoint_every if s.gradient_checkpointing else 0, layers)
-
-
 def on_this_cpu(settings: Settings, config: Any) -> Settings:
     """Dtypes and quantization as the device plan resolves them on this machine's CPU (fp32 without native bf16)."""
-    import torch
-
-    from wronai.runtime.hardware import plan_device
-
     hardware = config.hardware.model_copy(update={"device": "cpu"})
     dp = plan_device(hardware, config.training, config.quantization, config.model)
     weight_bytes = 4 if dp.model_dtype == torch.float32 else 2
@@ -405,40 +289,16 @@ def on_this_cpu(settings: Settings, config: Any) -> Settings:
 
 def _embedding_bytes(config: Any, model_config: dict[str, Any]) -> int:
     """2 when a 4-bit run keeps the checkpoint's 16-bit embeddings (hardware.keeps_16bit_embeddings), else 4."""
-    from wronai.runtime.hardware import keeps_16bit_embeddings
-
     stored = str(model_config.get("dtype") or model_config.get("torch_dtype") or "")
     keeps = keeps_16bit_embeddings(config.quantization, config.model, config.hardware)
     return 2 if keeps and stored in ("bfloat16", "float16") else 4
 
 
-def _count(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-
-
-def plan_config(config: Any, gpu: str = "24GB", nproc: int = 1, device: str = "cuda") -> tuple[Plan, str]:
-    """``device="cpu"``: size a CPU run's peak RSS against ``gpu`` bytes of RAM."""
-    model_config = read_model_config(config)
-    shape = ModelShape.from_config(model_config)
-    settings = Settings.from_config(config, nproc=nproc)
-    settings = replace(settings, embedding_bytes=_embedding_bytes(config, model_config))
-    if device == "cpu":
-        settings = on_this_cpu(settings, config)
-    budget = parse_gpu_size(gpu)
-    auto = ""
-    if config.training.gradient_checkpointing == "auto":  # as `wronai train` decides it, after loading
-        from wronai.runtime.activation_checkpointing import (
-            activation_bytes,
-            auto_note,
-            checkpointing_choice,
-            describe_checkpointing,
-        )
-
-        free = budget - (
-            estimate(shape, settings, device=device).total - activation_bytes(shape, settings, device)
-        )
-        every, why = checkpointing_choice(shape, settings, free, device)
-        settings = replace(settings, gradient_checkpointing=every > 0, checkpoint_every=max(1, every))
-        auto = auto_note(describe_checkpointing(every, shape.layers), why) + "\n"
-    plan = make_plan(shape, settings, budget, device)
-    return plan, render(plan, config.model.name, gpu) + auto
+def plan_settings(
+    config: Any, model_config: dict[str, Any], nproc: int = 1, device: str = "cuda"
+) -> Settings:
+    """The settings `wronai plan` sizes ``config`` with (``device="cpu"``: dtypes as this machine's CPU plan has them)."""
+    settings = replace(
+        Settings.from_config(config, nproc=nproc), embedding_bytes=_embedding_bytes(config, model_config)
+    )
+    return on_this_cpu(settings, config) if device == "cpu" else settings
