@@ -237,3 +237,38 @@ def test_plan_uses_create_if_missing_spec(tmp_path):
                             "data": {"dataset_name": "org/dataset"}})  # fmt: skip
     plan, text = plan_config(cfg, "8GB")
     assert plan.fits and plan.shape.hidden == 128
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_out_of_memory_message_gives_the_plan_estimate(tmp_path, device):
+    """The one-line OOM message quotes `wronai plan`'s peak for the run — not a count of loaded parameters,
+    which sees bitsandbytes' packed 4-bit weights at half their number."""
+    from wronai.runtime.memory_plan import plan_config
+    from wronai.train.faults import oom_message
+
+    model = tmp_path / "llama2-7b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA2_7B), encoding="utf-8")
+    cfg = load_config(data={"model": {"name": str(model)}, "data": {"dataset_name": "org/dataset"},
+                            "training": {"gradient_checkpointing": True}})  # fmt: skip
+    plan, _ = plan_config(cfg, "24GB", device=device)
+    message = oom_message("training", cfg, device)
+    where = "process" if device == "cpu" else "GPU"
+    assert f"estimates {plan.estimate.peak / GIB:.1f} GiB per {where}" in message
+    name, largest = max(plan.estimate.parts.items(), key=lambda part: part[1])
+    assert f"{name} {largest / GIB:.1f} GiB of it" in message and "6.74B parameters" in message
+    crude = 0.55 * plan.estimate.total_params / GIB  # the old model: 0.55 bytes per 4-bit parameter
+    assert f"{crude:.1f} GiB" not in message
+    assert "\n" not in message and message.startswith("out of memory while training (")
+    assert "lower training.per_device_train_batch_size (now 1" in message
+    assert "gradient_checkpointing" not in message.split(" — ")[1]  # already on
+
+
+def test_out_of_memory_message_without_a_known_shape_gives_advice_only(tmp_path):
+    from wronai.train.faults import oom_message
+
+    empty = tmp_path / "empty"
+    empty.mkdir()  # no config.json: no estimate, still the settings to change
+    cfg = load_config(data={"model": {"name": str(empty)}, "data": {"dataset_name": "org/dataset"}})
+    message = oom_message("loading the model", cfg)
+    assert message.startswith("out of memory while loading the model — lower ") and "GiB" not in message

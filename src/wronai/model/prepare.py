@@ -56,7 +56,7 @@ def load_base(config: WronAIConfig, plan: DevicePlan) -> Any:
         return loading.load_base_model(config.model, config.quantization, config.hardware, plan)
     except Exception as err:
         if faults.is_out_of_memory(err):
-            raise WronAIError(faults.oom_message("loading the model", config)) from None
+            raise WronAIError(faults.oom_message("loading the model", config, plan.device)) from None
         raise
 
 

@@ -8,6 +8,7 @@
   drops that update (no optimizer or momentum change), counts it, and stops after
   ``training.max_consecutive_nan_steps`` in a row.
 - ``--resume`` refuses a config whose changes would alter results, listing them (``--force-resume`` overrides).
+- Out of memory: one line with `wronai plan`'s estimate for the run and the settings to lower (``oom_message``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch.distributed as dist
 
 from wronai.errors import WronAIError
 from wronai.rundir.files import GUARD_STATE_FILE
+from wronai.runtime.distributed import world
+from wronai.runtime.memory import GIB, ModelShape, estimate, plan_settings, read_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -208,14 +211,9 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
 
 
-def oom_message(stage: str, config: Any, n_params: int | None = None) -> str:
-    """A one-line explanation with an estimate and the settings to change."""
+def oom_message(stage: str, config: Any, device: str = "cuda") -> str:
+    """A one-line explanation with `wronai plan`'s estimate for this run (``runtime.memory``) and the settings to change."""
     t, d, q = config.training, config.data, config.quantization
-    estimate = ""
-    if n_params:
-        bytes_per = 0.55 if q.load_in_4bit else 1.1 if q.load_in_8bit else 2.0
-        weights_gb = n_params * bytes_per / 2**30
-        estimate = f" (weights alone ≈ {weights_gb:.1f} GiB for {n_params / 1e9:.2f}B parameters)"
     advice = [
         f"training.per_device_train_batch_size (now {t.per_device_train_batch_size}; raise gradient_accumulation_steps to keep the global batch)",
         f"data.max_seq_length (now {d.max_seq_length})",
@@ -224,4 +222,21 @@ def oom_message(stage: str, config: Any, n_params: int | None = None) -> str:
         advice.append("set training.gradient_checkpointing: true")
     if not q.load_in_4bit:
         advice.append("set quantization.load_in_4bit: true")
-    return f"out of memory while {stage}{estimate} — lower " + "; ".join(advice)
+    return f"out of memory while {stage}{_estimate_note(config, device)} — lower " + "; ".join(advice)
+
+
+def _estimate_note(config: Any, device: str) -> str:
+    """' (`wronai plan` estimates X GiB per GPU …)' for ``config`` on ``device``; "" when the model's shape is unknown."""
+    try:
+        model_config = read_model_config(config)
+        shape = ModelShape.from_config(model_config)
+    except (WronAIError, OSError, ValueError):
+        return ""
+    kind = "cpu" if device == "cpu" else "cuda"
+    est = estimate(shape, plan_settings(config, model_config, world().world_size, kind), device=kind)
+    name, largest = max(est.parts.items(), key=lambda part: part[1])
+    where = "process" if kind == "cpu" else "GPU"
+    return (
+        f" (`wronai plan` estimates {est.peak / GIB:.1f} GiB per {where} for this run, "
+        f"{name} {largest / GIB:.1f} GiB of it, for {shape.total_params / 1e9:.2f}B parameters)"
+    )

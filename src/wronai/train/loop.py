@@ -36,7 +36,7 @@ def run_loop(
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except Exception as err:
         if faults.is_out_of_memory(err):
-            raise WronAIError(faults.oom_message("training", config, _count_params(trainer.model))) from None
+            raise WronAIError(faults.oom_message("training", config, plan.device)) from None
         raise
     finally:
         signals.uninstall()
@@ -53,10 +53,3 @@ def run_loop(
     if guard is not None and guard.skipped:
         metrics["skipped_nonfinite_steps"] = guard.skipped
     return metrics
-
-
-def _count_params(model: Any) -> int | None:
-    try:
-        return sum(p.numel() for p in model.parameters())
-    except (AttributeError, TypeError):
-        return None
