@@ -15,6 +15,7 @@ from wronai.rundir.files import (
     MODEL_CONFIG_FILE,
     TOKENIZER_CONFIG_FILE,
 )
+from wronai.rundir.reading import read_json
 
 __all__ = ["RunDir", "locate_run", "read_config"]
 
@@ -41,14 +42,9 @@ def read_config(path: Path) -> WronAIConfig:
 def _data_format(folders: list[Path], config: WronAIConfig | None) -> str | None:
     """The format the run trained on: data_stats.json (resolved) first, then an explicit data.format."""
     for folder in folders:
-        stats = folder / DATA_STATS_FILE
-        if stats.is_file():
-            try:
-                fmt = json.loads(stats.read_text(encoding="utf-8")).get("format")
-            except (OSError, ValueError):
-                fmt = None
-            if fmt:
-                return str(fmt)
+        fmt = (read_json(folder / DATA_STATS_FILE) or {}).get("format")
+        if fmt:
+            return str(fmt)
     if config is not None and config.data.format != "auto":
         return config.data.format
     return None

@@ -21,6 +21,7 @@ from typing import Any
 from wronai.config.schema import DataSection
 from wronai.errors import WronAIError
 from wronai.rundir.files import CONFIG_FILE, EVAL_FILE
+from wronai.rundir.reading import read_json
 from wronai.use.load import LoadedRun, load_run
 
 logger = logging.getLogger(__name__)
@@ -205,10 +206,7 @@ def evaluate(
 def save_report(report: EvalReport, out_file: str | Path) -> Path:
     """Add (or replace, by data description) this result in an eval.json file."""
     out = Path(out_file)
-    try:
-        existing = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
-    except (OSError, ValueError):
-        existing = {}
+    existing = read_json(out) or {}
     results = [r for r in existing.get("results", []) if r.get("data") != report.data]
     results.append(report.to_json())
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -218,8 +216,4 @@ def save_report(report: EvalReport, out_file: str | Path) -> Path:
 
 def load_results(run_dir: str | Path) -> list[dict[str, Any]]:
     """The results stored in ``run_dir/eval.json`` (empty when there is none)."""
-    path = Path(run_dir) / EVAL_FILE
-    try:
-        return list(json.loads(path.read_text(encoding="utf-8")).get("results", [])) if path.is_file() else []
-    except (OSError, ValueError):
-        return []
+    return list((read_json(Path(run_dir) / EVAL_FILE) or {}).get("results", []))

@@ -30,6 +30,7 @@ from wronai.rundir.files import (
     TRAINER_STATE_FILE,
     report_plot_file,
 )
+from wronai.rundir.reading import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +52,6 @@ PLOTS = {  # file stem -> (title, y label, [(log key, legend label)])
     "memory": ("Memory", "MiB", [("rss_mb", "process RSS"), ("cuda_max_memory_mb", "CUDA peak allocated")]),
     "grad_norm": ("Gradient norm", "grad norm (before clipping)", [("grad_norm", "grad norm")]),
 }
-
-
-def _json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -181,11 +175,11 @@ def _summary(
 def render_html(
     run_dir: Path, images: dict[str, bytes], samples: list[dict[str, str]] | None, samples_note: str
 ) -> str:
-    state = _json(run_dir / TRAINER_STATE_FILE) or {}
+    state = read_json(run_dir / TRAINER_STATE_FILE) or {}
     history = state.get("log_history", [])
-    train = _json(run_dir / FINISHED_MARKER) or {}
-    stats = _json(run_dir / DATA_STATS_FILE) or {}
-    prov = _json(run_dir / PROVENANCE_FILE) or {}
+    train = read_json(run_dir / FINISHED_MARKER) or {}
+    stats = read_json(run_dir / DATA_STATS_FILE) or {}
+    prov = read_json(run_dir / PROVENANCE_FILE) or {}
     from wronai.use.evaluate import load_results
 
     evals = load_results(run_dir)
@@ -287,7 +281,7 @@ def write_report(
     run = Path(run_dir)
     if not (run / CONFIG_FILE).is_file():
         raise WronAIError(f"{run}: no {CONFIG_FILE} — pass a finished run's training.output_dir")
-    history = (_json(run / TRAINER_STATE_FILE) or {}).get("log_history", [])
+    history = (read_json(run / TRAINER_STATE_FILE) or {}).get("log_history", [])
     images: dict[str, bytes] = {}
     for stem in PLOTS:
         png = plot(history, stem)
