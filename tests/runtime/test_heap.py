@@ -236,3 +236,65 @@ def test_training_hands_the_kept_heap_back_when_it_ends(tiny_model_dir, alpaca_f
     trainer.train()
     assert kept == [True]
     assert released == [1]  # after the training loop's one step, not before it
+
+
+def test_memory_settings_restore_glibcs_defaults_and_remove_the_hooks(monkeypatch):
+    """Inside the block the settings of apply_memory_settings; after it (also after an error) glibc's
+    default thresholds and no trimming hooks on the model."""
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(heap, "_mallopt", lambda parameter, value: calls.append((parameter, value)) or True)
+    monkeypatch.setattr(heap.HeapTrimmer, "available", property(lambda self: True))
+    model = tiny_llama(2)
+    with heap.memory_settings(HardwareSection(return_freed_memory="on"), "cpu", 1, model) as returned:
+        assert returned and calls == [(heap.M_MMAP_THRESHOLD, heap.MMAP_THRESHOLD)]
+        assert all(layer._forward_hooks for layer in heap.decoder_layers(model))
+    defaults = [
+        (heap.M_MMAP_THRESHOLD, heap.GLIBC_MMAP_THRESHOLD),
+        (heap.M_TRIM_THRESHOLD, heap.GLIBC_TRIM_THRESHOLD),
+    ]
+    assert calls[1:] == defaults and heap.GLIBC_MMAP_THRESHOLD == heap.GLIBC_TRIM_THRESHOLD == 128 * 1024
+    assert all(not layer._forward_hooks for layer in heap.decoder_layers(model))
+
+    calls.clear()
+    with (
+        pytest.raises(RuntimeError),
+        heap.memory_settings(HardwareSection(return_freed_memory="off"), "cpu", 10**10),
+    ):
+        assert calls == [
+            (heap.M_MMAP_THRESHOLD, heap.KEEP_MMAP_THRESHOLD),
+            (heap.M_TRIM_THRESHOLD, heap.KEEP_TRIM_THRESHOLD),
+        ]
+        raise RuntimeError("a failed step")
+    assert calls[2:] == defaults
+
+    calls.clear()
+    with heap.memory_settings(HardwareSection(return_freed_memory="on"), "cuda", 10**10, model) as returned:
+        assert not returned
+    assert calls == []  # GPU runs leave the C heap alone, in the block and after it
+
+
+# kept in the block: freed 8 MiB buffers stay in the heap (RSS does not drop); after it glibc's default
+# 128 KiB mmap threshold holds again and a freed 8 MiB buffer goes back to the OS at once
+RESTORE_FRAGMENT = """
+import torch
+from wronai.runtime import heap
+from wronai.config.schema import HardwareSection
+def dropped_on_free():
+    keep = [torch.ones(8 * 2**20 // 4) for _ in range(30)]  # 240 MiB of 8 MiB buffers
+    pin = torch.ones(2**20 // 4)                            # allocated last: holds the heap top
+    before = heap.resident_bytes(); del keep
+    return (before - heap.resident_bytes()) / 2**20
+with heap.memory_settings(HardwareSection(return_freed_memory="off"), "cpu", 10**10):
+    inside = dropped_on_free()
+heap.release_free_memory()
+print(inside, dropped_on_free())
+"""
+
+
+@linux_only
+def test_memory_settings_end_with_the_block():
+    out = subprocess.run(
+        [sys.executable, "-c", RESTORE_FRAGMENT], capture_output=True, text=True, check=True
+    ).stdout
+    inside, after = (float(x) for x in out.split())
+    assert inside < 40 and after > 200, (inside, after)

@@ -18,14 +18,17 @@ than twice the largest recently freed buffer is free there — after every backw
 go — so the next step page-faults them in again: ~20k faults per step (~90 MiB) on the speed-benchmark model,
 at ~3 µs each. A fixed 32 MiB mmap threshold and no automatic trimming keep them: under 1k faults per step.
 
-All of it is a no-op off Linux/glibc.
+``memory_settings`` applies all of it inside a block and sets glibc's defaults again on exit. All of it is
+a no-op off Linux/glibc.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -39,6 +42,7 @@ MMAP_THRESHOLD = 4 * 2**20  # buffers at least this large come from (and go back
 KEEP_MMAP_THRESHOLD = 32 * 2**20  # the largest mmap threshold glibc accepts on 64-bit systems
 KEEP_TRIM_THRESHOLD = 2**31 - 1  # free memory at the heap top is kept up to this (mallopt takes a C int)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+GLIBC_MMAP_THRESHOLD = GLIBC_TRIM_THRESHOLD = 128 * 1024  # glibc's defaults for both (malloc/malloc.c)
 LARGE_MODEL_PARAMS = 500_000_000  # return_freed_memory: auto turns it on from here
 
 
@@ -81,6 +85,13 @@ class HeapTrimmer:
         self.floor = resident_bytes()
         self._readable = self.floor > 0
         self.trims = 0
+        self.handles: list[Any] = []  # the forward hooks install_heap_trimming registered
+
+    def remove(self) -> None:
+        """Take the trimmer off the layers it was installed on (the hooks on tensors end with their step)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
 
     @property
     def available(self) -> bool:
@@ -120,8 +131,7 @@ def install_heap_trimming(model: torch.nn.Module, growth: int = TRIM_GROWTH) -> 
     if not trimmer.available:
         return None
     layers = decoder_layers(model)
-    for layer in layers:
-        layer.register_forward_hook(partial(_trim_after_forward, trimmer))
+    trimmer.handles = [layer.register_forward_hook(partial(_trim_after_forward, trimmer)) for layer in layers]
     logger.debug("heap trimming between %d decoder layers", len(layers))
     return trimmer if layers else None
 
@@ -152,32 +162,66 @@ def keep_freed_memory() -> bool:
 def apply_memory_settings(
     hardware: HardwareSection, device: str, parameters: int, model: torch.nn.Module | None = None
 ) -> bool:
-    """``hardware.return_freed_memory`` for CPU runs: returns whether freed memory now goes back to the OS.
+    """``hardware.return_freed_memory`` for CPU runs, for the rest of the process (``memory_settings`` is the
+    same inside a block); returns whether freed memory now goes back to the OS."""
+    return _apply(hardware, device, parameters, model)[0]
+
+
+@contextlib.contextmanager
+def memory_settings(
+    hardware: HardwareSection, device: str, parameters: int, model: torch.nn.Module | None = None
+) -> Iterator[bool]:
+    """``hardware.return_freed_memory`` for CPU runs inside the block; yields whether freed memory goes back to the OS.
 
     "return": glibc raises its mmap threshold each time a large buffer is freed (up to 32 MiB), after which
     buffers of that size come from the heap and stay there once freed: the dequantized 4-bit weights and
     activations of a 1B model, a few to 30 MiB each. A fixed 4 MiB threshold keeps returning them; smaller
     buffers are trimmed between the decoder layers of ``model``. "keep": ``keep_freed_memory``.
+
+    On exit (also on an error) the hooks on ``model`` are removed and glibc's default mmap and trim
+    thresholds (128 KiB) are set again; glibc cannot be told to resume raising the mmap threshold by
+    itself, so after the block it stays at its default.
     """
+    returned, policy, trimmer = _apply(hardware, device, parameters, model)
+    try:
+        yield returned
+    finally:
+        if trimmer is not None:
+            trimmer.remove()
+        if policy is not None:
+            restore_malloc_defaults()
+
+
+def _apply(
+    hardware: HardwareSection, device: str, parameters: int, model: torch.nn.Module | None
+) -> tuple[bool, str | None, HeapTrimmer | None]:
+    """(freed memory goes back to the OS, the policy applied or None, the trimmer installed on ``model``)."""
     policy = freed_memory_policy(hardware, device, parameters)
     if policy is None:
-        return False
+        return False, None, None
     if policy == "keep":
         if keep_freed_memory():
             logger.info(
                 "hardware.return_freed_memory: %s — freed buffers are kept for the next step (fewer page faults)",
                 "auto -> off" if hardware.return_freed_memory == "auto" else "off",
             )
-        return False
+        return False, policy, None
     if not _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD):
-        return False
-    trimming = model is not None and install_heap_trimming(model) is not None
+        return False, policy, None
+    trimmer = install_heap_trimming(model) if model is not None else None
     logger.info(
         "hardware.return_freed_memory: buffers of %d MiB and more go back to the OS when freed%s",
         MMAP_THRESHOLD // 2**20,
-        ", the heap's free pages between decoder layers" if trimming else "",
+        ", the heap's free pages between decoder layers" if trimmer is not None else "",
     )
-    return True
+    return True, policy, trimmer
+
+
+def restore_malloc_defaults() -> bool:
+    """glibc's default mmap and trim thresholds again; whether glibc took both (False off glibc)."""
+    return _mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD) and _mallopt(
+        M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD
+    )
 
 
 def resident_bytes() -> int:
