@@ -173,29 +173,9 @@ def plan_device(
 ) -> DevicePlan:
     """Resolve device, precision, quantization, optimizer and attention for this machine."""
     notes: list[str] = []
-    device = detect_device(hardware.device)
-    if device == "cuda" and not torch.cuda.is_available():
-        notes.append("hardware.device=cuda but no CUDA GPU is visible — using cpu")
-        device = "cpu"
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        notes.append("hardware.device=mps but MPS is not available — using cpu")
-        device = "cpu"
+    device = _available_device(hardware.device, notes)
     bf16_ok = _bf16_ok(device)
-
-    precision = "bf16" if training.bf16 else "fp16" if training.fp16 else "fp32"
-    if precision == "fp16" and device == "cpu":
-        precision = "bf16" if bf16_ok else "fp32"
-        notes.append(f"training.fp16 needs a GPU — using {precision} on cpu")
-    elif precision == "bf16" and not bf16_ok and device == "cuda":
-        notes.append("training.bf16 needs a GPU with native bf16 (compute capability 8.0+) — using fp16")
-        precision = "fp16"
-    elif precision == "bf16" and not bf16_ok and device != "mps":
-        notes.append(f"training.bf16 is not supported natively on this {device} — using fp32")
-        precision = "fp32"
-    elif precision == "bf16" and device == "mps":
-        notes.append("training.bf16 mixed precision is not supported by the Trainer on mps — using fp32")
-        precision = "fp32"
-
+    precision = _precision(training, device, bf16_ok, notes)
     quant = _quantization(quantization, device, notes)
     requested = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
         quantization.bnb_4bit_compute_dtype
@@ -203,20 +183,13 @@ def plan_device(
     compute = _compute_dtype(requested, device, precision, bf16_ok)
     if compute != requested and quant.startswith("4bit"):
         notes.append(_compute_note(requested, compute, device, bf16_ok))
-
     model_dtype = _model_dtype(model.torch_dtype, precision, bf16_ok, device, notes)
-
     optimizer = _optimizer(training.optim, device, notes)
     if optimizer == "adamw_torch_fused" and device == "cpu":
         optimizer = "adamw_torch"
-
     attn = _attention(model.attn_implementation, device, notes)
-
-    pin = hardware.pin_memory if hardware.pin_memory is not None else device == "cuda"
-    if pin and device != "cuda":
-        notes.append("hardware.pin_memory only helps with CUDA — turned off")
-        pin = False
-
+    pin = _pin_memory(hardware, device, notes)
+    cpu_4bit = quant.startswith("4bit") and device == "cpu"
     return DevicePlan(
         device=device,
         device_name=_device_name(device),
@@ -230,15 +203,49 @@ def plan_device(
         notes=notes,
         # WronAI's CPU kernels (kept 16-bit head in row slices, row-sliced 4-bit weights) are measured on
         # CPUs only: on a GPU the stock bitsandbytes/PEFT path runs
-        keep_embeddings=quant.startswith("4bit")
-        and device == "cpu"
-        and keeps_16bit_embeddings(quantization, model, hardware),
-        dequantize_chunk_bytes=quantization.dequantize_chunk_mib * 2**20
-        if quant.startswith("4bit") and device == "cpu"
-        else 0,
+        keep_embeddings=cpu_4bit and keeps_16bit_embeddings(quantization, model, hardware),
+        dequantize_chunk_bytes=quantization.dequantize_chunk_mib * 2**20 if cpu_4bit else 0,
         fused_lora=_fused_lora(hardware, device, notes),
         cpu=dataclasses.replace(cpu_capability(), native_bf16=bf16_ok) if device == "cpu" else None,
     )
+
+
+def _available_device(requested: str, notes: list[str]) -> str:
+    """hardware.device, or the CPU when the device asked for is not there."""
+    device = detect_device(requested)
+    if device == "cuda" and not torch.cuda.is_available():
+        notes.append("hardware.device=cuda but no CUDA GPU is visible — using cpu")
+        device = "cpu"
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        notes.append("hardware.device=mps but MPS is not available — using cpu")
+        device = "cpu"
+    return device
+
+
+def _precision(training: TrainingSection, device: str, bf16_ok: bool, notes: list[str]) -> str:
+    """The Trainer's mixed precision: training.bf16/fp16 where the device runs it, else what it can."""
+    precision = "bf16" if training.bf16 else "fp16" if training.fp16 else "fp32"
+    if precision == "fp16" and device == "cpu":
+        precision = "bf16" if bf16_ok else "fp32"
+        notes.append(f"training.fp16 needs a GPU — using {precision} on cpu")
+    elif precision == "bf16" and not bf16_ok and device == "cuda":
+        notes.append("training.bf16 needs a GPU with native bf16 (compute capability 8.0+) — using fp16")
+        precision = "fp16"
+    elif precision == "bf16" and not bf16_ok and device != "mps":
+        notes.append(f"training.bf16 is not supported natively on this {device} — using fp32")
+        precision = "fp32"
+    elif precision == "bf16" and device == "mps":
+        notes.append("training.bf16 mixed precision is not supported by the Trainer on mps — using fp32")
+        precision = "fp32"
+    return precision
+
+
+def _pin_memory(hardware: HardwareSection, device: str, notes: list[str]) -> bool:
+    pin = hardware.pin_memory if hardware.pin_memory is not None else device == "cuda"
+    if pin and device != "cuda":
+        notes.append("hardware.pin_memory only helps with CUDA — turned off")
+        pin = False
+    return pin
 
 
 def _quantization(quantization: QuantizationSection, device: str, notes: list[str]) -> str:
