@@ -33,10 +33,10 @@ import torch
 
 from wronai.errors import WronAIError
 from wronai.rundir.files import EXTENSION_FILE
+from wronai.tokenizers.polish import BYTE_FALLBACK
 
 logger = logging.getLogger(__name__)
 
-_BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 _WORD_START = re.compile(r"(?<=[^▁])(?=▁)")
 
 
@@ -50,17 +50,6 @@ class NewToken:
     base_ids: list[int]
     count: int
     merge: tuple[str, str]
-
-    @classmethod
-    def from_dict(cls, row: dict[str, Any]) -> NewToken:
-        return cls(
-            int(row["id"]),
-            row["token"],
-            row["text"],
-            [int(i) for i in row["base_ids"]],
-            int(row.get("count", 0)),
-            (row["merge"][0], row["merge"][1]),
-        )
 
 
 def _bpe_model(tokenizer: Any, what: str) -> dict[str, Any]:
@@ -109,43 +98,15 @@ def choose_new_tokens(
     """The ``add`` merges of base pieces that save the most tokens on ``texts`` (ids not yet assigned: -1)."""
     state = _bpe_model(tokenizer, what)
     vocab: dict[str, int] = tokenizer.get_vocab()
-    blocked = (
-        {t for t in vocab if _BYTE_FALLBACK.match(t)}
-        | set(tokenizer.all_special_tokens)
-        | set(tokenizer.get_added_vocab())
-    )
-    if state["model"].get("unk_token"):
-        blocked.add(state["model"]["unk_token"])
-    model = tokenizer.backend_tokenizer.model
-    words: list[list[str]] = []
-    freqs: list[int] = []
-    for unit, count in _units(tokenizer, texts).items():
-        symbols = [t.value for t in model.tokenize(unit)]
-        if len(symbols) > 1:
-            words.append(symbols)
-            freqs.append(count)
-    pair_count: Counter[tuple[str, str]] = Counter()
-    where: dict[tuple[str, str], set[int]] = defaultdict(set)
-
-    def count_pairs(w: int, sign: int) -> None:
-        symbols = words[w]
-        for pair in zip(symbols, symbols[1:]):
-            if pair[0] in blocked or pair[1] in blocked:
-                continue
-            pair_count[pair] += sign * freqs[w]
-            if sign > 0:
-                where[pair].add(w)
-
-    for w in range(len(words)):
-        count_pairs(w, +1)
-    heap = [(-c, pair) for pair, c in pair_count.items()]
+    words = _Words(tokenizer, texts, _blocked_tokens(tokenizer, state, vocab))
+    heap = [(-c, pair) for pair, c in words.pair_count.items()]
     heapq.heapify(heap)
     pieces: dict[str, list[int]] = {}
     chosen: list[NewToken] = []
     while heap and len(chosen) < add:
         neg, pair = heapq.heappop(heap)
-        current = pair_count.get(pair, 0)
-        if -neg != current:
+        current = words.pair_count.get(pair, 0)
+        if -neg != current:  # a stale entry: the pair's count changed since it was pushed
             if current > 0:
                 heapq.heappush(heap, (-current, pair))
             continue
@@ -159,16 +120,7 @@ def choose_new_tokens(
             *pieces.get(pair[1], [vocab.get(pair[1], -1)]),
         ]
         pieces[merged] = base_ids
-        saved = 0  # tokens this merge removes from the data (overlapping pairs such as "..." count once)
-        for w in sorted(where.pop(pair, ())):
-            count_pairs(w, -1)
-            before = len(words[w])
-            words[w] = _merge(words[w], pair, merged)
-            saved += (before - len(words[w])) * freqs[w]
-            count_pairs(w, +1)
-            for p in zip(words[w], words[w][1:]):
-                if pair_count.get(p, 0) > 0:
-                    heapq.heappush(heap, (-pair_count[p], p))
+        saved = words.merge(pair, merged, heap)
         chosen.append(NewToken(-1, merged, tokenizer.decode(base_ids), base_ids, saved, pair))
     if len(chosen) < add:
         logger.warning(
@@ -178,6 +130,62 @@ def choose_new_tokens(
             min_count,
         )
     return chosen
+
+
+def _blocked_tokens(tokenizer: Any, state: dict[str, Any], vocab: dict[str, int]) -> set[str]:
+    """Tokens no new token may contain: byte-fallback pieces, special and added tokens, the unknown token."""
+    blocked = (
+        {t for t in vocab if BYTE_FALLBACK.match(t)}
+        | set(tokenizer.all_special_tokens)
+        | set(tokenizer.get_added_vocab())
+    )
+    if state["model"].get("unk_token"):
+        blocked.add(state["model"]["unk_token"])
+    return blocked
+
+
+class _Words:
+    """The data's words cut into base tokens, with their counts, and every adjacent pair's count (pairs with a
+    blocked token are not counted) and the words it occurs in."""
+
+    def __init__(self, tokenizer: Any, texts: Sequence[str], blocked: set[str]) -> None:
+        model = tokenizer.backend_tokenizer.model
+        self.words: list[list[str]] = []
+        self.freqs: list[int] = []
+        for unit, count in _units(tokenizer, texts).items():
+            symbols = [t.value for t in model.tokenize(unit)]
+            if len(symbols) > 1:
+                self.words.append(symbols)
+                self.freqs.append(count)
+        self.blocked = blocked
+        self.pair_count: Counter[tuple[str, str]] = Counter()
+        self.where: dict[tuple[str, str], set[int]] = defaultdict(set)
+        for w in range(len(self.words)):
+            self._count(w, +1)
+
+    def _count(self, w: int, sign: int) -> None:
+        symbols = self.words[w]
+        for pair in zip(symbols, symbols[1:]):
+            if pair[0] in self.blocked or pair[1] in self.blocked:
+                continue
+            self.pair_count[pair] += sign * self.freqs[w]
+            if sign > 0:
+                self.where[pair].add(w)
+
+    def merge(self, pair: tuple[str, str], merged: str, heap: list[tuple[int, tuple[str, str]]]) -> int:
+        """Join ``pair`` into ``merged`` in every word, push the changed pairs' counts onto ``heap``; returns
+        the tokens this removes from the data (overlapping pairs such as "..." count once)."""
+        saved = 0
+        for w in sorted(self.where.pop(pair, ())):
+            self._count(w, -1)
+            before = len(self.words[w])
+            self.words[w] = _merge(self.words[w], pair, merged)
+            saved += (before - len(self.words[w])) * self.freqs[w]
+            self._count(w, +1)
+            for p in zip(self.words[w], self.words[w][1:]):
+                if self.pair_count.get(p, 0) > 0:
+                    heapq.heappush(heap, (-self.pair_count[p], p))
+        return saved
 
 
 def _merge(symbols: list[str], pair: tuple[str, str], merged: str) -> list[str]:
@@ -289,14 +297,6 @@ def write_extension_file(
     }
     (out / EXTENSION_FILE).write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
     return out
-
-
-def load_extension(directory: str | Path) -> list[NewToken]:
-    """The new tokens recorded in ``wronai_extension.json`` of an extended tokenizer directory."""
-    path = Path(directory) / EXTENSION_FILE
-    if not path.is_file():
-        raise WronAIError(f"{directory}: no {EXTENSION_FILE} — it was not made by `wronai tokenizer extend`")
-    return [NewToken.from_dict(row) for row in json.loads(path.read_text(encoding="utf-8"))["tokens"]]
 
 
 def init_new_embeddings(

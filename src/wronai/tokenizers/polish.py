@@ -36,7 +36,7 @@ SPECIAL_TOKENS = {
     "unk_token": "<unk>",
 }  # as wronai.model.tiny (no torch import here)
 _WORD = re.compile(r"[^\W_]+")
-_BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")  # a byte-fallback token: <0xC4>
 
 
 @dataclass
@@ -191,7 +191,7 @@ def byte_piece_ids(tokenizer: Any) -> set[int]:
     byte_level = is_byte_level(tokenizer)
     ids = set()
     for token, idx in tokenizer.get_vocab().items():
-        if _BYTE_FALLBACK.match(token):
+        if BYTE_FALLBACK.match(token):
             ids.add(idx)
         elif byte_level:
             raw = token_bytes(token)
