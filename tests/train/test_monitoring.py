@@ -10,7 +10,8 @@ from conftest import make_config_dict
 from wronai.config import load_config
 from wronai.config.schema import LoggingSection
 from wronai.recipe import run
-from wronai.train.monitoring import environment, resolve_report_to, run_name, tracker_environment
+from wronai.runtime.environ import environment
+from wronai.train.monitoring import resolve_report_to, run_name, tracker_environment
 
 
 def test_run_name_timestamp():

@@ -6,6 +6,7 @@ from typing import Any
 
 from wronai.config import WronAIConfig
 from wronai.errors import WronAIError
+from wronai.runtime.environ import environment
 from wronai.runtime.hardware import DevicePlan
 from wronai.runtime.heap import release_free_memory
 from wronai.train import checkpointing, faults, monitoring
@@ -30,9 +31,7 @@ def run_loop(
         check_resume_config(checkpoint, config)
     signals.install()
     try:
-        with monitoring.environment(
-            monitoring.tracker_environment(config.logging, output_dir)
-        ):  # W&B reads it now
+        with environment(monitoring.tracker_environment(config.logging, output_dir)):  # W&B reads it now
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except Exception as err:
         if faults.is_out_of_memory(err):

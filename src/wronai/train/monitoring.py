@@ -6,11 +6,9 @@ synced later with `wandb sync`. Everything is set per run, in the process enviro
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -87,18 +85,3 @@ def tracker_environment(logging_cfg: LoggingSection, output_dir: str) -> dict[st
             env[key] = os.environ.get(key, value)
         Path(env["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
     return env
-
-
-@contextlib.contextmanager
-def environment(values: dict[str, str]) -> Iterator[None]:
-    """``os.environ`` with ``values`` set inside the block, and exactly as before after it."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old

@@ -22,6 +22,7 @@ from wronai.errors import WronAIError
 from wronai.model.attention import enable_packed_attention
 from wronai.rundir.files import CONFIG_FILE
 from wronai.runtime import distributed
+from wronai.runtime.environ import environment
 from wronai.runtime.hardware import DevicePlan
 from wronai.train import checkpointing, monitoring, throughput
 from wronai.train.arguments import build_training_arguments
@@ -244,9 +245,7 @@ def make_trainer(
         report_to=monitoring.resolve_report_to(config.logging, out), run_name=monitoring.run_name(config.logging),
         has_eval=data.eval is not None,
     )  # fmt: skip
-    with monitoring.environment(
-        monitoring.tracker_environment(config.logging, out)
-    ):  # TensorBoard reads it now
+    with environment(monitoring.tracker_environment(config.logging, out)):  # TensorBoard reads it now
         trainer = build_trainer(
             model, tokenizer, args, data, [ConsoleLogCallback(), *callbacks], config.training,
             per_example_attention=config.model.attn_implementation == "auto",
