@@ -172,59 +172,73 @@ def _add_vocab(w: Any, gguf: Any, tok_dir: Path, n_vocab: int) -> str:
         and (tj.get("decoder") or {}).get("type") == "ByteLevel"
     )
     if byte_level:
-        vocab = dict(model["vocab"])
-        added = {t["content"]: t for t in tj.get("added_tokens", [])}
-        by_id = {i: tok for tok, i in vocab.items()} | {t["id"]: c for c, t in added.items()}
-        tokens, types = [], []
-        for i in range(n_vocab):
-            tok = by_id.get(i)
-            if tok is None:
-                tokens.append(f"[PAD{i}]")
-                types.append(gguf.TokenType.UNUSED)
-            elif tok in added:
-                tokens.append(tok)
-                types.append(
-                    gguf.TokenType.CONTROL if added[tok].get("special") else gguf.TokenType.USER_DEFINED
-                )
-            else:
-                tokens.append(tok)
-                types.append(gguf.TokenType.NORMAL)
-        pre = _bpe_pre(tj)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(pre)
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        described = f"gpt2 (byte-level BPE), pre-tokenizer {pre}"
+        described = _add_byte_level_vocab(w, gguf, tj, n_vocab)
     else:
-        vocab_cls = (
-            gguf.vocab.SentencePieceVocab
-            if (tok_dir / "tokenizer.model").is_file()
-            else gguf.vocab.LlamaHfVocab
-        )
-        try:
-            spm = vocab_cls(tok_dir)
-        except (FileNotFoundError, ValueError, RuntimeError, TypeError) as err:
-            raise WronAIError(
-                f"{tok_dir}: tokenizer not supported by WronAI's GGUF writer ({err}) — convert with: {LLAMA_CPP_HINT}"
-            ) from None
-        pieces: list[bytes] = []
-        scores: list[float] = []
-        piece_types: list[Any] = []
-        for text, score, toktype in spm.all_tokens():
-            pieces.append(text)
-            scores.append(score)
-            piece_types.append(toktype)
-        for i in range(len(pieces), n_vocab):
-            pieces.append(f"[PAD{i}]".encode())
-            scores.append(-1000.0)
-            piece_types.append(gguf.TokenType.UNUSED)
-        w.add_tokenizer_model("llama")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(pieces[:n_vocab])
-        w.add_token_scores(scores[:n_vocab])
-        w.add_token_types(piece_types[:n_vocab])
-        described = f"llama (SentencePiece, {vocab_cls.__name__})"
-    special = gguf.SpecialVocab(tok_dir, load_merges=byte_level, n_vocab=n_vocab)
+        described = _add_sentencepiece_vocab(w, gguf, tok_dir, n_vocab)
+    _add_special_tokens(w, gguf, tok_dir, hf_tok, n_vocab, load_merges=byte_level)
+    return described
+
+
+def _add_byte_level_vocab(w: Any, gguf: Any, tj: dict[str, Any], n_vocab: int) -> str:
+    """A byte-level BPE vocabulary (tokenizer.json), as llama.cpp's ``gpt2`` tokenizer model."""
+    vocab = dict(tj["model"]["vocab"])
+    added = {t["content"]: t for t in tj.get("added_tokens", [])}
+    by_id = {i: tok for tok, i in vocab.items()} | {t["id"]: c for c, t in added.items()}
+    tokens, types = [], []
+    for i in range(n_vocab):
+        tok = by_id.get(i)
+        if tok is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif tok in added:
+            tokens.append(tok)
+            types.append(gguf.TokenType.CONTROL if added[tok].get("special") else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(tok)
+            types.append(gguf.TokenType.NORMAL)
+    pre = _bpe_pre(tj)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    return f"gpt2 (byte-level BPE), pre-tokenizer {pre}"
+
+
+def _add_sentencepiece_vocab(w: Any, gguf: Any, tok_dir: Path, n_vocab: int) -> str:
+    """A SentencePiece (tokenizer.model) or HF Llama vocabulary, as llama.cpp's ``llama`` tokenizer model."""
+    vocab_cls = (
+        gguf.vocab.SentencePieceVocab if (tok_dir / "tokenizer.model").is_file() else gguf.vocab.LlamaHfVocab
+    )
+    try:
+        spm = vocab_cls(tok_dir)
+    except (FileNotFoundError, ValueError, RuntimeError, TypeError) as err:
+        raise WronAIError(
+            f"{tok_dir}: tokenizer not supported by WronAI's GGUF writer ({err}) — convert with: {LLAMA_CPP_HINT}"
+        ) from None
+    pieces: list[bytes] = []
+    scores: list[float] = []
+    piece_types: list[Any] = []
+    for text, score, toktype in spm.all_tokens():
+        pieces.append(text)
+        scores.append(score)
+        piece_types.append(toktype)
+    for i in range(len(pieces), n_vocab):
+        pieces.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        piece_types.append(gguf.TokenType.UNUSED)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(pieces[:n_vocab])
+    w.add_token_scores(scores[:n_vocab])
+    w.add_token_types(piece_types[:n_vocab])
+    return f"llama (SentencePiece, {vocab_cls.__name__})"
+
+
+def _add_special_tokens(
+    w: Any, gguf: Any, tok_dir: Path, hf_tok: Any, n_vocab: int, *, load_merges: bool
+) -> None:
+    """Special token ids (and the BPE merges), with BOS/EOS added exactly when the HF tokenizer adds them."""
+    special = gguf.SpecialVocab(tok_dir, load_merges=load_merges, n_vocab=n_vocab)
     probe = hf_tok("a")["input_ids"]
     special.add_special_token["bos"] = bool(
         hf_tok.bos_token_id is not None and probe[:1] == [hf_tok.bos_token_id]
@@ -235,7 +249,6 @@ def _add_vocab(w: Any, gguf: Any, tok_dir: Path, n_vocab: int) -> str:
     if "pad" not in special.special_token_ids and hf_tok.pad_token_id is not None:
         special.special_token_ids["pad"] = hf_tok.pad_token_id
     special.add_to_gguf(w, quiet=True)
-    return described
 
 
 def _qtype(gguf: Any, outtype: str, shape: tuple[int, ...]) -> Any:

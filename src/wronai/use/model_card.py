@@ -104,26 +104,17 @@ def _warmup(training: Any) -> str:
     return f"warmup ratio {training.warmup_ratio:g}" if training.warmup_ratio else "no warmup"
 
 
-def run_card(run_dir: str | Path) -> str:
-    """The README.md for a LoRA run directory."""
-    from wronai.config import load_config_with_notes
-
-    run = Path(run_dir)
-    if not (run / CONFIG_FILE).is_file():
-        raise WronAIError(f"{run}: no {CONFIG_FILE} — pass a finished run's training.output_dir")
-    cfg = load_config_with_notes(run / CONFIG_FILE).config
-    stats = read_json(run / DATA_STATS_FILE) or {}
-    train = read_json(run / FINISHED_MARKER)
-    history = (read_json(run / TRAINER_STATE_FILE) or {}).get("log_history", [])
-    prov = read_json(run / PROVENANCE_FILE) or {}
-    plan = {
+def _device_plan(prov: dict[str, Any]) -> dict[str, str]:
+    """The ``device_plan`` lines of provenance.json as a dict (``quantization: 4bit-nf4`` -> key, value)."""
+    return {
         line.split(":", 1)[0]: line.split(":", 1)[1].strip()
         for line in prov.get("device_plan", [])
         if ":" in line
     }
-    quant = plan.get("quantization", "4bit" if cfg.quantization.load_in_4bit else "none")
-    base = cfg.model.name
-    datasets = cfg.data.dataset_name if isinstance(cfg.data.dataset_name, list) else [cfg.data.dataset_name]
+
+
+def _run_meta(base: str, quant: str, datasets: list[str]) -> dict[str, Any]:
+    """The YAML front matter of a run's card."""
     meta: dict[str, Any] = {
         "base_model": base,
         "library_name": "peft",
@@ -141,20 +132,25 @@ def run_card(run_dir: str | Path) -> str:
     hub_data = [d for d in datasets if _is_hub_id(d)]
     if hub_data:
         meta["datasets"] = hub_data
-    prompt, add_special, described = _example_prompt(run)
-    t, lora = cfg.training, cfg.lora
-    steps = (read_json(run / TRAINER_STATE_FILE) or {}).get("global_step", t.max_steps)
-    lines = [
-        _front_matter(meta), MARKER, "",
-        f"# {run.resolve().name}: a {'QLoRA' if quant.startswith('4bit') else 'LoRA'} adapter for `{base}`", "",
-        f"A LoRA adapter for the causal language model `{base}`, fine-tuned with [WronAI](https://github.com/wronai/wronai) "
-        f"for Polish. Only the adapter (and any added tokens) is stored here; load it on top of the base model.", "",
+    return meta
+
+
+def _data_lines(cfg: Any, stats: dict[str, Any], datasets: list[str], described: str) -> list[str]:
+    return [
         "## Training data", "",
         *[f"- `{d}`" for d in datasets],
         f"- format: {stats.get('format', cfg.data.format)}; prompt format: {described}",
         f"- examples: {', '.join(f'{k} {v}' for k, v in stats.get('examples', {}).items()) or 'see data_stats.json'}",
         f"- trained tokens: {stats.get('trainable_tokens', '?')} of {stats.get('total_tokens', '?')} "
         f"(loss on {'answers only' if cfg.data.train_on == 'answers' else 'every token'}), max_seq_length {cfg.data.max_seq_length}", "",
+    ]  # fmt: skip
+
+
+def _procedure_lines(
+    cfg: Any, quant: str, plan: dict[str, str], prov: dict[str, Any], steps: Any
+) -> list[str]:
+    t, lora = cfg.training, cfg.lora
+    return [
         "## Training procedure", "",
         "| setting | value |", "|---|---|",
         f"| quantization of the base | {quant} |",
@@ -165,7 +161,12 @@ def run_card(run_dir: str | Path) -> str:
         f"| precision | {plan.get('mixed precision', 'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32')} |",
         f"| seed | {t.seed} |",
         f"| software | {', '.join(f'{k} {v}' for k, v in prov.get('versions', {}).items())} |", "",
-        *_results_section(run, history, train),
+    ]  # fmt: skip
+
+
+def _run_usage_lines(run: Path, base: str, quant: str, prompt: str, add_special: bool) -> list[str]:
+    """How to use: stock transformers + peft, with the prompt in the run's own format, then the WronAI commands."""
+    return [
         "## How to use", "",
         "With transformers + peft (the prompt is in the exact format the adapter was trained on):", "",
         _usage(
@@ -183,6 +184,35 @@ def run_card(run_dir: str | Path) -> str:
         ), "",
         "With WronAI: `wronai generate RUN_DIR --prompt \"...\"`, `wronai chat RUN_DIR`, `wronai eval RUN_DIR --base`, "
         "`wronai merge RUN_DIR OUT_DIR` (a standalone model), `wronai export RUN_DIR --format gguf` (llama.cpp).", "",
+    ]  # fmt: skip
+
+
+def run_card(run_dir: str | Path) -> str:
+    """The README.md for a LoRA run directory."""
+    from wronai.config import load_config_with_notes
+
+    run = Path(run_dir)
+    if not (run / CONFIG_FILE).is_file():
+        raise WronAIError(f"{run}: no {CONFIG_FILE} — pass a finished run's training.output_dir")
+    cfg = load_config_with_notes(run / CONFIG_FILE).config
+    stats = read_json(run / DATA_STATS_FILE) or {}
+    train = read_json(run / FINISHED_MARKER)
+    state = read_json(run / TRAINER_STATE_FILE) or {}
+    prov = read_json(run / PROVENANCE_FILE) or {}
+    plan = _device_plan(prov)
+    quant = plan.get("quantization", "4bit" if cfg.quantization.load_in_4bit else "none")
+    base = cfg.model.name
+    datasets = cfg.data.dataset_name if isinstance(cfg.data.dataset_name, list) else [cfg.data.dataset_name]
+    prompt, add_special, described = _example_prompt(run)
+    lines = [
+        _front_matter(_run_meta(base, quant, datasets)), MARKER, "",
+        f"# {run.resolve().name}: a {'QLoRA' if quant.startswith('4bit') else 'LoRA'} adapter for `{base}`", "",
+        f"A LoRA adapter for the causal language model `{base}`, fine-tuned with [WronAI](https://github.com/wronai/wronai) "
+        f"for Polish. Only the adapter (and any added tokens) is stored here; load it on top of the base model.", "",
+        *_data_lines(cfg, stats, datasets, described),
+        *_procedure_lines(cfg, quant, plan, prov, state.get("global_step", cfg.training.max_steps)),
+        *_results_section(run, state.get("log_history", []), train),
+        *_run_usage_lines(run, base, quant, prompt, add_special),
     ]  # fmt: skip
     return "\n".join(lines)
 

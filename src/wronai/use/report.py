@@ -172,23 +172,8 @@ def _summary(
     return rows
 
 
-def render_html(
-    run_dir: Path, images: dict[str, bytes], samples: list[dict[str, str]] | None, samples_note: str
-) -> str:
-    state = read_json(run_dir / TRAINER_STATE_FILE) or {}
-    history = state.get("log_history", [])
-    train = read_json(run_dir / FINISHED_MARKER) or {}
-    stats = read_json(run_dir / DATA_STATS_FILE) or {}
-    prov = read_json(run_dir / PROVENANCE_FILE) or {}
-    from wronai.use.evaluate import load_results
-
-    evals = load_results(run_dir)
-    config_text = (
-        (run_dir / CONFIG_FILE).read_text(encoding="utf-8") if (run_dir / CONFIG_FILE).is_file() else ""
-    )
-    base = (
-        str(((yaml.safe_load(config_text) or {}).get("model") or {}).get("name", "?")) if config_text else "?"
-    )
+def _plots_html(images: dict[str, bytes]) -> str:
+    """The embedded PNGs, and a note naming the plots this run did not log."""
     missing = [PLOTS[s][0].lower() for s in ("throughput", "memory") if s not in images]
     plots = "".join(
         f"<figure><img alt='{html.escape(PLOTS[stem][0])}' src='data:image/png;base64,{base64.b64encode(png).decode()}'></figure>"
@@ -199,14 +184,21 @@ def render_html(
             f"<p class='note'>Not logged in this run: {', '.join(missing)} — add "
             "<code>wronai.train.throughput:ThroughputMemoryCallback</code> to <code>extensions.callbacks</code>.</p>"
         )
-    if samples:
-        sample_html = "".join(
-            f"<div class='sample'><div class='q'>{html.escape(s['prompt'])}</div><div class='a'>{html.escape(s['answer']) or '<em>(empty)</em>'}</div></div>"
-            for s in samples
-        )
-    else:
-        sample_html = f"<p class='note'>{html.escape(samples_note)}</p>"
-    stat_rows = [
+    return plots
+
+
+def _samples_html(samples: list[dict[str, str]] | None, samples_note: str) -> str:
+    if not samples:
+        return f"<p class='note'>{html.escape(samples_note)}</p>"
+    return "".join(
+        f"<div class='sample'><div class='q'>{html.escape(s['prompt'])}</div><div class='a'>{html.escape(s['answer']) or '<em>(empty)</em>'}</div></div>"
+        for s in samples
+    )
+
+
+def _data_rows(stats: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The data section: what data_stats.json says the data stage kept, dropped and measured."""
+    rows = [
         ("format", stats.get("format", "?")),
         ("examples", ", ".join(f"{k} {v}" for k, v in stats.get("examples", {}).items())),
         ("rows read", ", ".join(f"{k} {v}" for k, v in stats.get("rows_read", {}).items())),
@@ -216,12 +208,34 @@ def render_html(
         ("padding (unpacked)", f"{100 * stats.get('padding_fraction_unpacked', 0.0):.1f}%"),
     ]
     if stats.get("packed_rows"):
-        stat_rows.append(
+        rows.append(
             (
                 "packed rows",
                 f"{stats['packed_rows']} ({100 * (stats.get('padding_fraction_packed') or 0):.1f}% padding)",
             )
         )
+    return rows
+
+
+def render_html(
+    run_dir: Path, images: dict[str, bytes], samples: list[dict[str, str]] | None, samples_note: str
+) -> str:
+    from wronai.use.evaluate import load_results
+
+    state = read_json(run_dir / TRAINER_STATE_FILE) or {}
+    history = state.get("log_history", [])
+    train = read_json(run_dir / FINISHED_MARKER) or {}
+    prov = read_json(run_dir / PROVENANCE_FILE) or {}
+    evals = load_results(run_dir)
+    config_text = (
+        (run_dir / CONFIG_FILE).read_text(encoding="utf-8") if (run_dir / CONFIG_FILE).is_file() else ""
+    )
+    base = (
+        str(((yaml.safe_load(config_text) or {}).get("model") or {}).get("name", "?")) if config_text else "?"
+    )
+    plots = _plots_html(images)
+    sample_html = _samples_html(samples, samples_note)
+    stat_rows = _data_rows(read_json(run_dir / DATA_STATS_FILE) or {})
     env_rows = [(k, v) for k, v in prov.get("versions", {}).items()] + [
         ("device plan", "; ".join(prov.get("device_plan", [])))
     ]
