@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 EPILOG = """examples:
   wronai tokenizer stats runs/tiny-model runs/pl-bpe                    # on data/eval_pl/*.txt
@@ -25,46 +26,60 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
 
-    s = tsub.add_parser(
+    s = _action(
+        tsub,
         "stats",
+        cmd_stats,
         help="fertility, characters per token, byte fallback, most fragmented words",
         description="Tokenize Polish text with each tokenizer and print the statistics side by side.",
     )
     s.add_argument("tokenizers", nargs="+", metavar="TOKENIZER", help="local tokenizer or model directories")
-    s.add_argument(
-        "--data", nargs="+", metavar="FILE", help="text/JSONL files (default: the bundled data/eval_pl/*.txt)"
-    )
+    _add_data(s, "text/JSONL files (default: the bundled data/eval_pl/*.txt)", required=False)
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--top", type=int, default=5, help="most fragmented frequent words to show per tokenizer")
-    s.set_defaults(func=cmd_stats)
 
-    t = tsub.add_parser(
+    t = _action(
+        tsub,
         "train",
+        cmd_train,
         help="train a Polish byte-level BPE tokenizer",
         description="Train a byte-level BPE (no unknown tokens) with NFC normalization and Polish-aware "
         "pre-tokenization; save it as a Hugging Face fast tokenizer (AutoTokenizer loads it).",
     )
-    t.add_argument("--data", nargs="+", required=True, metavar="FILE", help="text/JSONL files to train on")
+    _add_data(t, "text/JSONL files to train on")
     t.add_argument("--vocab-size", type=int, required=True, help="vocabulary size (more than 259)")
     t.add_argument("--min-frequency", type=int, default=2, help="a pair must occur this often to be merged")
-    t.add_argument("--out", required=True, help="directory to write")
-    t.set_defaults(func=cmd_train)
+    _add_out(t)
 
-    e = tsub.add_parser(
+    e = _action(
+        tsub,
         "extend",
+        cmd_extend,
         help="add the most useful Polish tokens to an existing tokenizer",
         description="Continue BPE from BASE's vocabulary on --data: add the --add merges that save the most "
         "tokens. Writes the tokenizer and wronai_extension.json (each new token and its base token ids).",
     )
     e.add_argument("base", metavar="BASE", help="local tokenizer or model directory (a BPE fast tokenizer)")
-    e.add_argument(
-        "--data", nargs="+", required=True, metavar="FILE", help="Polish text/JSONL files to choose tokens on"
-    )
+    _add_data(e, "Polish text/JSONL files to choose tokens on")
     e.add_argument("--add", type=int, required=True, help="how many tokens to add")
-    e.add_argument("--out", required=True, help="directory to write")
-    e.set_defaults(func=cmd_extend)
+    _add_out(e)
 
     p.set_defaults(func=lambda args: _help(p))
+
+
+def _action(tsub: argparse._SubParsersAction, name: str, func: Any, help: str, description: str) -> Any:
+    """The parser of one ``wronai tokenizer`` action, running ``func``."""
+    p = tsub.add_parser(name, help=help, description=description)
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_data(p: argparse.ArgumentParser, help: str, required: bool = True) -> None:
+    p.add_argument("--data", nargs="+", required=required, metavar="FILE", help=help)
+
+
+def _add_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="directory to write")
 
 
 def _help(parser: argparse.ArgumentParser) -> int:
