@@ -16,19 +16,18 @@ Results are added to RUN_DIR/eval.json (one entry per data set) and shown in the
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    from wronai.cli.run_args import add_base_model_arg, add_full_precision_arg, add_run_command
+
+    p = add_run_command(
+        sub,
         "eval",
         help="loss and perplexity on the eval split or a data file",
         description="Score a finished run on its eval split (rebuilt from the saved config: same split, template and "
         "masking as in training) or on data files in any supported format. The loss is the token-weighted mean over "
         "trained tokens; perplexity = exp(loss). With --base the base model is scored too (adapter switched off).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "target",
         metavar="RUN_DIR|MODEL",
-        help="a run's training.output_dir (or checkpoint), or a plain model directory",
+        target_help="a run's training.output_dir (or checkpoint), or a plain model directory",
     )
     p.add_argument(
         "--data",
@@ -46,15 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="rows per forward pass (default: training.per_device_eval_batch_size)",
     )
     p.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N examples")
-    p.add_argument(
-        "--base-model",
-        default=None,
-        metavar="PATH_OR_ID",
-        help="load this base model instead of the saved model.name",
-    )
-    p.add_argument(
-        "--full-precision", action="store_true", help="load the base unquantized even if the run was 4-bit"
-    )
+    add_base_model_arg(p)
+    add_full_precision_arg(p)
     p.add_argument("--out", default=None, metavar="FILE", help="results file (default: TARGET/eval.json)")
     p.set_defaults(func=cmd_eval)
 

@@ -20,15 +20,15 @@ For other architectures, or k-quants such as Q4_K_M, use llama.cpp itself:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    e = sub.add_parser(
+    from wronai.cli.run_args import MERGE_INTO_HELP, add_base_model_arg, add_run_command
+
+    e = add_run_command(
+        sub,
         "export",
         help="export a run for llama.cpp / Ollama (GGUF)",
         description="Export a run (adapter merged in) or a merged model folder to one GGUF file.",
         epilog=EXPORT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    e.add_argument(
-        "target", metavar="RUN_DIR", help="a run's training.output_dir, or a folder written by wronai merge"
+        target_help="a run's training.output_dir, or a folder written by wronai merge",
     )
     e.add_argument(
         "--format", choices=["gguf"], required=True, help="output format (gguf: llama.cpp, Ollama, LM Studio)"
@@ -42,12 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--out", default=None, metavar="FILE", help="output file (default: RUN_DIR/<name>-<outtype>.gguf)"
     )
-    e.add_argument(
-        "--base-model",
-        default=None,
-        metavar="PATH_OR_ID",
-        help="merge into this base instead of the saved model.name",
-    )
+    add_base_model_arg(e, MERGE_INTO_HELP)
     e.set_defaults(func=cmd_export)
 
 

@@ -26,6 +26,8 @@ runs get the chat template with the whole history.
 
 
 def _sampling(p: argparse.ArgumentParser) -> None:
+    from wronai.cli.run_args import add_base_model_arg, add_full_precision_arg
+
     p.add_argument("--system", default="", help="a system message (chat runs) / system block (alpaca runs)")
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s)")
@@ -37,29 +39,23 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.1, help="1 = off (default: %(default)s)")
     g.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
     g = p.add_argument_group("loading")
-    g.add_argument(
-        "--base-model",
-        default=None,
-        metavar="PATH_OR_ID",
-        help="load this base model instead of the saved model.name",
-    )
-    g.add_argument(
-        "--full-precision", action="store_true", help="load the base unquantized even if the run was 4-bit"
-    )
+    add_base_model_arg(g)
+    add_full_precision_arg(g)
+
+
+TARGET_HELP = "a run's training.output_dir, a checkpoint, or a merged model directory"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    from wronai.cli.run_args import add_run_command
+
+    p = add_run_command(
+        sub,
         "generate",
         help="generate answers with a trained run",
         description="Load the base model + the run's adapter and answer a prompt (streamed) or a file of prompts.",
         epilog=GENERATE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "target",
-        metavar="RUN_DIR",
-        help="a run's training.output_dir, a checkpoint, or a merged model directory",
+        target_help=TARGET_HELP,
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the instruction / question")
@@ -80,17 +76,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     _sampling(p)
     p.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser(
+    c = add_run_command(
+        sub,
         "chat",
         help="chat with a trained run in the terminal",
         description="A multi-turn chat with the run, in the prompt format it was trained with; answers are streamed.",
         epilog=CHAT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    c.add_argument(
-        "target",
-        metavar="RUN_DIR",
-        help="a run's training.output_dir, a checkpoint, or a merged model directory",
+        target_help=TARGET_HELP,
     )
     _sampling(c)
     c.set_defaults(func=cmd_chat)

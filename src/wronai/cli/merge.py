@@ -15,14 +15,16 @@ result saved as safetensors with the run's tokenizer, its wronai_config.yaml and
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    from wronai.cli.run_args import MERGE_INTO_HELP, add_base_model_arg, add_run_command
+
+    p = add_run_command(
+        sub,
         "merge",
         help="merge a run's adapter into its base model (standalone safetensors)",
         description="Merge a LoRA run into a standalone model that loads with transformers alone.",
         epilog=MERGE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        target_help="a run's training.output_dir (or a checkpoint-N folder)",
     )
-    p.add_argument("target", metavar="RUN_DIR", help="a run's training.output_dir (or a checkpoint-N folder)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder for the merged model")
     p.add_argument(
         "--dtype",
@@ -30,12 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="saved dtype (auto = the base checkpoint's)",
     )
-    p.add_argument(
-        "--base-model",
-        default=None,
-        metavar="PATH_OR_ID",
-        help="merge into this base instead of the saved model.name",
-    )
+    add_base_model_arg(p, MERGE_INTO_HELP)
     p.add_argument("--device", default="cpu", help="where to merge: cpu (default) or cuda")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.set_defaults(func=cmd_merge)

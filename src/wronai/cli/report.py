@@ -7,14 +7,17 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    from wronai.cli.run_args import add_run_command
+
+    p = add_run_command(
+        sub,
         "report",
         help="write RUN_DIR/report.html and the model card README.md",
         description="Write a self-contained HTML report of a finished run — loss/eval curves, learning rate, throughput "
         "and memory (when logged by wronai.train.throughput:ThroughputMemoryCallback), data statistics, the resolved config "
         "and answers to a few fixed Polish prompts — plus the Hugging Face model card RUN_DIR/README.md.",
+        target_help="a finished run's training.output_dir",
     )
-    p.add_argument("target", metavar="RUN_DIR", help="a finished run's training.output_dir")
     p.add_argument("--no-samples", action="store_true", help="skip loading the model to generate samples")
     p.add_argument("--max-new-tokens", type=int, default=64, help="length of each sample answer")
     p.set_defaults(func=cmd_report)
