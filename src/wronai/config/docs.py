@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from wronai.config.loader import IGNORED_GROUPS, LEGACY_KEYS
+from wronai.config.legacy import IGNORED_GROUPS, LEGACY_KEYS
 from wronai.config.schema import WronAIConfig
 
 
