@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from wronai.config.annotations import submodel
 from wronai.config.legacy import IGNORED_GROUPS, LEGACY_KEYS
 from wronai.config.schema import WronAIConfig
 
@@ -42,17 +43,7 @@ def _section(name: str, model: type[BaseModel], lines: list[str]) -> None:
     nested = []
     for key, field in model.model_fields.items():
         annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            sub: type[BaseModel] | None = annotation
-        else:
-            sub = next(
-                (
-                    a
-                    for a in getattr(annotation, "__args__", ())
-                    if isinstance(a, type) and issubclass(a, BaseModel)
-                ),
-                None,
-            )
+        sub = submodel(annotation)
         if sub is not None:
             nested.append((f"{name}.{key}", sub))
         kind = _type_name(annotation).replace("|", "\\|")
