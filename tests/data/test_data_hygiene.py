@@ -9,7 +9,7 @@ import pytest
 
 from conftest import alpaca_rows, write_jsonl
 from wronai.config.schema import DataSection, NormalizeSpec
-from wronai.data import hygiene, prepare
+from wronai.data import cache, hygiene
 from wronai.data.prepare import build_datasets
 
 
@@ -253,11 +253,11 @@ def test_build_datasets_applies_hygiene_and_reports_it(tmp_path, tiny_tokenizer,
 def test_normalize_settings_enter_the_cache_key(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(4))
     cfg = _cfg(path)
-    off = prepare.cache_key(cfg, tiny_tokenizer, 42, None)
-    assert prepare.cache_key(cfg, tiny_tokenizer, 42, None, NormalizeSpec()) == off
+    off = cache.cache_key(cfg, tiny_tokenizer, 42, None)
+    assert cache.cache_key(cfg, tiny_tokenizer, 42, None, NormalizeSpec()) == off
     assert (
-        prepare.cache_key(cfg, tiny_tokenizer, 42, None, NormalizeSpec(min_chars=5)) == off
+        cache.cache_key(cfg, tiny_tokenizer, 42, None, NormalizeSpec(min_chars=5)) == off
     )  # disabled: settings unused
-    on = prepare.cache_key(cfg, tiny_tokenizer, 42, None, NormalizeSpec(enabled=True))
+    on = cache.cache_key(cfg, tiny_tokenizer, 42, None, NormalizeSpec(enabled=True))
     assert on != off
-    assert prepare.cache_key(cfg, tiny_tokenizer, 42, None, NormalizeSpec(enabled=True, dedupe="near")) != on
+    assert cache.cache_key(cfg, tiny_tokenizer, 42, None, NormalizeSpec(enabled=True, dedupe="near")) != on

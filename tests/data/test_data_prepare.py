@@ -9,7 +9,7 @@ import pytest
 
 from conftest import POLISH_TEXT, alpaca_rows, write_jsonl
 from wronai.config.schema import DataSection
-from wronai.data import prepare
+from wronai.data import cache, split
 from wronai.data.prepare import build_datasets
 from wronai.data.tokenize import IGNORE_INDEX
 from wronai.errors import DataError
@@ -204,13 +204,13 @@ def test_all_rows_bad_is_an_error_even_when_skipping(tmp_path, tiny_tokenizer):
 @pytest.fixture()
 def count_reads(monkeypatch):
     calls = []
-    real = prepare.read_raw
+    real = split.read_raw
 
     def counting(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(prepare, "read_raw", counting)
+    monkeypatch.setattr(split, "read_raw", counting)
     return calls
 
 
@@ -267,7 +267,7 @@ def test_cache_invalidated(tmp_path, tiny_tokenizer, count_reads, change):
 
 def test_cache_key_ignores_worker_count(tiny_tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(4))
-    a = prepare.cache_key(_cfg(path), tiny_tokenizer, 42, None)
-    assert a == prepare.cache_key(_cfg(path, preprocessing_num_workers=4), tiny_tokenizer, 42, None)
-    assert a != prepare.cache_key(_cfg(path), tiny_tokenizer, 43, None)
-    assert a != prepare.cache_key(_cfg(path), tiny_tokenizer, 42, lambda row: row)
+    a = cache.cache_key(_cfg(path), tiny_tokenizer, 42, None)
+    assert a == cache.cache_key(_cfg(path, preprocessing_num_workers=4), tiny_tokenizer, 42, None)
+    assert a != cache.cache_key(_cfg(path), tiny_tokenizer, 43, None)
+    assert a != cache.cache_key(_cfg(path), tiny_tokenizer, 42, lambda row: row)
