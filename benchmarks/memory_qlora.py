@@ -33,6 +33,7 @@ whose CPU terms are calibrated by benchmarks/plan_accuracy.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -162,11 +163,14 @@ def run_variant(
     )
     load_s = time.perf_counter() - start
     # hardware.return_freed_memory (auto: on for CPU runs of >= 0.5B parameters), as `wronai train` sets it
-    released = heap.apply_memory_settings(
-        HardwareSection(device="cpu", return_freed_memory=freed_memory),
-        "cpu",
-        model.get_nb_trainable_parameters()[1],
-        model,
+    settings = contextlib.ExitStack()  # the child process ends after this run: the settings stay for it
+    released = settings.enter_context(
+        heap.memory_settings(
+            HardwareSection(device="cpu", return_freed_memory=freed_memory),
+            "cpu",
+            model.get_nb_trainable_parameters()[1],
+            model,
+        )
     )
     after_load, load_peak = _status("VmRSS"), _status("VmHWM")
     _reset_peak()

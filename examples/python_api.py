@@ -34,7 +34,7 @@ def main() -> None:
     from wronai.config.extensions import load_object
     from wronai.recipe import Pipeline
     from wronai.rundir import saving
-    from wronai.runtime.hardware import apply_thread_settings
+    from wronai.runtime.hardware import thread_settings
 
     # 1. Config: the YAML file plus `--set`-style overrides, validated (a ConfigError lists every problem).
     overrides = [
@@ -50,44 +50,45 @@ def main() -> None:
     trainer = Pipeline(args.config, overrides)
     cfg = trainer.config
 
-    # 2. Hardware plan: what this machine will actually use (fp16 -> bf16/fp32 on CPU, paged optimizers -> adamw_torch, ...).
-    for line in trainer.plan.describe():
-        log.info("plan: %s", line)
-    for note in trainer.plan.notes:
-        log.info("plan note: %s", note)
-    apply_thread_settings(cfg.hardware)
-    # `wronai train` refuses to overwrite a finished run unless --overwrite; this example always starts afresh.
-    saving.check_output_dir(cfg.training.output_dir, overwrite=True, resume=False)
+    # Process-wide settings (threads, the CPU heap's) hold inside the block and are undone after it.
+    with trainer, thread_settings(cfg.hardware):
+        # 2. Hardware plan: what this machine will actually use (fp16 -> bf16/fp32 on CPU, paged optimizers -> adamw_torch, ...).
+        for line in trainer.plan.describe():
+            log.info("plan: %s", line)
+        for note in trainer.plan.notes:
+            log.info("plan note: %s", note)
+        # `wronai train` refuses to overwrite a finished run unless --overwrite; this example always starts afresh.
+        saving.check_output_dir(cfg.training.output_dir, overwrite=True, resume=False)
 
-    # 3. Tokenizer (+ pad token, Polish special tokens, then extensions.tokenizer_hook).
-    tokenizer = trainer.load_tokenizer()
-    log.info("tokenizer: %d tokens, pad=%r", len(tokenizer), tokenizer.pad_token)
+        # 3. Tokenizer (+ pad token, Polish special tokens, then extensions.tokenizer_hook).
+        tokenizer = trainer.load_tokenizer()
+        log.info("tokenizer: %d tokens, pad=%r", len(tokenizer), tokenizer.pad_token)
 
-    # 4. Model: (4-bit) base model, embeddings resized for the new tokens, k-bit preparation, LoRA adapter.
-    model = trainer.load_model()
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("model: %s trainable of %s parameters", f"{trainable:,}", f"{total:,}")
+        # 4. Model: (4-bit) base model, embeddings resized for the new tokens, k-bit preparation, LoRA adapter.
+        model = trainer.load_model()
+        trainable, total = model.get_nb_trainable_parameters()
+        log.info("model: %s trainable of %s parameters", f"{trainable:,}", f"{total:,}")
 
-    # 5. Data: read, hook, format, tokenize, mask the prompt, (pack), cache. A Python hook wins over the config's.
-    data_hook = load_object(f"{HERE / 'custom_data_processing.py'}:data_hook", "data_hook")
-    prepared = trainer.load_dataset(data_hook=data_hook)
-    log.info("data: %d train / %d eval examples, %d rows dropped by the hook",
-             len(prepared.train), len(prepared.eval) if prepared.eval is not None else 0, prepared.stats.dropped_by_hook)  # fmt: skip
-    first = prepared.train[0]
-    trained = [t for t, label in zip(first["input_ids"], first["labels"], strict=True) if label != -100]
-    log.info("first example, trained part: %r", tokenizer.decode(trained))
+        # 5. Data: read, hook, format, tokenize, mask the prompt, (pack), cache. A Python hook wins over the config's.
+        data_hook = load_object(f"{HERE / 'custom_data_processing.py'}:data_hook", "data_hook")
+        prepared = trainer.load_dataset(data_hook=data_hook)
+        log.info("data: %d train / %d eval examples, %d rows dropped by the hook",
+                 len(prepared.train), len(prepared.eval) if prepared.eval is not None else 0, prepared.stats.dropped_by_hook)  # fmt: skip
+        first = prepared.train[0]
+        trained = [t for t, label in zip(first["input_ids"], first["labels"], strict=True) if label != -100]
+        log.info("first example, trained part: %r", tokenizer.decode(trained))
 
-    # 6. Trainer: TrainingArguments mapped for the installed transformers version, WronAI's collator, callbacks.
-    throughput_logger = load_object(f"{HERE / 'custom_callback.py'}:ThroughputLogger", "callback")()
-    trainer.extra_callbacks.append(throughput_logger)
-    trainer.build_trainer()
-    metrics = trainer.train()
-    log.info("train metrics: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
-    log.info("callback saw steps %s", throughput_logger.steps)
+        # 6. Trainer: TrainingArguments mapped for the installed transformers version, WronAI's collator, callbacks.
+        throughput_logger = load_object(f"{HERE / 'custom_callback.py'}:ThroughputLogger", "callback")()
+        trainer.extra_callbacks.append(throughput_logger)
+        trainer.build_trainer()
+        metrics = trainer.train()
+        log.info("train metrics: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+        log.info("callback saw steps %s", throughput_logger.steps)
 
-    # 7. Save: adapter, tokenizer, resolved config, provenance, trainer state, metrics.
-    out = trainer.save()
-    log.info("saved: %s", ", ".join(sorted(p.name for p in out.iterdir())))
+        # 7. Save: adapter, tokenizer, resolved config, provenance, trainer state, metrics.
+        out = trainer.save()
+        log.info("saved: %s", ", ".join(sorted(p.name for p in out.iterdir())))
 
     # 8. Load it back with stock transformers + peft (no WronAI), resizing the embeddings for the added tokens.
     import torch

@@ -11,6 +11,7 @@ there. ``Pipeline`` exposes the same stages one by one for people who extend the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,8 @@ from wronai.errors import ConfigError
 from wronai.model.prepare import PreparedTokenizer, prepare_model, prepare_tokenizer
 from wronai.rundir import saving
 from wronai.runtime import distributed
-from wronai.runtime.hardware import DevicePlan, apply_thread_settings, plan_device
-from wronai.runtime.heap import apply_memory_settings
+from wronai.runtime.hardware import DevicePlan, plan_device, thread_settings
+from wronai.runtime.heap import memory_settings
 from wronai.train import faults
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,11 @@ class RunResult:
 
 
 class Pipeline:
-    """The recipe's stages as methods; each may be called on its own, in order (a missing one runs first)."""
+    """The recipe's stages as methods; each may be called on its own, in order (a missing one runs first).
+
+    The process-wide settings the stages make (the CPU heap's thresholds and trimming hooks, from
+    ``load_model``) last until ``close()`` — or the end of a ``with Pipeline(...) as p:`` block.
+    """
 
     def __init__(self, config: WronAIConfig | str | Path, overrides: list[str] | None = None) -> None:
         self.config = config if isinstance(config, WronAIConfig) else load_config(config, overrides)
@@ -54,6 +59,17 @@ class Pipeline:
         self.signals = faults.SignalState()
         self._zero3_load: Any = None  # ZeRO-3's loading context, alive until the Trainer exists
         self.adapter_dir: Path | None = None  # set by save_adapter
+        self._settings = contextlib.ExitStack()  # process-wide settings of the stages, undone by close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Undo the process-wide settings the stages made (the heap's, see ``runtime.heap.memory_settings``)."""
+        self._settings.close()
 
     def load_tokenizer(self) -> Any:
         self.tokens = prepare_tokenizer(self.config)
@@ -66,7 +82,9 @@ class Pipeline:
         assert self.tokens is not None
         self.model, self._zero3_load = prepare_model(self.config, self.plan, self.tokens)
         _, parameters = self.model.get_nb_trainable_parameters()  # PEFT counts 4-bit weights unpacked
-        apply_memory_settings(self.config.hardware, self.plan.device, parameters, self.model)
+        self._settings.enter_context(
+            memory_settings(self.config.hardware, self.plan.device, parameters, self.model)
+        )
         return self.model
 
     def load_dataset(self, data_hook: Any = None) -> data_stage.PreparedData:
@@ -150,27 +168,36 @@ def run(
     problems = preflight(config, in_this_process=True)
     if problems:
         raise ConfigError(problems)
-    pipeline = Pipeline(config)
+    with Pipeline(config) as pipeline, thread_settings(config.hardware):
+        setup(pipeline, resume=bool(resume), overwrite=overwrite)
+        pipeline.train(resume=resume, force_resume=force_resume)
+        out = save(pipeline)
+        return RunResult(output_dir=out, metrics=pipeline.metrics)
+
+
+def setup(pipeline: Pipeline, *, resume: bool, overwrite: bool) -> None:
+    """Output dir, tokenizer, model, data and trainer — each written or built by rank 0 first under torchrun."""
+    config = pipeline.config
     distributed.init_process_group(pipeline.plan.device)  # no-op unless launched by torchrun/accelerate
     with distributed.main_process_first():  # rank 0 clears/creates the output dir, then the others check it
-        saving.check_output_dir(
-            config.training.output_dir,
-            overwrite=overwrite and distributed.is_main_process(),
-            resume=bool(resume),
-        )
+        overwrite_here = overwrite and distributed.is_main_process()
+        saving.check_output_dir(config.training.output_dir, overwrite=overwrite_here, resume=resume)
     for note in pipeline.plan.notes:
         logger.info("hardware: %s", note)
-    apply_thread_settings(config.hardware)
     with distributed.main_process_first():  # rank 0 builds a missing local model first; the others load it
         pipeline.load_tokenizer()
     pipeline.load_model()
     with distributed.main_process_first():  # rank 0 writes the prepared-data cache; the others read it
         pipeline.load_dataset()
     pipeline.build_trainer()
-    pipeline.train(resume=resume, force_resume=force_resume)
+
+
+def save(pipeline: Pipeline) -> Path:
+    """The adapter first (safe as soon as the loop ends), then the final evaluation, the run's files and the
+    report; a failure after the adapter names where it is."""
     out = pipeline.save_adapter()
     try:
-        metrics = pipeline.evaluate()
+        pipeline.evaluate()
         pipeline.save()
     except BaseException:
         logger.error(
@@ -180,9 +207,9 @@ def run(
             out,
         )
         raise
-    if config.logging.report and pipeline.trainer.is_world_process_zero():
+    if pipeline.config.logging.report and pipeline.trainer.is_world_process_zero():
         _write_report(out, pipeline)
-    return RunResult(output_dir=out, metrics=metrics)
+    return out
 
 
 def _write_report(out: Path, pipeline: Pipeline) -> None:

@@ -27,7 +27,7 @@ before = heap.resident_bytes(); del keep
 dropped = before - heap.resident_bytes()
 print(dropped / 2**20, heap.release_free_memory() / 2**20)
 """
-ON = 'assert heap.apply_memory_settings(HardwareSection(return_freed_memory="on"), "cpu", 1)'
+ON = 'import contextlib; SETTINGS = contextlib.ExitStack(); assert SETTINGS.enter_context(heap.memory_settings(HardwareSection(return_freed_memory="on"), "cpu", 1))'
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc heap behaviour")
 
 
@@ -84,7 +84,7 @@ for _ in range(3):
     step()
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
 """
-KEEP = 'assert not heap.apply_memory_settings(HardwareSection(return_freed_memory="off"), "cpu", 10**10)'
+KEEP = 'import contextlib; SETTINGS = contextlib.ExitStack(); assert not SETTINGS.enter_context(heap.memory_settings(HardwareSection(return_freed_memory="off"), "cpu", 10**10))'
 
 
 @linux_only
@@ -110,7 +110,9 @@ SMALL_FRAGMENT = """
 import torch
 from wronai.runtime import heap
 from wronai.config.schema import HardwareSection
-assert heap.apply_memory_settings(HardwareSection(return_freed_memory="on"), "cpu", 1)
+import contextlib
+SETTINGS = contextlib.ExitStack()  # open for the rest of this process
+assert SETTINGS.enter_context(heap.memory_settings(HardwareSection(return_freed_memory="on"), "cpu", 1))
 keep = [torch.ones(2**20 // 4) for _ in range(200)]     # 200 MiB of 1 MiB buffers: heap, not mmap
 pin = torch.ones(2**20 // 4)                            # holds the heap top
 trimmer = heap.HeapTrimmer(growth={growth})
@@ -171,10 +173,12 @@ def test_return_freed_memory_off_keeps_memory_and_installs_no_hooks(monkeypatch)
         heap, "keep_freed_memory", lambda: kept.append(True) or True
     )  # mallopt is per process
     model = tiny_llama(2)
-    assert not heap.apply_memory_settings(HardwareSection(return_freed_memory="off"), "cpu", 10**10, model)
-    assert all(not layer._forward_hooks for layer in heap.decoder_layers(model))
+    with heap.memory_settings(HardwareSection(return_freed_memory="off"), "cpu", 10**10, model) as returned:
+        assert not returned
+        assert all(not layer._forward_hooks for layer in heap.decoder_layers(model))
     assert kept == [True]
-    assert not heap.apply_memory_settings(HardwareSection(return_freed_memory="off"), "cuda", 10**10, model)
+    with heap.memory_settings(HardwareSection(return_freed_memory="off"), "cuda", 10**10, model) as returned:
+        assert not returned
     assert kept == [True]  # GPU runs leave the C heap alone
 
 
@@ -184,7 +188,8 @@ def test_return_freed_memory_on_trims_between_the_layers_of_the_model():
         "from test_heap import tiny_llama\n"
         "from wronai.runtime import heap\nfrom wronai.config.schema import HardwareSection\n"
         "model = tiny_llama(2)\n"
-        "assert heap.apply_memory_settings(HardwareSection(return_freed_memory='on'), 'cpu', 1, model)\n"
+        "import contextlib\nSETTINGS = contextlib.ExitStack()\n"
+        "assert SETTINGS.enter_context(heap.memory_settings(HardwareSection(return_freed_memory='on'), 'cpu', 1, model))\n"
         "print(sum(bool(layer._forward_hooks) for layer in heap.decoder_layers(model)))\n"
     )
     here = str(Path(__file__).parent)
@@ -207,7 +212,7 @@ def test_pipeline_trims_between_the_layers_of_the_model_it_loads(tiny_model_dir,
     code = (
         "import json, sys\nfrom wronai.runtime import heap\nfrom wronai.config import load_config\n"
         "from wronai.recipe import Pipeline\n"
-        "model = Pipeline(load_config(data=json.load(open(sys.argv[1])))).load_model()\n"
+        "pipeline = Pipeline(load_config(data=json.load(open(sys.argv[1]))))\nmodel = pipeline.load_model()\n"
         "print(sum(bool(layer._forward_hooks) for layer in heap.decoder_layers(model)))\n"
     )
     here = str(Path(__file__).parent)
@@ -239,7 +244,7 @@ def test_training_hands_the_kept_heap_back_when_it_ends(tiny_model_dir, alpaca_f
 
 
 def test_memory_settings_restore_glibcs_defaults_and_remove_the_hooks(monkeypatch):
-    """Inside the block the settings of apply_memory_settings; after it (also after an error) glibc's
+    """Inside the block hardware.return_freed_memory's settings; after it (also after an error) glibc's
     default thresholds and no trimming hooks on the model."""
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(heap, "_mallopt", lambda parameter, value: calls.append((parameter, value)) or True)
@@ -274,9 +279,11 @@ def test_memory_settings_restore_glibcs_defaults_and_remove_the_hooks(monkeypatc
 
 
 # kept in the block: freed 8 MiB buffers stay in the heap (RSS does not drop); after it glibc's default
-# 128 KiB mmap threshold holds again and a freed 8 MiB buffer goes back to the OS at once
+# 128 KiB mmap threshold holds again and a freed 8 MiB buffer goes back to the OS at once. Each measure runs
+# in a fresh process: buffers freed inside the block stay in glibc's bins and would serve later requests
+# from the heap, whatever the threshold.
 RESTORE_FRAGMENT = """
-import torch
+import sys, torch
 from wronai.runtime import heap
 from wronai.config.schema import HardwareSection
 def dropped_on_free():
@@ -285,16 +292,20 @@ def dropped_on_free():
     before = heap.resident_bytes(); del keep
     return (before - heap.resident_bytes()) / 2**20
 with heap.memory_settings(HardwareSection(return_freed_memory="off"), "cpu", 10**10):
-    inside = dropped_on_free()
-heap.release_free_memory()
-print(inside, dropped_on_free())
+    if sys.argv[1] == "inside":
+        print(dropped_on_free())
+if sys.argv[1] == "after":
+    print(dropped_on_free())
 """
 
 
 @linux_only
 def test_memory_settings_end_with_the_block():
-    out = subprocess.run(
-        [sys.executable, "-c", RESTORE_FRAGMENT], capture_output=True, text=True, check=True
-    ).stdout
-    inside, after = (float(x) for x in out.split())
+    def measure(when: str) -> float:
+        run = subprocess.run(
+            [sys.executable, "-c", RESTORE_FRAGMENT, when], capture_output=True, text=True, check=True
+        )
+        return float(run.stdout.split()[-1])
+
+    inside, after = measure("inside"), measure("after")
     assert inside < 40 and after > 200, (inside, after)

@@ -7,11 +7,13 @@ with one note per replacement. On CUDA the config is used as written. ``wronai v
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -379,7 +381,14 @@ def _model_dtype(requested: str, precision: str, bf16_ok: bool, device: str, not
     return dtype
 
 
-def apply_thread_settings(hardware: HardwareSection) -> None:
-    """Set PyTorch's CPU thread count when configured (called once by the pipeline, never at import)."""
+@contextlib.contextmanager
+def thread_settings(hardware: HardwareSection) -> Iterator[None]:
+    """PyTorch's CPU thread count ``hardware.num_threads`` inside the block (when configured), the previous
+    count after it."""
+    previous = torch.get_num_threads()
     if hardware.num_threads:
         torch.set_num_threads(hardware.num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

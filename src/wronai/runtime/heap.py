@@ -8,7 +8,7 @@ decoder stack's forward and 170 MiB after two steps (measured with ``mallinfo2``
 — 20% of the model's part of the peak RSS. ``hardware.return_freed_memory`` sets three things:
 
 - ``release_free_memory``: ``malloc_trim`` once the model is prepared (always; loading frees a lot);
-- a fixed mmap threshold (``apply_memory_settings``): buffers of 4 MiB and more are mapped and unmapped;
+- a fixed mmap threshold (``memory_settings``): buffers of 4 MiB and more are mapped and unmapped;
 - ``HeapTrimmer``: between decoder layers, forward and backward, the heap's free pages are handed back
   (``install_heap_trimming``).
 
@@ -157,14 +157,6 @@ def keep_freed_memory() -> bool:
     """Keep freed buffers in the C heap for reuse: buffers up to 32 MiB come from the heap, and its top is
     not trimmed when a step's activations are freed; returns whether glibc took both settings."""
     return _mallopt(M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD) and _mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD)
-
-
-def apply_memory_settings(
-    hardware: HardwareSection, device: str, parameters: int, model: torch.nn.Module | None = None
-) -> bool:
-    """``hardware.return_freed_memory`` for CPU runs, for the rest of the process (``memory_settings`` is the
-    same inside a block); returns whether freed memory now goes back to the OS."""
-    return _apply(hardware, device, parameters, model)[0]
 
 
 @contextlib.contextmanager
