@@ -24,6 +24,24 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    func: Any,
+    *,
+    help: str,
+    description: str,
+    config: bool = False,
+    **parser_kwargs: Any,
+) -> argparse.ArgumentParser:
+    """One command's parser, running ``func``; ``config``: it takes CONFIG and ``--set`` overrides."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=description, **parser_kwargs)
+    if config:
+        add_config_args(p)
+    p.set_defaults(func=func)
+    return p
+
+
 def load_config_args(args: argparse.Namespace) -> Any:
     """The config named by a command's CONFIG and ``--set`` arguments, with the loader's notes."""
     from wronai.config import load_config_with_notes

@@ -6,15 +6,18 @@ import argparse
 import sys
 from pathlib import Path
 
+from wronai.cli.common import add_command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "config-docs",
+        cmd_config_docs,
         help="write docs/configuration.md from the schema",
         description="Generate the configuration reference.",
     )
     p.add_argument("--out", default=None, help="file to write (default: print)")
-    p.set_defaults(func=cmd_config_docs)
 
 
 def cmd_config_docs(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from wronai.cli.common import add_config_args, load_config_args
+from wronai.cli.common import add_command, load_config_args
 
 logger = logging.getLogger(__name__)
 
@@ -16,31 +16,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         "data", help="inspect the training data", description="Inspect what the model will see."
     )
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION")
-    pp = data_sub.add_parser(
+    pp = add_command(
+        data_sub,
         "preview",
+        cmd_data_preview,
         help="show formatted examples with trained tokens marked",
         description="Print examples as the model sees them: masked (prompt) text in [brackets] or dim, trained text plain; "
         "token counts and the length distribution.",
+        config=True,
     )
-    add_config_args(pp)
     pp.add_argument("-n", type=int, default=3, help="examples to show")
     pp.add_argument("--color", choices=["auto", "always", "never"], default="auto")
-    pp.set_defaults(func=cmd_data_preview)
-    pp = data_sub.add_parser(
+    pp = add_command(
+        data_sub,
         "prepare",
+        cmd_data_prepare,
         help="prepare and cache the data now",
         description="Run data preparation once and cache it.",
+        config=True,
     )
-    add_config_args(pp)
-    pp.set_defaults(func=cmd_data_prepare)
-    pp = data_sub.add_parser(
+    pp = add_command(
+        data_sub,
         "check",
+        cmd_data_check,
         help="run the pre-flight data checks",
         description="Prepare the data and run the pre-flight checks (EOS/end-of-turn trained, chat template equal to the "
         "tokenizer's, share of too-long rows), even when data.checks is false; exit 2 naming each failed check.",
+        config=True,
     )
-    add_config_args(pp)
-    pp.set_defaults(func=cmd_data_check)
 
 
 def cmd_data_preview(args: argparse.Namespace) -> int:

@@ -6,12 +6,16 @@ import argparse
 import logging
 from pathlib import Path
 
+from wronai.cli.common import add_command
+
 logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "init-model",
+        cmd_init_model,
         help="build a small local Llama model + Polish tokenizer (offline)",
         description="Train a byte-level BPE tokenizer on local text and save a small randomly initialised Llama model, "
         "usable as model.name. Needs no network.",
@@ -30,7 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pretrain-steps", type=int, default=0, help="quick full-weight pre-training steps on --data"
     )
-    p.set_defaults(func=cmd_init_model)
 
 
 def cmd_init_model(args: argparse.Namespace) -> int:

@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from wronai.cli.common import add_config_args
+from wronai.cli.common import add_command
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "plan",
+        cmd_plan,
         help="estimate GPU memory per device before downloading anything",
         description="Estimate memory per GPU (weights, LoRA + optimizer, activations) from the model's config.json; "
         "say whether it fits the GPU and which settings to change if not. See docs/distributed.md.",
+        config=True,
     )
-    add_config_args(p)
     p.add_argument("--gpu", default="24GB", help="GPU memory, e.g. 8GB, 24GB, 80GB (default 24GB)")
     p.add_argument(
         "--nproc",
@@ -29,7 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="SIZE",
         help="plan a CPU run instead: peak RSS per process against this much RAM, e.g. 24GB",
     )
-    p.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+
+from wronai.cli.common import add_command
 
 EPILOG = """examples:
   wronai tokenizer stats runs/tiny-model runs/pl-bpe                    # on data/eval_pl/*.txt
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
 
-    s = _action(
+    s = add_command(
         tsub,
         "stats",
         cmd_stats,
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--top", type=int, default=5, help="most fragmented frequent words to show per tokenizer")
 
-    t = _action(
+    t = add_command(
         tsub,
         "train",
         cmd_train,
@@ -51,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--min-frequency", type=int, default=2, help="a pair must occur this often to be merged")
     _add_out(t)
 
-    e = _action(
+    e = add_command(
         tsub,
         "extend",
         cmd_extend,
@@ -65,13 +66,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_out(e)
 
     p.set_defaults(func=lambda args: _help(p))
-
-
-def _action(tsub: argparse._SubParsersAction, name: str, func: Any, help: str, description: str) -> Any:
-    """The parser of one ``wronai tokenizer`` action, running ``func``."""
-    p = tsub.add_parser(name, help=help, description=description)
-    p.set_defaults(func=func)
-    return p
 
 
 def _add_data(p: argparse.ArgumentParser, help: str, required: bool = True) -> None:

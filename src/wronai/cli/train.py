@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 import logging
 
-from wronai.cli.common import add_config_args, load_config_args, setup_logging
+from wronai.cli.common import add_command, load_config_args, setup_logging
 from wronai.errors import WronAIError
 
 logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "train",
+        cmd_train,
         help="run the training pipeline",
         description="Run the whole pipeline: config -> model -> data -> train -> save.",
+        config=True,
     )
-    add_config_args(p)
     p.add_argument(
         "--resume",
         nargs="?",
@@ -36,7 +38,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--nproc", type=int, default=1, metavar="N",
         help="data-parallel processes on this machine: re-launches under torchrun (gloo on CPU, nccl on CUDA); see docs/distributed.md",
     )  # fmt: skip
-    p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

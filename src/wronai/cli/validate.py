@@ -5,23 +5,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-from wronai.cli.common import add_config_args, load_config_args
+from wronai.cli.common import add_command, load_config_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "validate",
+        cmd_validate,
         help="check a config and show the device plan",
         description="Load and check a config without loading a model; print the resolved config and the device plan. "
         "Exits 2 and lists the problems if there are any.",
+        config=True,
     )
-    add_config_args(p)
     p.add_argument(
         "--quiet",
         action="store_true",
         help="print only the device plan and problems, not the resolved config",
     )
-    p.set_defaults(func=cmd_validate)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

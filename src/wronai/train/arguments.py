@@ -127,19 +127,8 @@ def unaccepted_arguments_message(keys: list[str]) -> str:
     )
 
 
-def build_training_arguments(
-    training: TrainingSection,
-    hardware: HardwareSection,
-    plan: DevicePlan,
-    *,
-    report_to: list[str],
-    run_name: str,
-    has_eval: bool,
-) -> Any:
+def build_training_arguments(*args: Any, **kwargs: Any) -> Any:
+    """``TrainingArguments`` from ``training_arguments_kwargs(*args, **kwargs)``."""
     from transformers import TrainingArguments
 
-    return TrainingArguments(
-        **training_arguments_kwargs(
-            training, hardware, plan, report_to=report_to, run_name=run_name, has_eval=has_eval
-        )
-    )
+    return TrainingArguments(**training_arguments_kwargs(*args, **kwargs))
