@@ -1,0 +1,267 @@
+"""The decoder layer that ``wronai.runtime.autotune`` times: a model's seven projections, each with LoRA.
+
+``build_layer`` makes, in-process and from the shapes of the model's config.json, the linear projections of
+one decoder layer (q, k, v, o, gate, up, down) — bitsandbytes ``Linear4bit`` NF4 with double quantization
+for 4-bit runs, else dense — wrapped by ``peft.get_peft_model`` with a LoRA adapter of the run's rank, so
+that what is timed is what a run computes: PEFT's ``lora.Linear``/``lora.bnb.Linear4bit``, the fused
+classes of ``wronai.kernels.fused_lora`` swapped in for them, bitsandbytes' ``Linear4bit`` or
+``wronai.kernels.bnb.RowSlicedLinear4bit`` as the frozen base. ``TimedLayer.step_ms`` times forward and
+backward (gradients for the adapter and the layer inputs, none for the frozen weights) of one candidate.
+
+Large 4-bit weights are not quantized from a full float32 matrix (seconds for a 7B model's 11008 × 4096):
+a few rows are quantized and their codes and block scales repeated to the full shape — the dequantization
+and matmul cost of a 4-bit weight does not depend on its values.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_NESTED_BLOCK = 256  # bitsandbytes' block size of the double-quantized block scales
+_BLOCK = 64  # NF4 block size
+
+
+@dataclass(frozen=True)
+class LayerShapes:
+    """The feature sizes of one decoder layer (``attention``/``kv``: heads × head_dim)."""
+
+    hidden: int
+    intermediate: int
+    attention: int
+    kv: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LayerShapes | None:
+        """From a config.json dict; None when it lacks the sizes of a decoder layer."""
+        try:
+            hidden, intermediate = int(config["hidden_size"]), int(config["intermediate_size"])
+            heads = int(config["num_attention_heads"])
+            kv_heads = int(config.get("num_key_value_heads") or heads)
+            head_dim = int(config.get("head_dim") or hidden // heads)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            return None
+        if min(hidden, intermediate, heads, kv_heads, head_dim) <= 0:
+            return None
+        return cls(hidden, intermediate, heads * head_dim, kv_heads * head_dim)
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each projection."""
+        h, i, a, kv = self.hidden, self.intermediate, self.attention, self.kv
+        return {"q_proj": (h, a), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (a, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
+
+    def largest_weight(self) -> int:
+        """Elements of the largest projection weight."""
+        return max(a * b for a, b in self.projections().values())
+
+    def parameters(self) -> int:
+        """Elements of all projection weights."""
+        return sum(a * b for a, b in self.projections().values())
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to compute the layer: mixed precision, fused LoRA or PEFT's, row-slice size (0 = whole)."""
+
+    precision: str  # bf16 | fp32
+    fused_lora: bool
+    chunk_bytes: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    def label(self) -> str:
+        slices = f"{size_name(self.chunk_bytes)} slices" if self.chunk_bytes else "whole weights"
+        return f"{self.precision}, {'fused' if self.fused_lora else 'PEFT'} LoRA, {slices}"
+
+
+def size_name(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:g} MiB" if n_bytes >= 2**20 else f"{n_bytes / 2**10:g} KiB"
+
+
+class _Projections(torch.nn.Module):
+    """The projections of one decoder layer, each fed an input of its width (attention itself not run)."""
+
+    def __init__(self, layers: dict[str, torch.nn.Module], four_bit: bool) -> None:
+        super().__init__()
+        for name, layer in layers.items():
+            self.add_module(name, layer)
+        self.is_loaded_in_4bit = four_bit  # what PEFT reads to wrap Linear4bit bases
+
+    def forward(self, hidden: torch.Tensor, attention: torch.Tensor, mlp: torch.Tensor) -> list[torch.Tensor]:
+        source = {"o_proj": attention, "down_proj": mlp}
+        return [getattr(self, name)(source.get(name, hidden)) for name in PROJECTIONS]
+
+
+def _four_bit(in_features: int, out_features: int, generator: torch.Generator) -> Any:
+    """An NF4, double-quantized ``Linear4bit`` (float32 compute) out of packed-format reach."""
+    import bitsandbytes as bnb
+
+    from wronai.kernels.bnb import forbid_packed_format
+
+    layer = bnb.nn.Linear4bit(
+        in_features, out_features, bias=False, quant_type="nf4", compress_statistics=True, device="meta"
+    )
+    layer.compute_dtype, layer.compute_type_is_set = torch.float32, True
+    # rows whose scales fill whole blocks of the double quantization: repeating them keeps the blocks aligned
+    rows = out_features
+    if in_features % _BLOCK == 0:
+        rows = min(out_features, _BLOCK * _NESTED_BLOCK // math.gcd(in_features, _BLOCK * _NESTED_BLOCK))
+    template = torch.randn(rows, in_features, generator=generator).mul_(0.02)
+    weight: Any = bnb.nn.Params4bit(
+        template, requires_grad=False, quant_type="nf4", compress_statistics=True, module=layer
+    )
+    weight = weight.to("cpu")  # quantizes
+    layer.weight = _repeated(weight, out_features, layer) if rows < out_features else weight
+    forbid_packed_format(layer)
+    return layer
+
+
+def _repeated(weight: Any, out_features: int, module: Any) -> Any:
+    """A 4-bit weight of ``out_features`` rows: the codes and block scales of ``weight``'s rows repeated."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import QuantState
+
+    state = weight.quant_state
+    rows, in_features = state.shape
+    repeats = -(-out_features // rows)
+    blocks = out_features * in_features // state.blocksize
+    inner = state.state2
+    nested = QuantState(
+        absmax=inner.absmax.repeat(repeats)[: -(-blocks // inner.blocksize)],
+        code=inner.code,
+        blocksize=inner.blocksize,
+        dtype=inner.dtype,
+    )
+    full = QuantState(
+        absmax=state.absmax.repeat(repeats)[:blocks],
+        shape=torch.Size([out_features, in_features]),
+        code=state.code,
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=state.dtype,
+        offset=state.offset,
+        state2=nested,
+    )
+    codes = weight.data.reshape(-1).repeat(repeats)[: out_features * in_features // 2].reshape(-1, 1)
+    return bnb.nn.Params4bit(
+        codes,
+        requires_grad=False,
+        quant_state=full,
+        blocksize=state.blocksize,
+        compress_statistics=True,
+        quant_type=state.quant_type,
+        module=module,
+        bnb_quantized=True,
+    )
+
+
+def _dense(in_features: int, out_features: int, generator: torch.Generator) -> torch.nn.Linear:
+    layer = torch.nn.utils.skip_init(torch.nn.Linear, in_features, out_features, bias=False)
+    layer.weight.requires_grad_(False)
+    with torch.no_grad():
+        layer.weight.normal_(0.0, 0.02, generator=generator)
+    return layer
+
+
+class TimedLayer:
+    """The PEFT-wrapped projections of one decoder layer, configured per candidate and timed.
+
+    ``fraction``: each projection keeps this share of its rows (output features; at least 16), for models
+    whose layer step would not fit the budget whole — the input widths, and with them the per-row cost of
+    the matmuls, of dequantization and of row slices, stay the model's."""
+
+    def __init__(self, shapes: LayerShapes, four_bit: bool, lora_r: int, fraction: float = 1.0) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        self.shapes, self.four_bit = shapes, four_bit
+        self.generator = torch.Generator().manual_seed(0)
+        build = _four_bit if four_bit else _dense
+        sizes = shapes.projections()
+        layers = {
+            name: build(i, max(min(o, 16), round(o * fraction)), self.generator)
+            for name, (i, o) in sizes.items()
+        }
+        self.rows = {id(layers[name]): o for name, (i, o) in sizes.items()}  # the model's rows per base
+        config = LoraConfig(
+            r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules=list(PROJECTIONS)
+        )
+        self.model = get_peft_model(_Projections(layers, four_bit), config)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def lora_layers(self) -> list[Any]:
+        from wronai.kernels.fused_lora import SWAPS
+
+        swapped = set(SWAPS.values())
+        return [m for m in self.model.modules() if type(m) in SWAPS or type(m) in swapped]
+
+    def configure(self, candidate: Candidate) -> int:
+        """Set the layer up as ``candidate`` computes it; returns how many bases dequantize in row slices."""
+        from wronai.kernels.fused_lora import SWAPS, unfuse_lora_layers
+
+        unfuse_lora_layers(self.model)
+        sliced = 0
+        for layer in self.lora_layers():
+            base = layer.get_base_layer()
+            if self.four_bit:
+                sliced += _set_slices(base, candidate.chunk_bytes, candidate.dtype, self.rows[id(base)])
+            else:
+                base.weight.data = base.weight.data.to(
+                    candidate.dtype
+                )  # weights dtype auto follows precision
+            if candidate.fused_lora:
+                layer.__class__ = SWAPS[type(layer)]
+        return sliced
+
+    def step_ms(self, candidate: Candidate, tokens: int, seconds: float) -> float:
+        """Forward + backward of ``tokens`` tokens as ``candidate``: the fastest of the calls made in
+        ``seconds`` (at least one; the first call of a shape also sets up its kernels, so ``seconds`` should
+        leave room for two)."""
+        self.configure(candidate)
+        shapes, dtype = self.shapes, candidate.dtype
+        inputs = [
+            torch.randn(tokens, width, generator=self.generator).to(dtype).requires_grad_(True)
+            for width in (shapes.hidden, shapes.attention, shapes.intermediate)
+        ]
+        autocast = candidate.precision == "bf16"
+        grads: list[torch.Tensor] = []
+        times: list[float] = []
+        begin = time.perf_counter()
+        while not times or time.perf_counter() - begin < seconds:
+            tick = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                outputs = self.model(*inputs)
+            grads = grads or [torch.randn(o.shape, generator=self.generator).to(o.dtype) for o in outputs]
+            torch.autograd.backward(outputs, grads)
+            times.append(time.perf_counter() - tick)
+            for tensor in (*self.params, *inputs):
+                tensor.grad = None
+        return 1000 * min(times)
+
+
+def _set_slices(base: Any, chunk_bytes: int, dtype: torch.dtype, rows: int) -> int:
+    """A 4-bit base as ``wronai.model.lora`` leaves it: compute dtype, and row slices when the model's weight
+    (``rows`` rows) in that dtype exceeds ``chunk_bytes`` (``kernels.bnb.chunk_4bit_layers``' rule); 1 when
+    sliced."""
+    import bitsandbytes as bnb
+
+    from wronai.kernels.bnb import RowSlicedLinear4bit, chunkable
+
+    base.compute_dtype, base.compute_type_is_set = dtype, True
+    base.__class__ = bnb.nn.Linear4bit
+    base.__dict__.pop("chunk_bytes", None)
+    state = base.weight.quant_state
+    if chunk_bytes and chunkable(state) and rows * state.shape[1] * dtype.itemsize > chunk_bytes:
+        RowSlicedLinear4bit.from_linear4bit(base, chunk_bytes)
+        return 1
+    return 0
