@@ -101,14 +101,17 @@ class Pipeline:
         return self.data
 
     def build_trainer(self) -> Any:
-        from wronai.train.trainer import make_trainer  # loads transformers' Trainer stack: only when training
+        from wronai.train.callbacks import (
+            StopOnSignalCallback,  # transformers' Trainer stack: only when training
+        )
+        from wronai.train.trainer import make_trainer
 
         if self.model is None:
             self.load_model()
         if self.data is None:
             self.load_dataset()
         callbacks = [
-            faults.make_stop_callback(self.signals),
+            StopOnSignalCallback(self.signals),
             *build_callbacks(self.config.extensions.callbacks),
             *self.extra_callbacks,
         ]

@@ -21,7 +21,8 @@ from wronai.config import load_config
 from wronai.errors import ConfigError, WronAIError
 from wronai.recipe import Pipeline, run
 from wronai.train import checkpointing
-from wronai.train.faults import NonFiniteLossError, resume_differences
+from wronai.train.faults import NonFiniteLossError
+from wronai.train.resume import resume_differences
 from wronai.train.trainer import GuardedTrainer
 
 

@@ -9,6 +9,8 @@ import time
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from wronai.train.faults import SignalState
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,3 +43,16 @@ class QuietProgressCallback(ProgressCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         return None
+
+
+class StopOnSignalCallback(TrainerCallback):
+    """After SIGTERM/SIGINT (``signals``): end the loop at the end of the current step, with a checkpoint."""
+
+    def __init__(self, signals: SignalState) -> None:
+        self.signals = signals
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signals.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control

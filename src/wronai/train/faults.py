@@ -1,4 +1,4 @@
-"""Faults during training: stop on signal, non-finite loss/gradient guard, resume checks, out-of-memory.
+"""Faults during training: stop on signal, non-finite loss/gradient guard, out-of-memory.
 
 - SIGTERM/SIGINT: the current step finishes, a checkpoint is written, the run exits with code 3 and says how
   to resume. A second Ctrl-C aborts at once.
@@ -7,7 +7,6 @@
   ``training.on_nan: stop`` ends the run (exit code 4) keeping the last good checkpoint; ``skip_step``
   drops that update (no optimizer or momentum change), counts it, and stops after
   ``training.max_consecutive_nan_steps`` in a row.
-- ``--resume`` refuses a config whose changes would alter results, listing them (``--force-resume`` overrides).
 - Out of memory: one line with `wronai plan`'s estimate for the run and the settings to lower (``oom_message``).
 """
 
@@ -72,19 +71,6 @@ class SignalState:
                 name,
             )
         self.received = name
-
-
-def make_stop_callback(signals: SignalState):
-    from transformers import TrainerCallback
-
-    class StopOnSignalCallback(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[override]
-            if signals.received is not None:
-                control.should_save = True
-                control.should_training_stop = True
-            return control
-
-    return StopOnSignalCallback()
 
 
 class GradientGuard:
@@ -171,35 +157,6 @@ def _local_grads_finite(optimizer: torch.optim.Optimizer) -> bool:
         return True
     norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
     return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
-
-
-# Config keys whose change alters the results of a resumed run.
-RESULT_KEYS = {
-    "model": ("name", "revision", "torch_dtype"),
-    "lora": ("r", "lora_alpha", "lora_dropout", "bias", "target_modules", "modules_to_save", "use_rslora"),
-    "quantization": ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant"),
-    "training": (
-        "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",
-        "optim", "weight_decay", "seed", "data_seed", "warmup_steps", "warmup_ratio", "group_by_length",
-    ),
-    "data": (
-        "dataset_name", "dataset_config", "train_split", "eval_split", "eval_fraction", "format", "columns",
-        "text_column", "prompt_template", "chat_template", "train_on", "add_eos", "max_seq_length", "packing", "max_samples",
-    ),
-    "polish": ("add_polish_tokens", "special_tokens", "extend_vocab"),
-}  # fmt: skip
-
-
-def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """One line per result-affecting key that differs between the checkpoint's config and the current one."""
-    lines = []
-    for group, keys in RESULT_KEYS.items():
-        for key in keys:
-            old = (saved.get(group) or {}).get(key)
-            new = (current.get(group) or {}).get(key)
-            if old != new:
-                lines.append(f"`{group}.{key}`: {old!r} in the checkpoint, {new!r} now")
-    return lines
 
 
 def is_out_of_memory(err: BaseException) -> bool:

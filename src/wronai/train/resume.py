@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -11,9 +12,36 @@ from wronai.config import WronAIConfig
 from wronai.errors import ConfigError, WronAIError
 from wronai.rundir.files import CONFIG_FILE
 from wronai.train import checkpointing
-from wronai.train.faults import resume_differences
 
 logger = logging.getLogger(__name__)
+
+# Config keys whose change alters the results of a resumed run.
+RESULT_KEYS = {
+    "model": ("name", "revision", "torch_dtype"),
+    "lora": ("r", "lora_alpha", "lora_dropout", "bias", "target_modules", "modules_to_save", "use_rslora"),
+    "quantization": ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant"),
+    "training": (
+        "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",
+        "optim", "weight_decay", "seed", "data_seed", "warmup_steps", "warmup_ratio", "group_by_length",
+    ),
+    "data": (
+        "dataset_name", "dataset_config", "train_split", "eval_split", "eval_fraction", "format", "columns",
+        "text_column", "prompt_template", "chat_template", "train_on", "add_eos", "max_seq_length", "packing", "max_samples",
+    ),
+    "polish": ("add_polish_tokens", "special_tokens", "extend_vocab"),
+}  # fmt: skip
+
+
+def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """One line per result-affecting key that differs between the checkpoint's config and the current one."""
+    lines = []
+    for group, keys in RESULT_KEYS.items():
+        for key in keys:
+            old = (saved.get(group) or {}).get(key)
+            new = (current.get(group) or {}).get(key)
+            if old != new:
+                lines.append(f"`{group}.{key}`: {old!r} in the checkpoint, {new!r} now")
+    return lines
 
 
 def resolve_resume(resume: str | bool | None, output_dir: str) -> Path | None:

@@ -1,4 +1,6 @@
-"""Generating with a loaded run: sampling options, end-of-turn stops, streaming, batches and chat sessions::
+"""Generating with a loaded run: sampling options, end-of-turn stops, streaming, batches and chat sessions.
+
+Only the commands that generate import it (it loads transformers)::
 
 run = load_run("runs/offline-demo")
 prompt = run.prompt.single("Jaka jest stolica Polski?")
@@ -10,6 +12,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
+
+import torch
+from transformers import StoppingCriteria, TextStreamer
 
 from wronai.errors import WronAIError
 from wronai.use.prompts import Prompt
@@ -58,23 +63,21 @@ class GenerationOptions:
         return kwargs
 
 
-def _stop_criteria(tokenizer: Any, stop_strings: list[str], prompt_len: int) -> Any:
-    import torch
-    from transformers import StoppingCriteria
+class StopOnStrings(StoppingCriteria):
+    """Per-row stop when the generated text so far contains an end-of-turn marker."""
 
-    longest = max(len(s) for s in stop_strings)
+    def __init__(self, tokenizer: Any, stop_strings: list[str], prompt_len: int) -> None:
+        self.tokenizer, self.stop_strings, self.prompt_len = tokenizer, stop_strings, prompt_len
+        self.longest = max(len(s) for s in stop_strings)
 
-    class StopOnStrings(StoppingCriteria):
-        """Per-row stop when the generated text so far contains an end-of-turn marker."""
-
-        def __call__(self, input_ids, scores, **kwargs):
-            done = []
-            for row in input_ids:
-                tail = tokenizer.decode(row[prompt_len:][-(longest + 8) :], skip_special_tokens=False)
-                done.append(any(s in tail for s in stop_strings))
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-    return StopOnStrings()
+    def __call__(self, input_ids, scores, **kwargs):
+        done = []
+        for row in input_ids:
+            tail = self.tokenizer.decode(
+                row[self.prompt_len :][-(self.longest + 8) :], skip_special_tokens=False
+            )
+            done.append(any(s in tail for s in self.stop_strings))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _cut(text: str, stop_strings: list[str]) -> str:
@@ -82,47 +85,49 @@ def _cut(text: str, stop_strings: list[str]) -> str:
     return text[:cut]
 
 
-def make_streamer(tokenizer: Any, stream: TextIO, stop_strings: list[str]) -> Any:
+class StopAwareStreamer(TextStreamer):
     """A transformers ``TextStreamer`` writing to ``stream`` that hides end-of-turn markers and what follows."""
-    from transformers import TextStreamer
 
-    class StopAwareStreamer(TextStreamer):
-        def __init__(self) -> None:
-            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    def __init__(self, tokenizer: Any, stream: TextIO, stop_strings: list[str]) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.stream, self.stop_strings = stream, stop_strings
+        self.pending = ""
+        self.stopped = False
+        self.written = ""
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if self.stopped:
+            return
+        self.pending += text
+        cut = _cut(self.pending, self.stop_strings) if self.stop_strings else self.pending
+        if len(cut) < len(self.pending):
+            self.stopped = True
+            self._emit(cut)
             self.pending = ""
-            self.stopped = False
-            self.written = ""
+        else:
+            # keep back a tail that could still grow into a stop string
+            keep = max(
+                (k for s in self.stop_strings for k in range(1, len(s)) if self.pending.endswith(s[:k])),
+                default=0,
+            )
+            self._emit(self.pending[: len(self.pending) - keep])
+            self.pending = self.pending[len(self.pending) - keep :]
+        if stream_end:
+            self._emit(self.pending)
+            self.pending = ""
 
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            if self.stopped:
-                return
-            self.pending += text
-            cut = _cut(self.pending, stop_strings) if stop_strings else self.pending
-            if len(cut) < len(self.pending):
-                self.stopped = True
-                self._emit(cut)
-                self.pending = ""
-            else:
-                # keep back a tail that could still grow into a stop string
-                keep = max(
-                    (k for s in stop_strings for k in range(1, len(s)) if self.pending.endswith(s[:k])),
-                    default=0,
-                )
-                self._emit(self.pending[: len(self.pending) - keep])
-                self.pending = self.pending[len(self.pending) - keep :]
-            if stream_end:
-                self._emit(self.pending)
-                self.pending = ""
+    def _emit(self, text: str) -> None:
+        if not self.written:
+            text = text.lstrip()  # the answer's leading space belongs to the template, not the reply
+        if text:
+            self.written += text
+            self.stream.write(text)
+            self.stream.flush()
 
-        def _emit(self, text: str) -> None:
-            if not self.written:
-                text = text.lstrip()  # the answer's leading space belongs to the template, not the reply
-            if text:
-                self.written += text
-                stream.write(text)
-                stream.flush()
 
-    return StopAwareStreamer()
+def make_streamer(tokenizer: Any, stream: TextIO, stop_strings: list[str]) -> StopAwareStreamer:
+    """The streamer of ``generate``: ``stream`` gets the answer as it is generated, without end-of-turn markers."""
+    return StopAwareStreamer(tokenizer, stream, stop_strings)
 
 
 def generate(
@@ -134,7 +139,6 @@ def generate(
     batch_size: int = 8,
 ) -> list[str]:
     """Answers for ``prompts`` (batched, left-padded). With ``stream``, tokens are written as they come (one prompt)."""
-    import torch
     from transformers import StoppingCriteriaList
 
     options = (options or GenerationOptions()).check()
@@ -155,7 +159,7 @@ def generate(
         ).to(device)
         kwargs = options.generate_kwargs()
         criteria = (
-            StoppingCriteriaList([_stop_criteria(tokenizer, stops, enc["input_ids"].shape[1])])
+            StoppingCriteriaList([StopOnStrings(tokenizer, stops, enc["input_ids"].shape[1])])
             if stops
             else None
         )
