@@ -8,13 +8,14 @@ import random
 import pytest
 
 from conftest import alpaca_rows, write_jsonl
-from wronai.config.schema import DataSection, NormalizeSpec
-from wronai.data import cache, hygiene
+from wronai.config.sections.data import DataSection
+from wronai.config.sections.polish import NormalizeSpec
+from wronai.data import cache, dedupe, filters, hygiene, normalize
 from wronai.data.prepare import build_datasets
 
 
-def _norm(**kw) -> hygiene.TextNormalizer:
-    return hygiene.TextNormalizer(NormalizeSpec(enabled=True, **kw))
+def _norm(**kw) -> normalize.TextNormalizer:
+    return normalize.TextNormalizer(NormalizeSpec(enabled=True, **kw))
 
 
 ALL_OFF = {"nfc": False, "quotes": False, "dashes": False, "spaces": False}
@@ -68,7 +69,7 @@ def test_normalize_row_walks_messages_and_keeps_bookkeeping():
         "_row": 3,
         "score": 1.5,
     }
-    out = hygiene.normalize_row(row, _norm())
+    out = normalize.normalize_row(row, _norm())
     assert out["messages"] == [
         {"role": "user", "content": 'Pytanie "x"'},
         {"from": "gpt", "value": "Tak – tak"},
@@ -101,7 +102,7 @@ ROW_TEXT_CASES = [
 
 @pytest.mark.parametrize(("fmt", "row", "columns", "expected"), ROW_TEXT_CASES)
 def test_row_text(fmt, row, columns, expected):
-    assert hygiene.row_text(row, fmt, columns) == expected
+    assert filters.row_text(row, fmt, columns) == expected
 
 
 LANGUAGE_CASES = [
@@ -124,20 +125,20 @@ LANGUAGE_CASES = [
 
 @pytest.mark.parametrize(("text", "expected"), LANGUAGE_CASES)
 def test_language_check(text, expected):
-    assert hygiene.is_polish(text) is expected
+    assert filters.is_polish(text) is expected
 
 
 @pytest.mark.parametrize(
     ("threshold", "expected"), [(0.9, (8, 8)), (0.8, (16, 4)), (0.5, (32, 2)), (1.0, (1, 64))]
 )
 def test_lsh_bands(threshold, expected):
-    assert hygiene.lsh_bands(threshold) == expected
+    assert dedupe.lsh_bands(threshold) == expected
 
 
 def test_signatures_are_deterministic_and_dense():
     texts = ["Ala ma kota", "ala  ma kota", "Zupełnie inny tekst o czymś", "x"]
-    a, b = hygiene.minhash_signatures(texts), hygiene.minhash_signatures(list(texts))
-    assert (a == b).all() and (a != hygiene._EMPTY).all()
+    a, b = dedupe.minhash_signatures(texts), dedupe.minhash_signatures(list(texts))
+    assert (a == b).all() and (a != dedupe._EMPTY).all()
     assert (a[0] == a[1]).all()  # case and spacing do not matter
     assert (a[0] == a[2]).mean() < 0.2
 
@@ -152,7 +153,7 @@ DEDUPE_CASES = [
 
 @pytest.mark.parametrize(("mode", "texts", "expected"), DEDUPE_CASES)
 def test_duplicate_flags_small(mode, texts, expected):
-    assert hygiene.duplicate_flags(texts, mode) == expected
+    assert dedupe.duplicate_flags(texts, mode) == expected
 
 
 def _sentence(rng: random.Random, vocab: list[str], n: int = 40) -> str:
@@ -173,10 +174,10 @@ def test_near_dedupe_finds_edits_and_keeps_distinct_rows():
         near[i + 1] = texts[i] + " " + rng.choice(vocab)
     for j, text in near.items():
         texts[j] = text
-    flags = hygiene.duplicate_flags(texts, "near", threshold=0.8)
+    flags = dedupe.duplicate_flags(texts, "near", threshold=0.8)
     flagged = {i for i, f in enumerate(flags) if f == "near"}
     assert flagged == set(near)
-    assert hygiene.duplicate_flags(texts, "exact") == [None] * len(texts)
+    assert dedupe.duplicate_flags(texts, "exact") == [None] * len(texts)
 
 
 def test_near_dedupe_is_transitive_first_row_kept():
@@ -191,8 +192,8 @@ def test_near_dedupe_is_transitive_first_row_kept():
         "Zupełnie inne zdanie o Gdańsku nad morzem i porcie z żurawiem",
     ]
     # Jaccard: 0~1 0.84, 1~2 0.85, 0~2 0.82 — at 0.83 text 2 joins text 0's group through text 1
-    assert hygiene.duplicate_flags(texts, "near", threshold=0.83) == [None, "near", "near", None]
-    assert hygiene.duplicate_flags(texts, "near", threshold=0.9) == [None, None, None, None]
+    assert dedupe.duplicate_flags(texts, "near", threshold=0.83) == [None, "near", "near", None]
+    assert dedupe.duplicate_flags(texts, "near", threshold=0.9) == [None, None, None, None]
 
 
 def test_clean_rows_counts_each_step_and_dedupes_across_groups():
