@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def build_model(out: Path) -> Path:
-    from wronai.config.schema import TinyModelSpec
+    from wronai.config.sections.model import TinyModelSpec
     from wronai.model.tiny import build_tiny_model
 
     if not (out / "config.json").exists():

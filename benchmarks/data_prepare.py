@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from wronai.config.schema import DataSection, NormalizeSpec
+    from wronai.config.sections.data import DataSection
+    from wronai.config.sections.polish import NormalizeSpec
     from wronai.data.prepare import build_datasets
     from wronai.model.tiny import train_tokenizer
     from wronai.model.tokenizer import set_pad_token

@@ -116,13 +116,9 @@ def run_variant(
 ) -> dict:  # fmt: skip
     import torch
 
-    from wronai.config.schema import (
-        HardwareSection,
-        LoraSection,
-        ModelConfig,
-        QuantizationSection,
-        TrainingSection,
-    )
+    from wronai.config.sections.model import LoraSection, ModelConfig, QuantizationSection
+    from wronai.config.sections.run import HardwareSection
+    from wronai.config.sections.training import TrainingSection
     from wronai.model import loading
     from wronai.model.lora import apply_lora
     from wronai.runtime import heap

@@ -73,13 +73,9 @@ def _warm_up() -> None:
 def run_case(name: str, checkpoint: str) -> dict:
     import torch
 
-    from wronai.config.schema import (
-        HardwareSection,
-        LoraSection,
-        ModelConfig,
-        QuantizationSection,
-        TrainingSection,
-    )
+    from wronai.config.sections.model import LoraSection, ModelConfig, QuantizationSection
+    from wronai.config.sections.run import HardwareSection
+    from wronai.config.sections.training import TrainingSection
     from wronai.model import loading
     from wronai.model.lora import apply_lora
     from wronai.runtime.hardware import plan_device

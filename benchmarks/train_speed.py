@@ -81,7 +81,7 @@ def make_data(path: Path, rows: int, seed: int = 0) -> None:
 
 
 def build_model(out: Path, hidden: int, layers: int) -> None:
-    from wronai.config.schema import TinyModelSpec
+    from wronai.config.sections.model import TinyModelSpec
     from wronai.model.tiny import build_tiny_model
 
     spec = TinyModelSpec(
@@ -306,7 +306,9 @@ def eval_loss(model_dir: Path, adapter: Path, eval_file: Path, max_len: int) -> 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from wronai.config.schema import DataSection, ModelConfig, PolishSection
+    from wronai.config.sections.data import DataSection
+    from wronai.config.sections.model import ModelConfig
+    from wronai.config.sections.polish import PolishSection
     from wronai.data import PaddingCollator, build_datasets
     from wronai.model.tokenizer import load_tokenizer
 

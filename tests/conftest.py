@@ -78,7 +78,7 @@ def corpus_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, corpus_file) -> Path:
     """A 2-layer Llama (hidden 64) with a 500-token byte-level BPE tokenizer, saved like a Hub model."""
-    from wronai.config.schema import TinyModelSpec
+    from wronai.config.sections.model import TinyModelSpec
     from wronai.model.tiny import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny") / "model"

@@ -342,7 +342,7 @@ def test_callback_needing_arguments_names_the_key(bad_hooks_dir):
 
 
 def test_data_cache_sees_a_changed_hook_setting(tiny_tokenizer, alpaca_file):
-    from wronai.config.schema import DataSection
+    from wronai.config.sections.data import DataSection
     from wronai.data.prepare import build_datasets
 
     def min_chars(n):

@@ -13,7 +13,8 @@ import pytest
 from pydantic import BaseModel
 
 from wronai.config import dump_config, load_config, load_config_with_notes
-from wronai.config.schema import WronAIConfig, annotation_parts
+from wronai.config.annotations import annotation_parts
+from wronai.config.schema import WronAIConfig
 from wronai.errors import ConfigError
 
 BASE = {"model": {"name": "org/model"}, "data": {"dataset_name": "org/dataset"}}

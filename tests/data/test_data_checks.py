@@ -9,7 +9,7 @@ import yaml
 
 from conftest import alpaca_rows, make_config_dict, write_jsonl
 from wronai.cli import main
-from wronai.config.schema import DataSection
+from wronai.config.sections.data import DataSection
 from wronai.data import checks
 from wronai.data.formats import BadRow
 from wronai.data.prepare import build_datasets

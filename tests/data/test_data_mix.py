@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import write_jsonl
-from wronai.config.schema import DataSection
+from wronai.config.sections.data import DataSection
 from wronai.data.mix import mix_rows, sample, targets
 from wronai.data.prepare import build_datasets
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import POLISH_TEXT, alpaca_rows, write_jsonl
-from wronai.config.schema import DataSection
+from wronai.config.sections.data import DataSection
 from wronai.data import cache, split
 from wronai.data.prepare import build_datasets
 from wronai.data.tokenize import IGNORE_INDEX

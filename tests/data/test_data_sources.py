@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_jsonl
-from wronai.config.schema import DataSection
+from wronai.config.sections.data import DataSection
 from wronai.data.prepare import build_datasets
 from wronai.data.sources import BadRowPolicy, read_raw, split_of
 from wronai.errors import DataError

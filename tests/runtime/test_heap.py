@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wronai.config.schema import HardwareSection
+from wronai.config.sections.run import HardwareSection
 from wronai.model.kbit import enable_gradient_checkpointing
 from wronai.runtime import heap
 
@@ -18,7 +18,7 @@ from wronai.runtime import heap
 FRAGMENT = """
 import torch
 from wronai.runtime import heap
-from wronai.config.schema import HardwareSection
+from wronai.config.sections.run import HardwareSection
 {setup}
 big = torch.ones(16 * 2**20 // 4); del big            # raises glibc's dynamic mmap threshold to 16 MiB
 keep = [torch.ones(8 * 2**20 // 4) for _ in range(30)]  # 240 MiB of 8 MiB buffers
@@ -73,7 +73,7 @@ def test_return_freed_memory_decision(mode, device, parameters, expected):
 STEPS_FRAGMENT = """
 import resource, torch
 from wronai.runtime import heap
-from wronai.config.schema import HardwareSection
+from wronai.config.sections.run import HardwareSection
 {setup}
 def step():
     acts = [torch.ones((1 + i % 6) * 2**18) for i in range(28)]
@@ -109,7 +109,7 @@ def test_return_freed_memory_off_keeps_a_steps_buffers_for_the_next(setup, kept)
 SMALL_FRAGMENT = """
 import torch
 from wronai.runtime import heap
-from wronai.config.schema import HardwareSection
+from wronai.config.sections.run import HardwareSection
 import contextlib
 SETTINGS = contextlib.ExitStack()  # open for the rest of this process
 assert SETTINGS.enter_context(heap.memory_settings(HardwareSection(return_freed_memory="on"), "cpu", 1))
@@ -186,7 +186,7 @@ def test_return_freed_memory_off_keeps_memory_and_installs_no_hooks(monkeypatch)
 def test_return_freed_memory_on_trims_between_the_layers_of_the_model():
     code = (
         "from test_heap import tiny_llama\n"
-        "from wronai.runtime import heap\nfrom wronai.config.schema import HardwareSection\n"
+        "from wronai.runtime import heap\nfrom wronai.config.sections.run import HardwareSection\n"
         "model = tiny_llama(2)\n"
         "import contextlib\nSETTINGS = contextlib.ExitStack()\n"
         "assert SETTINGS.enter_context(heap.memory_settings(HardwareSection(return_freed_memory='on'), 'cpu', 1, model))\n"
@@ -285,7 +285,7 @@ def test_memory_settings_restore_glibcs_defaults_and_remove_the_hooks(monkeypatc
 RESTORE_FRAGMENT = """
 import sys, torch
 from wronai.runtime import heap
-from wronai.config.schema import HardwareSection
+from wronai.config.sections.run import HardwareSection
 def dropped_on_free():
     keep = [torch.ones(8 * 2**20 // 4) for _ in range(30)]  # 240 MiB of 8 MiB buffers
     pin = torch.ones(2**20 // 4)                            # allocated last: holds the heap top

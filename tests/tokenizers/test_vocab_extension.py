@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from conftest import REPO, alpaca_rows, make_config_dict, write_jsonl
-from wronai.config.schema import ExtendVocabSpec, TinyModelSpec
+from wronai.config.sections.model import TinyModelSpec
+from wronai.config.sections.polish import ExtendVocabSpec
 from wronai.errors import WronAIError
 from wronai.tokenizers.extend import (
     apply_extend_vocab,

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import make_config_dict
 from wronai.config import load_config
-from wronai.config.schema import LoggingSection
+from wronai.config.sections.run import LoggingSection
 from wronai.recipe import run
 from wronai.runtime.environ import environment
 from wronai.train.monitoring import resolve_report_to, run_name, tracker_environment

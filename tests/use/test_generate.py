@@ -163,7 +163,7 @@ def test_chat_format_prompts_match_training_rendering(tiny_tokenizer):
     """For chat runs the prompt is the training text up to where the last answer starts (named and own templates)."""
     import copy
 
-    from wronai.config.schema import DataSection
+    from wronai.config.sections.data import DataSection
     from wronai.data.chat_template import TokenizerChatRenderer
     from wronai.data.formats import format_chat
     from wronai.use.prompts import PromptFormat

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_init_model(args: argparse.Namespace) -> int:
-    from wronai.config.schema import TinyModelSpec
+    from wronai.config.sections.model import TinyModelSpec
     from wronai.model.tiny import build_tiny_model
 
     spec = TinyModelSpec(

@@ -8,9 +8,9 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from wronai.config.annotations import submodel
+from wronai.config.annotations import annotation_parts, submodel
 from wronai.config.legacy import LEGACY_KEYS
-from wronai.config.schema import WronAIConfig, annotation_parts
+from wronai.config.schema import WronAIConfig
 
 _NO_VALUE = "has no value (YAML reads an empty value, null and ~ as none)"
 _RANGE_KINDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")

@@ -15,9 +15,9 @@ from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel
 
-from wronai.config.annotations import submodel
+from wronai.config.annotations import annotation_parts, submodel, switch_words
 from wronai.config.legacy import LEGACY_KEYS, LEGACY_TYPES
-from wronai.config.schema import WronAIConfig, annotation_parts, switch_words
+from wronai.config.schema import WronAIConfig
 from wronai.config.yaml_file import Plain
 
 

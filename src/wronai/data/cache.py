@@ -18,7 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from wronai.config.schema import DataSection, NormalizeSpec
+from wronai.config.sections.data import DataSection
+from wronai.config.sections.polish import NormalizeSpec
 from wronai.data.sources import is_local, local_files
 from wronai.data.stats import DataStats, PreparedData
 

@@ -9,8 +9,9 @@ import statistics
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from wronai.config.schema import DataSection
+from wronai.config.sections.data import DataSection
 from wronai.data import formats
+from wronai.data.chat_template import TokenizerChatRenderer
 from wronai.data.collate import padding_fraction
 from wronai.data.formats import BadRow, Segment
 from wronai.data.sources import BadRowPolicy
@@ -51,8 +52,6 @@ def make_row_formatter(fmt: str, data_cfg: DataSection, tokenizer: Any) -> RowFo
     """The row formatter; chat rows use the tokenizer's own chat template when data.chat_template is auto and it has one."""
     renderer = None
     if fmt == "chat" and data_cfg.chat_template == "auto" and getattr(tokenizer, "chat_template", None):
-        from wronai.data.chat_template import TokenizerChatRenderer
-
         renderer = TokenizerChatRenderer(tokenizer)
     return RowFormatter(fmt, data_cfg, renderer)
 

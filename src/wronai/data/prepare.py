@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from wronai.config.schema import DataSection, NormalizeSpec
+from wronai.config.sections.data import DataSection
+from wronai.config.sections.polish import NormalizeSpec
 from wronai.data import checks, formats
 from wronai.data.cache import cache_key, cache_root, load_cached, save_cached
 from wronai.data.collate import pack_examples, padding_fraction

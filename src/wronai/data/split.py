@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 
-from wronai.config.schema import DataSection, NormalizeSpec
+from wronai.config.sections.data import DataSection
+from wronai.config.sections.polish import NormalizeSpec
 from wronai.data import formats, hygiene
 from wronai.data.mix import mix_rows
 from wronai.data.sources import BadRowPolicy, RawData, read_raw

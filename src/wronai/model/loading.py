@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from wronai.config.schema import HardwareSection, ModelConfig, QuantizationSection
+from wronai.config.sections.model import ModelConfig, QuantizationSection
+from wronai.config.sections.run import HardwareSection
 from wronai.errors import WronAIError
 from wronai.model.embeddings import resize_embeddings
 from wronai.runtime import sharding

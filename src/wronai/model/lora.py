@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from wronai.config.schema import LoraSection
+from wronai.config.sections.model import LoraSection
 from wronai.errors import WronAIError
 from wronai.model.embeddings import embedding_module_names
 from wronai.model.kbit import enable_gradient_checkpointing, prepare_kbit_model

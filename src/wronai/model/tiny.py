@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from wronai.config.schema import TinyModelSpec
+from wronai.config.sections.model import TinyModelSpec
 from wronai.errors import WronAIError
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from wronai.config.schema import ModelConfig, PolishSection
+from wronai.config.sections.model import ModelConfig
+from wronai.config.sections.polish import PolishSection
 from wronai.errors import WronAIError
 from wronai.model.loading import ensure_model_available, from_pretrained_error
 

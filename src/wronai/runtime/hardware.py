@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from wronai.config.schema import HardwareSection, ModelConfig, QuantizationSection, TrainingSection
+from wronai.config.sections.model import ModelConfig, QuantizationSection
+from wronai.config.sections.run import HardwareSection
+from wronai.config.sections.training import TrainingSection
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from wronai.config.schema import HardwareSection
+from wronai.config.sections.run import HardwareSection
 
 logger = logging.getLogger(__name__)
 

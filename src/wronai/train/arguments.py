@@ -11,7 +11,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from wronai.config.schema import HardwareSection, TrainingSection
+from wronai.config.sections.run import HardwareSection
+from wronai.config.sections.training import TrainingSection
 from wronai.errors import WronAIError
 from wronai.runtime import sharding
 from wronai.runtime.hardware import DevicePlan

@@ -12,7 +12,7 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from wronai.config.schema import LoggingSection
+from wronai.config.sections.run import LoggingSection
 from wronai.errors import WronAIError
 
 logger = logging.getLogger(__name__)

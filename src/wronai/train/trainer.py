@@ -16,7 +16,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from wronai.config import WronAIConfig, dump_config
-from wronai.config.schema import TrainingSection
+from wronai.config.sections.training import TrainingSection
 from wronai.data.collate import PackedCollator, PaddingCollator
 from wronai.errors import WronAIError
 from wronai.model.attention import enable_packed_attention

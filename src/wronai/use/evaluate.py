@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from wronai.config.schema import DataSection
+from wronai.config.sections.data import DataSection
 from wronai.errors import WronAIError
 from wronai.rundir.files import CONFIG_FILE, EVAL_FILE
 from wronai.rundir.reading import read_json

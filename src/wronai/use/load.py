@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wronai.config.schema import ModelConfig
+from wronai.config.sections.model import ModelConfig
 from wronai.errors import WronAIError
 from wronai.rundir.locate import RunDir, locate_run
 from wronai.use.prompts import PromptFormat
@@ -97,7 +97,9 @@ def _load_settings(
     run: RunDir, name: str, *, quantize: bool, device: str | None, dtype: Any
 ) -> tuple[ModelConfig, Any, Any, Any]:
     """(model, quantization, hardware sections, device plan) to load ``run`` with: its saved config, for inference."""
-    from wronai.config.schema import HardwareSection, QuantizationSection, TrainingSection
+    from wronai.config.sections.model import QuantizationSection
+    from wronai.config.sections.run import HardwareSection
+    from wronai.config.sections.training import TrainingSection
     from wronai.runtime.hardware import plan_device
 
     cfg = run.config

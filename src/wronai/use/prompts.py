@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from wronai.config.schema import DataSection
+from wronai.config.sections.data import DataSection
 from wronai.data import formats
 from wronai.errors import WronAIError
 

@@ -1,0 +1,120 @@
+"""The groups around the training run: `logging` (console, trackers, report), `hardware`, `extensions` (your code)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from wronai.config.sections.base import Section
+
+
+class LoggingSection(Section):
+    """Console, TensorBoard and Weights & Biases logging."""
+
+    report_to: list[Literal["none", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],  # type: ignore[arg-type]
+        description="Trackers: tensorboard, wandb, or none (a list or a single name).",
+    )
+    wandb_project: str = Field("wronai", description="W&B project name.")
+    wandb_run_name: str = Field(
+        "wronai-{timestamp}", description="Run name; `{timestamp}` becomes YYYYmmdd-HHMMSS."
+    )
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto",
+        description="auto = online when an API key is configured, else offline (never a login prompt).",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Console log level.")
+    logging_dir: str | None = Field(None, description="TensorBoard/W&B directory; null = <output_dir>/logs.")
+    report: bool = Field(
+        True,
+        description="Write report.html (loss, learning rate, throughput, memory plots), PNGs and a model card at the end of training.",
+    )
+    report_samples: bool = Field(
+        True, description="Include answers generated for a few fixed Polish prompts in the report."
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_as_list(cls, value: Any) -> Any:
+        if value is None:
+            return ["none"]
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class HardwareSection(Section):
+    """Device choice and memory/dataloader settings."""
+
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto = CUDA if present, else Apple MPS, else CPU."
+    )
+    max_memory: str | dict[str, str] | None = Field(
+        None,
+        description="Memory cap per device for loading, e.g. `7GiB` (each GPU) or {0: 7GiB, cpu: 30GiB}. (Old: max_memory_mb.)",
+    )
+    cpu_offload: bool = Field(
+        False, description="Let layers that do not fit on the GPU stay on the CPU in fp32 (slow; 8-bit only)."
+    )
+    dataloader_num_workers: int = Field(0, ge=0, description="Background processes loading batches.")
+    pin_memory: bool | None = Field(
+        None, description="Pin host memory for faster GPU copies; null = on for CUDA, off elsewhere."
+    )
+    num_threads: int | None = Field(
+        None, ge=1, description="CPU threads for PyTorch; null = PyTorch's default (all cores)."
+    )
+    return_freed_memory: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="CPU runs on Linux (glibc): on = give freed memory back to the OS instead of keeping it in the C heap — "
+        "buffers of 4 MiB and more are mapped and unmapped (mallopt M_MMAP_THRESHOLD), and between decoder layers "
+        "(forward and backward) the heap's free pages are handed back once RSS grew by 16 MiB (malloc_trim). Lowers "
+        "the training peak of a 1.1B QLoRA run by ~20% (benchmarks/memory_qlora.py) for some page faults per step. "
+        "off = keep freed buffers (up to 32 MiB each, heap top not trimmed) for the next step: no page faults to "
+        "touch a step's activations again, a few % more peak RSS. auto = on for CPU runs of models with at least "
+        "0.5B parameters, off below.",
+    )
+    fused_lora: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Compute each LoRA layer (frozen base weight + adapter) in one fused step instead of PEFT's chain "
+        "of modules: the base matmul, then the adapter added in place (addmm), no copy of the base output, one "
+        "autograd node — the same numbers and the same saved adapter, ~7% less time per CPU step "
+        "(docs/benchmarks.md). PEFT's own forward still runs what it does not cover (DoRA, several active "
+        "adapters, trained biases, mixed dtypes, autocast). auto = on for CPU runs without FSDP/ZeRO-3; on = "
+        "also on GPUs (not measured there).",
+    )
+    distributed: Literal["none", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = Field(
+        "none",
+        description="Multi-process strategy under `wronai train --nproc N` / torchrun: none (plain DDP when launched with several processes), ddp, fsdp (shards 4-bit weights; CUDA only), deepspeed_zero2, deepspeed_zero3 (CUDA or CPU; needs deepspeed). See docs/distributed.md.",
+    )
+    distributed_config: str | None = Field(
+        None,
+        description="Path to an accelerate config YAML (distributed_type FSDP/DEEPSPEED/MULTI_GPU) or a DeepSpeed JSON; used when distributed is none, and its fsdp_config / DeepSpeed settings replace WronAI's defaults.",
+    )
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _keys_as_str(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+        return value
+
+
+class ExtensionsSection(Section):
+    """Your own code, plugged in by import path `package.module:name` (files next to the config work too)."""
+
+    tokenizer_hook: str | None = Field(
+        None,
+        description="Function(tokenizer, config) -> tokenizer, applied right after the tokenizer is loaded.",
+    )
+    data_hook: str | None = Field(
+        None,
+        description="Function(row: dict) -> dict | None, applied to each raw row before formatting; return None to drop the row (counted).",
+    )
+    callbacks: list[str] = Field(
+        default_factory=list,
+        description="transformers TrainerCallback classes (or factories) added to the Trainer.",
+    )
