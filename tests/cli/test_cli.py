@@ -246,3 +246,17 @@ def test_the_earlier_name_of_the_pipeline_still_imports():
     from wronai.recipe import Pipeline
 
     assert wronai.WronAITrainer is Pipeline is wronai.Pipeline
+
+
+def test_the_command_table_loads_no_heavy_library():
+    """`wronai --help` and argument errors stay instant: building the parser imports no ML library (each
+    command imports what it needs when it runs)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom wronai.cli.app import build_parser\nbuild_parser()\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'peft', 'pydantic') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -6,6 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from wronai.cli.run_args import add_base_model_arg, add_full_precision_arg, add_run_command, quiet_third_party
+from wronai.errors import WronAIError
+from wronai.rundir.files import EVAL_FILE
+
 EPILOG = """examples:
   wronai eval runs/offline-demo --base                      # eval split: base ppl X → tuned ppl Y
   wronai eval runs/offline-demo --data data/eval_pl/news.txt --base
@@ -16,7 +20,6 @@ Results are added to RUN_DIR/eval.json (one entry per data set) and shown in the
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from wronai.cli.run_args import add_base_model_arg, add_full_precision_arg, add_run_command
 
     p = add_run_command(
         sub,
@@ -52,9 +55,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from wronai.cli.run_args import quiet_third_party
-    from wronai.errors import WronAIError
-    from wronai.rundir.files import EVAL_FILE
     from wronai.use.evaluate import evaluate, save_report
 
     if args.batch_size is not None and args.batch_size < 1:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from wronai.cli.run_args import MERGE_INTO_HELP, add_base_model_arg, add_run_command, quiet_third_party
+
 EXPORT_EPILOG = """examples:
   wronai export runs/offline-demo --format gguf                       # RUN_DIR/offline-demo-f16.gguf
   wronai export runs/offline-demo --format gguf --outtype q8_0 --out model-q8_0.gguf
@@ -20,7 +22,6 @@ For other architectures, or k-quants such as Q4_K_M, use llama.cpp itself:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from wronai.cli.run_args import MERGE_INTO_HELP, add_base_model_arg, add_run_command
 
     e = add_run_command(
         sub,
@@ -47,7 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from wronai.cli.run_args import quiet_third_party
     from wronai.use.export import export_gguf
 
     with quiet_third_party():

@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from wronai.cli.run_args import add_base_model_arg, add_full_precision_arg, add_run_command, quiet_third_party
+from wronai.errors import WronAIError
+
 GENERATE_EPILOG = """examples:
   wronai generate runs/offline-demo --prompt "Jaka jest stolica Polski?"
   wronai generate runs/offline-demo --prompt "Popraw błędy." --input "Wczoraj poszłem do sklepu."
@@ -26,7 +29,6 @@ runs get the chat template with the whole history.
 
 
 def _sampling(p: argparse.ArgumentParser) -> None:
-    from wronai.cli.run_args import add_base_model_arg, add_full_precision_arg
 
     p.add_argument("--system", default="", help="a system message (chat runs) / system block (alpaca runs)")
     g = p.add_argument_group("sampling")
@@ -47,7 +49,6 @@ TARGET_HELP = "a run's training.output_dir, a checkpoint, or a merged model dire
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from wronai.cli.run_args import add_run_command
 
     p = add_run_command(
         sub,
@@ -105,7 +106,6 @@ def _load(args: argparse.Namespace) -> Any:
 
 def read_prompts(path: str) -> list[dict[str, str]]:
     """Rows with "prompt" (+ "input", "system") from a .txt (one per line) or .jsonl file."""
-    from wronai.errors import WronAIError
 
     file = Path(path)
     if not file.is_file():
@@ -139,7 +139,6 @@ def read_prompts(path: str) -> list[dict[str, str]]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from wronai.cli.run_args import quiet_third_party
     from wronai.use.generate import generate
 
     options = _options(args)
@@ -188,7 +187,6 @@ def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from wronai.cli.run_args import quiet_third_party
     from wronai.use.generate import ChatSession
 
     options = _options(args)

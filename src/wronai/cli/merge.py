@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from wronai.cli.run_args import MERGE_INTO_HELP, add_base_model_arg, add_run_command, quiet_third_party
+
 MERGE_EPILOG = """examples:
   wronai merge runs/offline-demo runs/offline-demo-merged             # dtype of the base checkpoint
   wronai merge runs/offline-demo merged-bf16 --dtype bf16
@@ -15,7 +17,6 @@ result saved as safetensors with the run's tokenizer, its wronai_config.yaml and
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from wronai.cli.run_args import MERGE_INTO_HELP, add_base_model_arg, add_run_command
 
     p = add_run_command(
         sub,
@@ -39,7 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from wronai.cli.run_args import quiet_third_party
     from wronai.use.merge import merge_run
 
     with quiet_third_party():

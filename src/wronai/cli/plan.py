@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from wronai.cli.common import add_command
+from wronai.errors import WronAIError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from wronai.config import load_config
-    from wronai.errors import WronAIError
     from wronai.runtime.memory_plan import plan_config
 
     if args.nproc < 1:

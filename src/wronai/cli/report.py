@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from wronai.cli.run_args import add_run_command, quiet_third_party
+from wronai.rundir.files import CARD_FILE
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from wronai.cli.run_args import add_run_command
 
     p = add_run_command(
         sub,
@@ -24,8 +26,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from wronai.cli.run_args import quiet_third_party
-    from wronai.rundir.files import CARD_FILE
     from wronai.use.report import write_report
 
     with quiet_third_party():

@@ -7,6 +7,7 @@ import json
 import sys
 
 from wronai.cli.common import add_command
+from wronai.errors import WronAIError
 
 EPILOG = """examples:
   wronai tokenizer stats runs/tiny-model runs/pl-bpe                    # on data/eval_pl/*.txt
@@ -82,7 +83,6 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from wronai.errors import WronAIError
     from wronai.tokenizers.polish import (
         column_names,
         format_stats_table,
@@ -123,7 +123,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_extend(args: argparse.Namespace) -> int:
-    from wronai.errors import WronAIError
     from wronai.tokenizers.extend import extend_with_data, save_extension
     from wronai.tokenizers.polish import load_tokenizer_dir, read_texts, resolve_data
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from wronai.cli.common import add_command, load_config_args, setup_logging
-from wronai.errors import WronAIError
+from wronai.errors import ConfigError, WronAIError
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _launch_train(args: argparse.Namespace, config) -> int:
     """`train --nproc N`: check once here, then re-run this command in N processes under torchrun."""
     from wronai.config.preflight import preflight
-    from wronai.errors import ConfigError
     from wronai.model import loading
     from wronai.rundir import saving
     from wronai.runtime import distributed

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from wronai.cli.common import add_command, load_config_args
+from wronai.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,8 +42,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
         out.write(f"  note: {note}\n")
     problems = preflight(cfg)
     if problems:
-        from wronai.errors import ConfigError
-
         raise ConfigError(problems, args.config)
     out.write(f"OK: {args.config} is valid\n")
     return 0

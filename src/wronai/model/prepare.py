@@ -15,6 +15,7 @@ from wronai.model.embeddings import resize_embeddings
 from wronai.model.lora import apply_lora
 from wronai.model.tokenizer import load_tokenizer, set_pad_token
 from wronai.runtime import sharding
+from wronai.runtime.activation_checkpointing import auto_gradient_checkpointing, auto_note
 from wronai.runtime.hardware import DevicePlan
 from wronai.train import faults
 
@@ -89,7 +90,6 @@ def checkpoint_every(config: WronAIConfig, base: Any, plan: DevicePlan) -> int:
     training = config.training
     if training.gradient_checkpointing != "auto":
         return training.checkpoint_every_n_layers if training.gradient_checkpointing else 0
-    from wronai.runtime.activation_checkpointing import auto_gradient_checkpointing, auto_note
 
     every, what, why = auto_gradient_checkpointing(config, base.config.to_dict(), plan.device)
     note = auto_note(what, why)

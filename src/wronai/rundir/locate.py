@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from wronai.config import load_config_with_notes
 from wronai.config.schema import WronAIConfig
 from wronai.errors import WronAIError
 from wronai.rundir.files import (
@@ -34,7 +35,6 @@ class RunDir:
 
 def read_config(path: Path) -> WronAIConfig:
     """The resolved config a run saved (``wronai_config.yaml``)."""
-    from wronai.config import load_config_with_notes
 
     return load_config_with_notes(path).config
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from wronai.config import load_config_with_notes
 from wronai.errors import WronAIError
 from wronai.rundir.files import (
     CARD_FILE,
@@ -23,7 +24,9 @@ from wronai.rundir.files import (
     PROVENANCE_FILE,
     TRAINER_STATE_FILE,
 )
+from wronai.rundir.locate import locate_run
 from wronai.rundir.reading import read_json
+from wronai.use.prompts import PromptFormat
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +46,7 @@ def _is_hub_id(name: str) -> bool:
 
 def _example_prompt(run_dir: Path) -> tuple[str, bool, str]:
     """(prompt text, add_special_tokens, how it was made) in the run's own format."""
-    from wronai.rundir.locate import locate_run
     from wronai.use.load import load_tokenizer
-    from wronai.use.prompts import PromptFormat
 
     run = locate_run(run_dir)
     tokenizer = load_tokenizer(run)
@@ -189,7 +190,6 @@ def _run_usage_lines(run: Path, base: str, quant: str, prompt: str, add_special:
 
 def run_card(run_dir: str | Path) -> str:
     """The README.md for a LoRA run directory."""
-    from wronai.config import load_config_with_notes
 
     run = Path(run_dir)
     if not (run / CONFIG_FILE).is_file():

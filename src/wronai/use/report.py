@@ -30,7 +30,9 @@ from wronai.rundir.files import (
     TRAINER_STATE_FILE,
     report_plot_file,
 )
+from wronai.rundir.locate import locate_run
 from wronai.rundir.reading import read_json
+from wronai.use.prompts import PromptFormat
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +105,8 @@ def generate_samples(
     run_dir: Path, model: Any = None, tokenizer: Any = None, max_new_tokens: int = 64
 ) -> list[dict[str, str]]:
     """Greedy answers to the fixed prompts, rendered in the run's prompt format."""
-    from wronai.rundir.locate import locate_run
     from wronai.use.generate import GenerationOptions, generate
     from wronai.use.load import LoadedRun, load_run
-    from wronai.use.prompts import PromptFormat
 
     if model is None:
         run = load_run(run_dir)
