@@ -5,8 +5,11 @@ whether the fused LoRA step beats PEFT's modules and whether 4-bit weights are f
 slices or whole depends on the CPU and on the model's shapes. ``decide`` times forward + backward of one
 decoder layer's projections of the model (``wronai.runtime.autotune_layer``: built in-process from its
 config.json, 4-bit or dense as the plan says, LoRA of the run's rank) for each open choice, one after the
-other — precision, then LoRA layers, then row slices, each starting from what was chosen before — within a
-time budget, and keeps the plan's value unless the other is faster by more than ``MARGIN``.
+other — precision, then LoRA layers, then row slices, each starting from what was chosen before; the two
+candidates of a choice take turns, the fastest call of each counts — within a time budget (a layer step too
+large for it keeps fewer of its rows, then fewer tokens), and keeps the plan's value unless the other is
+faster by more than ``MARGIN``. On a machine other processes keep busy the timings are theirs as much as
+ours: a choice then mostly keeps the plan's value.
 
 The result is a ``Decision``: the values, the timings, one readable line per choice (``reasons``) and where it
 came from (``source``: timed, fixed, resumed). It is saved in the run directory and its checkpoints
@@ -36,7 +39,8 @@ MARGIN = 0.03  # the other candidate must be this much faster to replace the pla
 MAX_TOKENS = 2048  # tokens of the timed layer step, at most
 MIN_TOKENS = 128  # a layer step too large for the budget is cut to this many tokens at the least ...
 MIN_FRACTION = 1 / 16  # ... after its rows, to this share of them (the matmuls' input widths stay)
-CALLS = 3  # what a measurement is planned to take: two calls, the first one setting up its kernels
+ROUNDS = (3, 8)  # a choice's two candidates are timed in turn, this many rounds planned / at most (the
+# first call of a shape sets up its kernels; taking turns shares a busy machine's slow moments between them)
 OVERHEAD = 1.5  # a 4-bit layer step's time over its matmuls' at the fp32 rate (dequantization, LoRA)
 SOURCES = ("timed", "fixed", "resumed")
 QUESTIONS = ("precision", "fused_lora", "row_slices")  # in the order they are decided
@@ -194,29 +198,31 @@ def _size(shapes: LayerShapes, most: int, per_call: float) -> tuple[int, float, 
 
 
 class _Timer:
-    """Times candidates until a deadline: each gets an equal share of what is left, none starts without
-    room for ``CALLS`` calls (as long as the slowest candidate's so far, else the estimate)."""
+    """Times pairs of candidates in turns until a deadline: each pair gets an equal share of what is left,
+    and none starts without room for one round (the slowest call so far, else the estimate)."""
 
-    def __init__(
-        self, layer: TimedLayer, deadline: float, measurements: int, tokens: int, estimate: float
-    ) -> None:
-        self.layer, self.deadline, self.left = layer, deadline, measurements
+    def __init__(self, layer: TimedLayer, deadline: float, pairs: int, tokens: int, estimate: float) -> None:
+        self.layer, self.deadline, self.left = layer, deadline, pairs
         self.tokens, self.call = tokens, estimate
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float] = {}  # candidate label -> its fastest call (ms)
 
-    def measure(self, candidate: Candidate) -> float | None:
-        """ms per layer step of ``candidate`` (None: the budget has no room for it)."""
-        label = candidate.label()
-        if label in self.timings:
-            return self.timings[label]
-        remaining = self.deadline - time.perf_counter()
-        share = remaining / max(self.left, 1)
+    def compare(self, first: Candidate, second: Candidate) -> tuple[float, float] | None:
+        """ms per layer step of each: their fastest calls, timed in turns (None: no room in the budget)."""
+        begin = time.perf_counter()
+        share = (self.deadline - begin) / max(self.left, 1)
         self.left -= 1
-        if CALLS * self.call > remaining:
+        if 2 * self.call > self.deadline - begin:
             return None
-        self.timings[label] = _time_candidate(self.layer, candidate, self.tokens, share)
-        self.call = max(self.call, self.timings[label] / 1000)
-        return self.timings[label]
+        best = [float("inf"), float("inf")]
+        rounds = 0
+        while rounds == 0 or (rounds < ROUNDS[1] and time.perf_counter() - begin < share):
+            for i, candidate in enumerate((first, second)):
+                best[i] = min(best[i], _time_candidate(self.layer, candidate, self.tokens, 0.0))
+            rounds += 1
+        for candidate, ms in zip((first, second), best):
+            self.timings[candidate.label()] = min(ms, self.timings.get(candidate.label(), ms))
+        self.call = max(self.call, max(best) / 1000)
+        return best[0], best[1]
 
 
 def decide(
@@ -253,12 +259,12 @@ def decide(
     fixed = {q: _fixed_reason(q, plan, shapes, current, opened) for q in QUESTIONS}
     if all(fixed.values()):
         return _result(current, [r for r in fixed.values() if r], start)
-    measurements = 1 + sum(r is None for r in fixed.values())
+    pairs = sum(r is None for r in fixed.values())
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         most = max(1, min(tokens_per_step, MAX_TOKENS))
-        tokens, fraction, estimate = _size(shapes, most, budget_s * 0.7 / (CALLS * measurements))
+        tokens, fraction, estimate = _size(shapes, most, budget_s * 0.8 / (2 * ROUNDS[0] * pairs))
         layer = TimedLayer(shapes, plan.quantization.startswith("4bit"), lora_r, fraction)
-        timer = _Timer(layer, time.perf_counter() + budget_s, measurements, tokens, estimate)
+        timer = _Timer(layer, time.perf_counter() + budget_s, pairs, tokens, estimate)
         step = f"per layer step of {tokens} tokens" + (
             f", {fraction:.2g} of its rows" if fraction < 1 else ""
         )
@@ -285,10 +291,11 @@ def _import_libraries(plan: DevicePlan) -> None:
 def _choose(timer: _Timer, question: str, current: Candidate, step: str) -> tuple[Candidate, str]:
     """Time ``current`` and its alternative for ``question``; the faster (``MARGIN``) and its reason."""
     other = _alternative(question, current)
-    ours, theirs = timer.measure(current), timer.measure(other)
+    timed = timer.compare(current, other)
     topic = _TOPIC[question]
-    if ours is None or theirs is None:
+    if timed is None:
         return current, f"{topic}: {_name(question, current)} (not timed: over the autotune budget)"
+    ours, theirs = timed
     if theirs < ours * (1 - MARGIN):
         chosen, loser, fast, slow = other, current, theirs, ours
     else:

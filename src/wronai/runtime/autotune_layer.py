@@ -198,6 +198,7 @@ class TimedLayer:
         )
         self.model = get_peft_model(_Projections(layers, four_bit), config)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self._cache: dict[tuple[Any, ...], list[torch.Tensor]] = {}  # inputs and output gradients
 
     def lora_layers(self) -> list[Any]:
         from wronai.kernels.fused_lora import SWAPS
@@ -225,28 +226,37 @@ class TimedLayer:
 
     def step_ms(self, candidate: Candidate, tokens: int, seconds: float) -> float:
         """Forward + backward of ``tokens`` tokens as ``candidate``: the fastest of the calls made in
-        ``seconds`` (at least one; the first call of a shape also sets up its kernels, so ``seconds`` should
-        leave room for two)."""
+        ``seconds`` (at least one; the first call of a shape also sets up its kernels)."""
         self.configure(candidate)
-        shapes, dtype = self.shapes, candidate.dtype
-        inputs = [
-            torch.randn(tokens, width, generator=self.generator).to(dtype).requires_grad_(True)
-            for width in (shapes.hidden, shapes.attention, shapes.intermediate)
-        ]
-        autocast = candidate.precision == "bf16"
-        grads: list[torch.Tensor] = []
+        inputs = self._inputs(tokens, candidate.dtype)
         times: list[float] = []
         begin = time.perf_counter()
         while not times or time.perf_counter() - begin < seconds:
             tick = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=candidate.precision == "bf16"):
                 outputs = self.model(*inputs)
-            grads = grads or [torch.randn(o.shape, generator=self.generator).to(o.dtype) for o in outputs]
-            torch.autograd.backward(outputs, grads)
+            torch.autograd.backward(outputs, self._grads(outputs))
             times.append(time.perf_counter() - tick)
             for tensor in (*self.params, *inputs):
                 tensor.grad = None
         return 1000 * min(times)
+
+    def _inputs(self, tokens: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The layer inputs (hidden, attention, MLP widths), made once per size and dtype."""
+        key = (tokens, dtype)
+        if key not in self._cache:
+            widths = (self.shapes.hidden, self.shapes.attention, self.shapes.intermediate)
+            self._cache[key] = [
+                torch.randn(tokens, w, generator=self.generator).to(dtype).requires_grad_(True)
+                for w in widths
+            ]
+        return self._cache[key]
+
+    def _grads(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        key = (outputs[0].shape[0], *(o.dtype for o in outputs))
+        if key not in self._cache:
+            self._cache[key] = [torch.randn(o.shape, generator=self.generator).to(o.dtype) for o in outputs]
+        return self._cache[key]
 
 
 def _set_slices(base: Any, chunk_bytes: int, dtype: torch.dtype, rows: int) -> int:
