@@ -109,3 +109,10 @@ def test_without_weights_sources_are_concatenated(tmp_path, tiny_tokenizer):
         use_cache=False,
     )
     assert len(prepared.train) == 8 and prepared.stats.mix == []
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"), [("a.jsonl", ["a.jsonl"]), (["a.jsonl", "b"], ["a.jsonl", "b"])]
+)
+def test_dataset_names_is_always_a_list(name, expected):
+    assert DataSection(dataset_name=name).dataset_names == expected

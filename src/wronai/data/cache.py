@@ -71,8 +71,7 @@ def cache_key(
     if normalize is not None and normalize.enabled:  # polish.normalize; its settings matter only when enabled
         h.update(json.dumps(normalize.model_dump(mode="json"), sort_keys=True).encode())
     h.update(str(seed).encode())
-    names = data_cfg.dataset_name if isinstance(data_cfg.dataset_name, list) else [data_cfg.dataset_name]
-    for name in names:
+    for name in data_cfg.dataset_names:
         if is_local(name):
             for path in local_files(name):
                 h.update(str(path).encode())

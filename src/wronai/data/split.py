@@ -17,7 +17,7 @@ def gather_rows(
     data_cfg: DataSection, policy: BadRowPolicy, seed: int, normalize: NormalizeSpec | None, stats: DataStats
 ) -> tuple[list[dict], list[dict], str]:
     """Training and eval rows: read, cleaned (polish.normalize), mixed by data.weights and split; sets stats.format."""
-    names = data_cfg.dataset_name if isinstance(data_cfg.dataset_name, list) else [data_cfg.dataset_name]
+    names = data_cfg.dataset_names
     if data_cfg.weights is None:
         sources = [read_raw(data_cfg.dataset_name, data_cfg.dataset_config, data_cfg.cache_dir, policy)]
     else:

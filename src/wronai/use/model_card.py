@@ -202,7 +202,7 @@ def run_card(run_dir: str | Path) -> str:
     plan = _device_plan(prov)
     quant = plan.get("quantization", "4bit" if cfg.quantization.load_in_4bit else "none")
     base = cfg.model.name
-    datasets = cfg.data.dataset_name if isinstance(cfg.data.dataset_name, list) else [cfg.data.dataset_name]
+    datasets = cfg.data.dataset_names
     prompt, add_special, described = _example_prompt(run)
     lines = [
         _front_matter(_run_meta(base, quant, datasets)), MARKER, "",

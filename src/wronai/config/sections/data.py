@@ -93,6 +93,11 @@ class DataSection(Section):
         "rows are dropped and counted by default; the summary and data_stats.json show how many).",
     )
 
+    @property
+    def dataset_names(self) -> list[str]:
+        """dataset_name as a list: the one dataset, or each dataset to mix (dataset_name may be a string or a list)."""
+        return self.dataset_name if isinstance(self.dataset_name, list) else [self.dataset_name]
+
     @field_validator("weights")
     @classmethod
     def _weights_valid(cls, value: list[float] | None) -> list[float] | None:
@@ -106,7 +111,7 @@ class DataSection(Section):
     @model_validator(mode="after")
     def _weights_match_datasets(self) -> DataSection:
         if self.weights is not None:
-            names = self.dataset_name if isinstance(self.dataset_name, list) else [self.dataset_name]
+            names = self.dataset_names
             if len(self.weights) != len(names):
                 raise ValueError(
                     f"weights has {len(self.weights)} value(s) but dataset_name lists {len(names)} dataset(s) — give one weight per dataset"
