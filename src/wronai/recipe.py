@@ -25,9 +25,11 @@ from wronai.errors import ConfigError
 from wronai.model.prepare import PreparedTokenizer, prepare_model, prepare_tokenizer
 from wronai.rundir import saving
 from wronai.runtime import distributed
+from wronai.runtime.batch import resolve as resolve_batch
 from wronai.runtime.hardware import DevicePlan, plan_device, thread_settings
 from wronai.runtime.heap import memory_settings
 from wronai.train import faults
+from wronai.train.resume import keep_decided
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +48,11 @@ class Pipeline:
     """
 
     def __init__(self, config: WronAIConfig | str | Path, overrides: list[str] | None = None) -> None:
-        self.config = config if isinstance(config, WronAIConfig) else load_config(config, overrides)
-        cfg = self.config
+        cfg = config if isinstance(config, WronAIConfig) else load_config(config, overrides)
         self.plan: DevicePlan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+        # the settings left to WronAI (`auto`), decided for this machine; the run saves the decided values
+        self.config, batch = resolve_batch(cfg, self.plan.device)
+        self.plan.notes += batch.notes
         self.tokens: PreparedTokenizer | None = None
         self.tokenizer: Any = None
         self.model: Any = None
@@ -171,6 +175,7 @@ def run(
     problems = preflight(config, in_this_process=True)
     if problems:
         raise ConfigError(problems)
+    config = keep_decided(config, resume)  # a resumed run keeps the `auto` choices of the run it continues
     with Pipeline(config) as pipeline, thread_settings(config.hardware):
         setup(pipeline, resume=bool(resume), overwrite=overwrite)
         pipeline.train(resume=resume, force_resume=force_resume)
@@ -187,6 +192,7 @@ def setup(pipeline: Pipeline, *, resume: bool, overwrite: bool) -> None:
         saving.check_output_dir(config.training.output_dir, overwrite=overwrite_here, resume=resume)
     for note in pipeline.plan.notes:
         logger.info("hardware: %s", note)
+    logger.info("%s", distributed.describe_batch(config.training))
     with distributed.main_process_first():  # rank 0 builds a missing local model first; the others load it
         pipeline.load_tokenizer()
     pipeline.load_model()

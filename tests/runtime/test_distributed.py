@@ -233,7 +233,9 @@ def _plan(cfg):
 def test_load_time_deepspeed_config_resolves_auto(tmp_path):
     import torch
 
-    cfg = _cfg(distributed="deepspeed_zero3")
+    from wronai.runtime.batch import resolve
+
+    cfg, _ = resolve(_cfg(distributed="deepspeed_zero3"), "cuda")  # as Pipeline hands it on: batch decided
     plan = _plan(cfg)
     ds = sharding.load_time_deepspeed_config(cfg.hardware, plan, cfg.training)
     assert ds["zero_optimization"]["stage"] == 3 and "auto" not in json.dumps(ds)

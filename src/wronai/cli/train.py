@@ -52,7 +52,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _launch_train(args, loaded.config)
     for note in loaded.notes:
         logger.info("config: %s", note)
-    logger.info("%s", distributed.describe_batch(loaded.config.training))
     result = run(loaded.config, resume=args.resume, overwrite=args.overwrite, force_resume=args.force_resume)
     for key in ("train_loss", "eval_loss", "train_runtime"):
         if key in result.metrics:

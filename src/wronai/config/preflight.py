@@ -46,10 +46,7 @@ def _model_problems(config: WronAIConfig) -> list[str]:
 
 def _data_problems(config: WronAIConfig) -> list[str]:
     problems: list[str] = []
-    names = (
-        config.data.dataset_name if isinstance(config.data.dataset_name, list) else [config.data.dataset_name]
-    )
-    for item in names:
+    for item in config.data.dataset_names:
         if is_local(item):
             try:
                 local_files(item)

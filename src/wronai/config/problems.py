@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from wronai.config.annotations import annotation_parts, submodel
+from wronai.config.annotations import annotation_parts, choices, submodel
 from wronai.config.legacy import LEGACY_KEYS
 from wronai.config.schema import WronAIConfig
 
@@ -52,7 +52,8 @@ def _line(e: ErrorDetails, key: str) -> str:
         return _bad_value(key, value, "is not allowed", f"use one of {expected}")
     typed = _type_line(kind, key, value)
     if typed is not None:
-        return typed
+        words = sorted(_words(key))
+        return typed + (f", or {' / '.join(words)}" if words and value is not None else "")
     if kind in _RANGE_KINDS:
         return (
             f"`{key}`: {_short(value)} is out of range — {e['msg'].replace('Input should be', 'it must be')}"
@@ -140,6 +141,15 @@ def _short(value: Any) -> str:
         return {None: "null", True: "true", False: "false"}[value]  # as YAML spells them
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _words(key: str) -> set[str]:
+    """The words a typed field also accepts (``auto`` of ``int | Literal["auto"]``)."""
+    section = _section_for(key)
+    name = key.rpartition(".")[2]
+    if section is None or name not in section.model_fields:
+        return set()
+    return choices(section.model_fields[name].annotation)[0]
 
 
 def _takes_null(key: str) -> bool:

@@ -19,6 +19,8 @@ from wronai.runtime.activation_checkpointing import (
     checkpointing_choice,
     describe_checkpointing,
 )
+from wronai.runtime.batch import BatchChoice
+from wronai.runtime.batch import resolve as resolve_batch
 from wronai.runtime.memory import (
     GIB,
     Estimate,
@@ -164,15 +166,29 @@ def plan_config(config: Any, gpu: str = "24GB", nproc: int = 1, device: str = "c
     """``device="cpu"``: size a CPU run's peak RSS against ``gpu`` bytes of RAM."""
     model_config = read_model_config(config)
     shape = ModelShape.from_config(model_config)
-    settings = plan_settings(config, model_config, nproc, device)
     budget = parse_gpu_size(gpu)
-    auto = ""
+    config, batch = _resolve_batch(config, model_config, shape, budget, nproc, device)
+    settings = plan_settings(config, model_config, nproc, device)
+    auto = "".join(f"{note}\n" for note in batch.notes)
     if config.training.gradient_checkpointing == "auto":  # as `wronai train` decides it, after loading
         free = budget - (
             estimate(shape, settings, device=device).total - activation_bytes(shape, settings, device)
         )
         every, why = checkpointing_choice(shape, settings, free, device)
         settings = replace(settings, gradient_checkpointing=every > 0, checkpoint_every=max(1, every))
-        auto = auto_note(describe_checkpointing(every, shape.layers), why) + "\n"
+        auto += auto_note(describe_checkpointing(every, shape.layers), why) + "\n"
     plan = make_plan(shape, settings, budget, device)
     return plan, render(plan, config.model.name, gpu) + auto
+
+
+def _resolve_batch(
+    config: Any, model_config: dict[str, Any], shape: ModelShape, budget: float, nproc: int, device: str
+) -> tuple[Any, BatchChoice]:
+    """``training.per_device_train_batch_size: auto`` as `wronai train` decides it, against ``budget`` less
+    what a step holds besides its activations."""
+    ones = config.training.model_copy(
+        update={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1}
+    )
+    one = plan_settings(config.model_copy(update={"training": ones}), model_config, nproc, device)
+    static = estimate(shape, one, device=device).total - activation_bytes(shape, one, device)
+    return resolve_batch(config, device, model_config, free_bytes=budget - static)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from wronai.errors import WronAIError
 from wronai.rundir.files import GUARD_STATE_FILE
+from wronai.runtime.batch import resolve as resolve_batch
 from wronai.runtime.distributed import world
 from wronai.runtime.memory import GIB, ModelShape, estimate, plan_settings, read_model_config
 
@@ -170,6 +171,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 def oom_message(stage: str, config: Any, device: str = "cuda") -> str:
     """A one-line explanation with `wronai plan`'s estimate for this run (``runtime.memory``) and the settings to change."""
+    config, _ = resolve_batch(config, device)  # the run's numbers (its `auto` batch is decided already)
     t, d, q = config.training, config.data, config.quantization
     advice = [
         f"training.per_device_train_batch_size (now {t.per_device_train_batch_size}; raise gradient_accumulation_steps to keep the global batch)",

@@ -71,15 +71,12 @@ def resolve_resume(resume: str | bool | None, output_dir: str) -> Path | None:
 
 def check_resume_config(checkpoint: Path, config: WronAIConfig) -> None:
     """Refuse to resume with a config that would change the results (use --force-resume to override)."""
-    saved_file = checkpoint / CONFIG_FILE
-    if not saved_file.is_file():
-        saved_file = checkpoint.parent / CONFIG_FILE
-    if not saved_file.is_file():
+    saved = _saved_config(checkpoint)
+    if saved is None:
         logger.warning(
             "--resume: %s has no saved config to compare with — resuming without the check", checkpoint
         )
         return
-    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
     differences = resume_differences(saved, config.model_dump(mode="json"))
     if differences:
         raise ConfigError(
@@ -89,3 +86,39 @@ def check_resume_config(checkpoint: Path, config: WronAIConfig) -> None:
             ],
             f"--resume {checkpoint}",
         )
+
+
+# settings a config may leave to WronAI (`auto`); a resumed run keeps what the run it continues decided
+DECIDED_KEYS = (
+    ("training", "per_device_train_batch_size"),
+    ("training", "gradient_accumulation_steps"),
+    ("data", "packing"),
+)
+
+
+def keep_decided(config: WronAIConfig, resume: str | bool | None) -> WronAIConfig:
+    """``config`` with its ``auto`` settings replaced by the values the checkpoint's run decided (a copy), so
+    that a resumed run computes as the first one did even where this machine would decide otherwise."""
+    if not resume:
+        return config
+    checkpoint = resolve_resume(resume, config.training.output_dir)
+    saved = _saved_config(checkpoint) if checkpoint is not None else None
+    if not saved:
+        return config
+    groups: dict[str, dict[str, Any]] = {}
+    for group, key in DECIDED_KEYS:
+        section = getattr(config, group)
+        if key in type(section).model_fields and getattr(section, key) == "auto":
+            value = (saved.get(group) or {}).get(key)
+            if value not in (None, "auto"):
+                groups.setdefault(group, {})[key] = value
+                logger.info("--resume: %s.%s: auto -> %r, as the run it continues decided", group, key, value)
+    update = {group: getattr(config, group).model_copy(update=values) for group, values in groups.items()}
+    return config.model_copy(update=update) if update else config
+
+
+def _saved_config(checkpoint: Path) -> dict[str, Any] | None:
+    for path in (checkpoint / CONFIG_FILE, checkpoint.parent / CONFIG_FILE):
+        if path.is_file():
+            return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from wronai.config.sections.base import Section
 
@@ -21,11 +21,22 @@ class TrainingSection(Section):
     max_steps: int = Field(
         -1, ge=-1, description="Stop after this many optimizer steps; -1 = use num_train_epochs."
     )
-    per_device_train_batch_size: int = Field(1, ge=1, description="Rows per device per forward pass.")
+    per_device_train_batch_size: PositiveInt | Literal["auto"] = Field(
+        "auto",
+        description="Rows per device per forward pass. auto = the largest power of two that divides the effective "
+        "batch (rows per optimizer step: gradient_accumulation_steps when set, else 16), keeps batch × "
+        "data.max_seq_length within 4096 tokens on a CPU (16384 on CUDA) and whose activations fit the free memory "
+        "without recomputation; gradient_accumulation_steps then = effective batch / batch. `wronai validate` "
+        "prints the choice.",
+    )
     per_device_eval_batch_size: int = Field(
         1, ge=1, description="Rows per device per evaluation forward pass."
     )
-    gradient_accumulation_steps: int = Field(16, ge=1, description="Forward passes per optimizer step.")
+    gradient_accumulation_steps: PositiveInt | Literal["auto"] = Field(
+        "auto",
+        description="Forward passes per optimizer step. auto = 16 with an explicit per_device_train_batch_size (as "
+        "before), else effective batch / the batch auto chose.",
+    )
     warmup_steps: int = Field(
         0, ge=0, description="Linear learning-rate warmup in optimizer steps (exclusive with warmup_ratio)."
     )
