@@ -174,7 +174,9 @@ def assert_same_as_reference(compute, reference, x, tol: float):
 
 
 def make_config_dict(model_dir: Path, data_path: Path, out_dir: Path, **sections) -> dict:
-    """A small, fast run config: 4-bit QLoRA on the tiny model."""
+    """A small, fast run config: 4-bit QLoRA on the tiny model. It writes down what `auto` would decide
+    (batch, packing, the timed CPU choices), so that a test's numbers do not depend on the machine running
+    it; the tests of those decisions leave them out."""
     cfg = {
         "model": {"name": str(model_dir)},
         "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"},
@@ -192,8 +194,14 @@ def make_config_dict(model_dir: Path, data_path: Path, out_dir: Path, **sections
             "gradient_checkpointing": False,
             "lr_scheduler_type": "constant",
         },
-        "data": {"dataset_name": str(data_path), "max_seq_length": 128, "eval_fraction": 0.1},
+        "data": {
+            "dataset_name": str(data_path),
+            "max_seq_length": 128,
+            "eval_fraction": 0.1,
+            "packing": False,
+        },
         "logging": {"report_to": ["none"], "report": False},  # tests of the report turn it on
+        "hardware": {"autotune": False},
     }
     for group, values in sections.items():
         cfg.setdefault(group, {}).update(values)

@@ -21,15 +21,18 @@ from wronai import data as data_stage
 from wronai.config import WronAIConfig, load_config
 from wronai.config.extensions import build_callbacks, load_object
 from wronai.config.preflight import preflight
+from wronai.data.auto import resolve_packing
 from wronai.errors import ConfigError
 from wronai.model.prepare import PreparedTokenizer, prepare_model, prepare_tokenizer
 from wronai.rundir import saving
+from wronai.rundir.files import AUTOTUNE_FILE
 from wronai.runtime import distributed
+from wronai.runtime.autotune import Decision, tune
 from wronai.runtime.batch import resolve as resolve_batch
 from wronai.runtime.hardware import DevicePlan, plan_device, thread_settings
 from wronai.runtime.heap import memory_settings
 from wronai.train import faults
-from wronai.train.resume import keep_decided
+from wronai.train.resume import keep_decided, resolve_resume
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +50,21 @@ class Pipeline:
     ``load_model``) last until ``close()`` — or the end of a ``with Pipeline(...) as p:`` block.
     """
 
-    def __init__(self, config: WronAIConfig | str | Path, overrides: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        config: WronAIConfig | str | Path,
+        overrides: list[str] | None = None,
+        *,
+        resume: str | bool | None = None,
+    ) -> None:
         cfg = config if isinstance(config, WronAIConfig) else load_config(config, overrides)
         self.plan: DevicePlan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
         # the settings left to WronAI (`auto`), decided for this machine; the run saves the decided values
+        cfg, packing_notes = resolve_packing(cfg)
         self.config, batch = resolve_batch(cfg, self.plan.device)
-        self.plan.notes += batch.notes
+        self.plan.notes += [*packing_notes, *batch.notes]
+        self.resume = resume  # --resume: the checkpoint's timed choices are reused (load_model)
+        self.decision: Decision | None = None  # the timed CPU choices (runtime.autotune), saved with the run
         self.tokens: PreparedTokenizer | None = None
         self.tokenizer: Any = None
         self.model: Any = None
@@ -84,6 +96,8 @@ class Pipeline:
         if self.tokens is None:
             self.load_tokenizer()
         assert self.tokens is not None
+        checkpoint = resolve_resume(self.resume, self.config.training.output_dir) if self.resume else None
+        self.plan, self.decision = tune(self.config, self.plan, checkpoint)
         self.model, self._zero3_load = prepare_model(self.config, self.plan, self.tokens)
         _, parameters = self.model.get_nb_trainable_parameters()  # PEFT counts 4-bit weights unpacked
         self._settings.enter_context(
@@ -120,6 +134,8 @@ class Pipeline:
             *self.extra_callbacks,
         ]
         self.trainer = make_trainer(self.config, self.plan, self.model, self.tokenizer, self.data, callbacks)
+        if self.decision is not None:  # in every checkpoint: a resumed run computes as this one
+            self.trainer.checkpoint_extras[AUTOTUNE_FILE] = self.decision.to_json()
         return self.trainer
 
     def train(self, resume: str | bool | None = None, force_resume: bool = False) -> dict[str, Any]:
@@ -138,6 +154,8 @@ class Pipeline:
         self.adapter_dir = saving.save_adapter(
             self.trainer, self.tokenizer, self.config, {"device_plan": self.plan.describe()}
         )
+        if self.decision is not None and self.trainer.args.should_save:
+            self.decision.save(self.adapter_dir)
         return self.adapter_dir
 
     def evaluate(self) -> dict[str, Any]:
@@ -176,7 +194,7 @@ def run(
     if problems:
         raise ConfigError(problems)
     config = keep_decided(config, resume)  # a resumed run keeps the `auto` choices of the run it continues
-    with Pipeline(config) as pipeline, thread_settings(config.hardware):
+    with Pipeline(config, resume=resume) as pipeline, thread_settings(config.hardware):
         setup(pipeline, resume=bool(resume), overwrite=overwrite)
         pipeline.train(resume=resume, force_resume=force_resume)
         out = save(pipeline)

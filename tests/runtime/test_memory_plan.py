@@ -249,7 +249,11 @@ def test_out_of_memory_message_gives_the_plan_estimate(tmp_path, device):
     model = tmp_path / "llama2-7b"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(LLAMA2_7B), encoding="utf-8")
-    training = {"gradient_checkpointing": True, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 16}
+    training = {
+        "gradient_checkpointing": True,
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 16,
+    }
     cfg = load_config(data={"model": {"name": str(model)}, "data": {"dataset_name": "org/dataset"},
                             "training": training})  # fmt: skip  # a run's config: its batch decided
     plan, _ = plan_config(cfg, "24GB", device=device)

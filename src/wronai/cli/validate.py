@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from wronai.config import dump_config
     from wronai.config.preflight import preflight
+    from wronai.data.auto import resolve_packing
     from wronai.runtime.batch import resolve as resolve_batch
     from wronai.runtime.hardware import plan_device
 
@@ -38,9 +39,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not args.quiet:
         out.write("# resolved config\n" + dump_config(cfg) + "\n")
     plan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    _, batch = resolve_batch(cfg, plan.device)  # what `wronai train` will decide for the `auto` settings
+    decided, packing_notes = resolve_packing(cfg)  # what `wronai train` will decide for the `auto` settings
+    _, batch = resolve_batch(decided, plan.device)
     out.write("# device plan\n" + "".join(f"  {line}\n" for line in plan.describe()))
-    for note in [*loaded.notes, *plan.notes, *batch.notes]:
+    for note in [*loaded.notes, *plan.notes, *packing_notes, *batch.notes]:
         out.write(f"  note: {note}\n")
     problems = preflight(cfg)
     if problems:

@@ -83,8 +83,9 @@ def assemble(
     stats: DataStats,
     data_cfg: DataSection,
 ) -> PreparedData:
-    """The datasets: training examples packed into rows when data.packing is on (counted in ``stats``)."""
-    packed_rows = pack_examples(train, data_cfg.max_seq_length) if data_cfg.packing else None
+    """The datasets: training examples packed into rows when data.packing is on (counted in ``stats``); an
+    undecided ``auto`` (the recipe decides it, ``data.auto``) packs nothing."""
+    packed_rows = pack_examples(train, data_cfg.max_seq_length) if data_cfg.packing is True else None
     if packed_rows is not None:
         stats.packed_rows = len(packed_rows)
         stats.padding_fraction_packed = padding_fraction([len(r["input_ids"]) for r in packed_rows], 8)

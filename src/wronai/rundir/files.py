@@ -53,6 +53,8 @@ adapter / model weights        peft / transformers (run, checkpoints, merged    
 (``CHECKPOINT_MANIFEST``)      checkpoint, written last)
 ``wronai_gradient_guard.json`` ``train.faults.GradientGuard.save`` (in each        ``train.faults.GradientGuard.load``
 (``GUARD_STATE_FILE``)         checkpoint)                                         (on resume)
+``wronai_autotune.json``       ``recipe.Pipeline`` (the run dir and every          ``runtime.autotune.resolve`` (on resume:
+(``AUTOTUNE_FILE``)            checkpoint: the timed CPU choices)                  the same choices, not timed again)
 ``wronai-error.log``           ``cli.app`` (an internal error's traceback)         people (bug reports)
 (``ERROR_LOG``)
 ``.wronai_write_test.<pid>``   ``rundir.saving.check_output_dir`` (a probe,        —
@@ -83,6 +85,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 STAGING_PREFIX = ".tmp-checkpoint-"
 CHECKPOINT_MANIFEST = "wronai_checkpoint.json"
 GUARD_STATE_FILE = "wronai_gradient_guard.json"
+AUTOTUNE_FILE = "wronai_autotune.json"
 ERROR_LOG = "wronai-error.log"
 WRITE_PROBE_PREFIX = ".wronai_write_test."
 

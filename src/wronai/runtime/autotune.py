@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
+from wronai.rundir.files import AUTOTUNE_FILE
 from wronai.runtime.autotune_layer import Candidate, LayerShapes, TimedLayer, size_name
 from wronai.runtime.hardware import DevicePlan
 
 logger = logging.getLogger(__name__)
 
-AUTOTUNE_FILE = "wronai_autotune.json"
 MARGIN = 0.03  # the other candidate must be this much faster to replace the plan's value (timing noise)
 MAX_TOKENS = 2048  # tokens of the timed layer step, at most
 MIN_TOKENS = 128  # a layer step too large for the budget is cut to this many tokens at the least ...
@@ -370,3 +370,29 @@ def apply(plan: DevicePlan, decision: Decision, *, dtype_follows_precision: bool
         dequantize_chunk_bytes=decision.dequantize_chunk_bytes,
         notes=[*plan.notes, *decision.reasons],
     )
+
+
+def tune(
+    config: Any, plan: DevicePlan, checkpoint_dir: str | Path | None
+) -> tuple[DevicePlan, Decision | None]:
+    """The plan with the open CPU choices decided for ``config``'s model (``hardware.autotune``), and the
+    decision to save with the run; the plan unchanged (and None) off a CPU, in a multi-process run (ranks
+    would time apart), with autotune off or when the model's shapes are unknown."""
+    from wronai.errors import WronAIError
+    from wronai.runtime.distributed import world
+    from wronai.runtime.memory import read_model_config
+
+    if plan.device != "cpu" or not config.hardware.autotune or world().is_distributed:
+        return plan, None
+    try:
+        model_config = read_model_config(config)
+    except (WronAIError, OSError, ValueError):
+        return plan, None
+    rows = config.training.per_device_train_batch_size
+    decision = resolve(
+        model_config, plan, checkpoint_dir, tokens_per_step=rows * config.data.max_seq_length,
+        lora_r=config.lora.r, **open_choices(config),
+    )  # fmt: skip
+    for reason in decision.reasons:
+        logger.info("autotune: %s", reason.removeprefix("autotune: "))
+    return apply(plan, decision, dtype_follows_precision=config.model.torch_dtype == "auto"), decision

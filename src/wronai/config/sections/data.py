@@ -61,9 +61,11 @@ class DataSection(Section):
         "(count it and go on). Rows longer than max_seq_length are dropped and counted either way (data.max_truncated_share "
         "stops the run when too many are).",
     )
-    packing: bool = Field(
-        False,
-        description="Pack several examples into each max_seq_length row (attention kept per example via position_ids).",
+    packing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Pack several examples into each max_seq_length row (attention kept per example via position_ids; "
+        "the loss equals the unpacked loss for every format). auto = on, except for models with their own modeling "
+        "code (model.trust_remote_code), which may not keep packed examples apart; `wronai validate` prints the choice.",
     )
     max_samples: int | None = Field(
         None, ge=1, description="Use only the first N training rows (quick experiments)."

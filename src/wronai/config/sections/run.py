@@ -86,6 +86,14 @@ class HardwareSection(Section):
         "adapters, trained biases, mixed dtypes, autocast). auto = on for CPU runs without FSDP/ZeRO-3; on = "
         "also on GPUs (not measured there).",
     )
+    autotune: bool = Field(
+        True,
+        description="CPU runs: time, for about 1.5 s at start, one decoder layer of the model for what the plan cannot "
+        "know — bf16 autocast vs fp32 (native-bf16 CPUs, when training.bf16/fp16 are not written), the fused LoRA step "
+        "vs PEFT's (hardware.fused_lora: auto), 4-bit row slices vs whole weights — and take the faster; the decision "
+        "is logged, saved as wronai_autotune.json in the run and its checkpoints, and reused by --resume. false = the "
+        "plan's own choices, never timed.",
+    )
     distributed: Literal["none", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = Field(
         "none",
         description="Multi-process strategy under `wronai train --nproc N` / torchrun: none (plain DDP when launched with several processes), ddp, fsdp (shards 4-bit weights; CUDA only), deepspeed_zero2, deepspeed_zero3 (CUDA or CPU; needs deepspeed). See docs/distributed.md.",
