@@ -393,6 +393,4 @@ def tune(
         model_config, plan, checkpoint_dir, tokens_per_step=rows * config.data.max_seq_length,
         lora_r=config.lora.r, **open_choices(config),
     )  # fmt: skip
-    for reason in decision.reasons:
-        logger.info("autotune: %s", reason.removeprefix("autotune: "))
     return apply(plan, decision, dtype_follows_precision=config.model.torch_dtype == "auto"), decision
