@@ -260,3 +260,14 @@ def test_the_command_table_loads_no_heavy_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_minimal_config_leaves_every_speed_setting_to_wronai(capsys):
+    """configs/examples/minimal.yaml writes down no speed setting; validate shows each automatic choice."""
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "examples" / "minimal.yaml"
+    assert main(["validate", str(config), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "note: data.packing: auto -> on (" in out
+    assert "note: training.per_device_train_batch_size: auto -> 8, gradient_accumulation_steps -> 2 (" in out

@@ -174,9 +174,9 @@ def test_the_timed_layer_is_what_runs():
 def test_a_repeated_4bit_weight_dequantizes_to_repeated_rows():
     import bitsandbytes.functional as bnbf
 
-    from wronai.runtime.autotune_layer import _four_bit
+    from wronai.kernels.bnb import synthetic_linear4bit
 
-    layer = _four_bit(128, 300, torch.Generator().manual_seed(0))  # 128 template rows, repeated
+    layer = synthetic_linear4bit(128, 300, torch.Generator().manual_seed(0))  # 128 template rows, repeated
     weight = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     assert weight.shape == (300, 128)
     torch.testing.assert_close(weight[128:256], weight[:128], rtol=0, atol=0)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -300,3 +301,84 @@ def allow_checked_packed_format(model: torch.nn.Module) -> str:
     elif len(chosen) < len(layers):
         line += " (the others' shapes do not pack)"
     return line
+
+
+# Layers built for timing (runtime.autotune): the shapes of a model's projections, no checkpoint needed
+_NF4_BLOCK = 64  # NF4 block size
+_NESTED_BLOCK = 256  # block size of the double-quantized block scales
+
+
+def synthetic_linear4bit(in_features: int, out_features: int, generator: torch.Generator) -> Any:
+    """An NF4, double-quantized ``Linear4bit`` (float32 compute) out of packed-format reach, with random
+    weights; a large one is a few quantized rows repeated (quantizing a whole 11008 × 4096 matrix takes
+    seconds), which dequantizes as the repeated rows (runtime.autotune times layers built this way)."""
+    layer = _bnb.nn.Linear4bit(
+        in_features, out_features, bias=False, quant_type="nf4", compress_statistics=True, device="meta"
+    )
+    layer.compute_dtype, layer.compute_type_is_set = torch.float32, True
+    # rows whose scales fill whole blocks of the double quantization: repeating them keeps the blocks aligned
+    rows = out_features
+    if in_features % _NF4_BLOCK == 0:
+        rows = min(
+            out_features, _NF4_BLOCK * _NESTED_BLOCK // math.gcd(in_features, _NF4_BLOCK * _NESTED_BLOCK)
+        )
+    template = torch.randn(rows, in_features, generator=generator).mul_(0.02)
+    weight: Any = _bnb.nn.Params4bit(
+        template, requires_grad=False, quant_type="nf4", compress_statistics=True, module=layer
+    )
+    weight = weight.to("cpu")  # quantizes
+    layer.weight = _repeated_4bit(weight, out_features, layer) if rows < out_features else weight
+    forbid_packed_format(layer)
+    return layer
+
+
+def _repeated_4bit(weight: Any, out_features: int, module: Any) -> Any:
+    """A 4-bit weight of ``out_features`` rows: the codes and block scales of ``weight``'s rows repeated."""
+    from bitsandbytes.functional import QuantState
+
+    state = weight.quant_state
+    rows, in_features = state.shape
+    repeats = -(-out_features // rows)
+    blocks = out_features * in_features // state.blocksize
+    inner = state.state2
+    nested = QuantState(
+        absmax=inner.absmax.repeat(repeats)[: -(-blocks // inner.blocksize)],
+        code=inner.code,
+        blocksize=inner.blocksize,
+        dtype=inner.dtype,
+    )
+    full = QuantState(
+        absmax=state.absmax.repeat(repeats)[:blocks],
+        shape=torch.Size([out_features, in_features]),
+        code=state.code,
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=state.dtype,
+        offset=state.offset,
+        state2=nested,
+    )
+    codes = weight.data.reshape(-1).repeat(repeats)[: out_features * in_features // 2].reshape(-1, 1)
+    return _bnb.nn.Params4bit(
+        codes,
+        requires_grad=False,
+        quant_state=full,
+        blocksize=state.blocksize,
+        compress_statistics=True,
+        quant_type=state.quant_type,
+        module=module,
+        bnb_quantized=True,
+    )
+
+
+def set_row_slices(base: Any, chunk_bytes: int, dtype: torch.dtype, rows: int) -> int:
+    """A 4-bit base as ``wronai.model.lora`` leaves it (for a layer that may be sliced already): compute dtype, and row slices when the model's weight
+    (``rows`` rows) in that dtype exceeds ``chunk_bytes`` (``chunk_4bit_layers``' rule); 1 when
+    sliced."""
+    base.compute_dtype, base.compute_type_is_set = dtype, True
+    base.__class__ = _bnb.nn.Linear4bit
+    base.__dict__.pop("chunk_bytes", None)
+    state = base.weight.quant_state
+    if chunk_bytes and chunkable(state) and rows * state.shape[1] * dtype.itemsize > chunk_bytes:
+        RowSlicedLinear4bit.from_linear4bit(base, chunk_bytes)
+        return 1
+    return 0

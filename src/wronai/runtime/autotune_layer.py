@@ -16,7 +16,6 @@ and matmul cost of a 4-bit weight does not depend on its values.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +25,6 @@ import torch
 logger = logging.getLogger(__name__)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_NESTED_BLOCK = 256  # bitsandbytes' block size of the double-quantized block scales
-_BLOCK = 64  # NF4 block size
 
 
 @dataclass(frozen=True)
@@ -103,69 +100,6 @@ class _Projections(torch.nn.Module):
         return [getattr(self, name)(source.get(name, hidden)) for name in PROJECTIONS]
 
 
-def _four_bit(in_features: int, out_features: int, generator: torch.Generator) -> Any:
-    """An NF4, double-quantized ``Linear4bit`` (float32 compute) out of packed-format reach."""
-    import bitsandbytes as bnb
-
-    from wronai.kernels.bnb import forbid_packed_format
-
-    layer = bnb.nn.Linear4bit(
-        in_features, out_features, bias=False, quant_type="nf4", compress_statistics=True, device="meta"
-    )
-    layer.compute_dtype, layer.compute_type_is_set = torch.float32, True
-    # rows whose scales fill whole blocks of the double quantization: repeating them keeps the blocks aligned
-    rows = out_features
-    if in_features % _BLOCK == 0:
-        rows = min(out_features, _BLOCK * _NESTED_BLOCK // math.gcd(in_features, _BLOCK * _NESTED_BLOCK))
-    template = torch.randn(rows, in_features, generator=generator).mul_(0.02)
-    weight: Any = bnb.nn.Params4bit(
-        template, requires_grad=False, quant_type="nf4", compress_statistics=True, module=layer
-    )
-    weight = weight.to("cpu")  # quantizes
-    layer.weight = _repeated(weight, out_features, layer) if rows < out_features else weight
-    forbid_packed_format(layer)
-    return layer
-
-
-def _repeated(weight: Any, out_features: int, module: Any) -> Any:
-    """A 4-bit weight of ``out_features`` rows: the codes and block scales of ``weight``'s rows repeated."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import QuantState
-
-    state = weight.quant_state
-    rows, in_features = state.shape
-    repeats = -(-out_features // rows)
-    blocks = out_features * in_features // state.blocksize
-    inner = state.state2
-    nested = QuantState(
-        absmax=inner.absmax.repeat(repeats)[: -(-blocks // inner.blocksize)],
-        code=inner.code,
-        blocksize=inner.blocksize,
-        dtype=inner.dtype,
-    )
-    full = QuantState(
-        absmax=state.absmax.repeat(repeats)[:blocks],
-        shape=torch.Size([out_features, in_features]),
-        code=state.code,
-        blocksize=state.blocksize,
-        quant_type=state.quant_type,
-        dtype=state.dtype,
-        offset=state.offset,
-        state2=nested,
-    )
-    codes = weight.data.reshape(-1).repeat(repeats)[: out_features * in_features // 2].reshape(-1, 1)
-    return bnb.nn.Params4bit(
-        codes,
-        requires_grad=False,
-        quant_state=full,
-        blocksize=state.blocksize,
-        compress_statistics=True,
-        quant_type=state.quant_type,
-        module=module,
-        bnb_quantized=True,
-    )
-
-
 def _dense(in_features: int, out_features: int, generator: torch.Generator) -> torch.nn.Linear:
     layer = torch.nn.utils.skip_init(torch.nn.Linear, in_features, out_features, bias=False)
     layer.weight.requires_grad_(False)
@@ -186,7 +120,9 @@ class TimedLayer:
 
         self.shapes, self.four_bit = shapes, four_bit
         self.generator = torch.Generator().manual_seed(0)
-        build = _four_bit if four_bit else _dense
+        from wronai.kernels.bnb import synthetic_linear4bit  # bitsandbytes: only when a layer is built
+
+        build = synthetic_linear4bit if four_bit else _dense
         sizes = shapes.projections()
         layers = {
             name: build(i, max(min(o, 16), round(o * fraction)), self.generator)
@@ -208,6 +144,7 @@ class TimedLayer:
 
     def configure(self, candidate: Candidate) -> int:
         """Set the layer up as ``candidate`` computes it; returns how many bases dequantize in row slices."""
+        from wronai.kernels.bnb import set_row_slices
         from wronai.kernels.fused_lora import SWAPS, unfuse_lora_layers
 
         unfuse_lora_layers(self.model)
@@ -215,7 +152,7 @@ class TimedLayer:
         for layer in self.lora_layers():
             base = layer.get_base_layer()
             if self.four_bit:
-                sliced += _set_slices(base, candidate.chunk_bytes, candidate.dtype, self.rows[id(base)])
+                sliced += set_row_slices(base, candidate.chunk_bytes, candidate.dtype, self.rows[id(base)])
             else:
                 base.weight.data = base.weight.data.to(
                     candidate.dtype
@@ -257,21 +194,3 @@ class TimedLayer:
         if key not in self._cache:
             self._cache[key] = [torch.randn(o.shape, generator=self.generator).to(o.dtype) for o in outputs]
         return self._cache[key]
-
-
-def _set_slices(base: Any, chunk_bytes: int, dtype: torch.dtype, rows: int) -> int:
-    """A 4-bit base as ``wronai.model.lora`` leaves it: compute dtype, and row slices when the model's weight
-    (``rows`` rows) in that dtype exceeds ``chunk_bytes`` (``kernels.bnb.chunk_4bit_layers``' rule); 1 when
-    sliced."""
-    import bitsandbytes as bnb
-
-    from wronai.kernels.bnb import RowSlicedLinear4bit, chunkable
-
-    base.compute_dtype, base.compute_type_is_set = dtype, True
-    base.__class__ = bnb.nn.Linear4bit
-    base.__dict__.pop("chunk_bytes", None)
-    state = base.weight.quant_state
-    if chunk_bytes and chunkable(state) and rows * state.shape[1] * dtype.itemsize > chunk_bytes:
-        RowSlicedLinear4bit.from_linear4bit(base, chunk_bytes)
-        return 1
-    return 0
