@@ -56,3 +56,25 @@ def test_validate_prints_the_choice(tiny_model_dir, alpaca_file, tmp_path, capsy
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     assert main(["validate", str(path), "--quiet"]) == 0
     assert "note: data.packing: auto -> on (" in capsys.readouterr().out
+
+
+def test_an_auto_batch_of_packed_rows_keeps_the_examples_per_step(tiny_model_dir, alpaca_file, tmp_path):
+    """Packed rows hold several examples: the auto batch then counts examples, so a step sees about as many
+    as the effective batch says (16), not 16 full rows; an explicit batch is left alone."""
+    from wronai.recipe import Pipeline
+
+    config = _config(tiny_model_dir, alpaca_file, tmp_path)
+    training = config.training.model_copy(
+        update={"per_device_train_batch_size": "auto", "gradient_accumulation_steps": "auto"}
+    )
+    pipeline = Pipeline(config.model_copy(update={"training": training}))
+    data = pipeline.load_dataset()
+    per_row = data.stats.examples["train"] / data.stats.packed_rows
+    t = pipeline.config.training
+    assert (
+        per_row > 1.5
+        and abs(t.per_device_train_batch_size * t.gradient_accumulation_steps * per_row - 16) <= per_row
+    )
+    explicit = Pipeline(_config(tiny_model_dir, alpaca_file, tmp_path))
+    explicit.load_dataset()
+    assert explicit.config.training.per_device_train_batch_size == 4  # conftest's, as written

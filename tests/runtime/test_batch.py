@@ -96,3 +96,14 @@ def test_a_resumed_run_keeps_the_batch_its_first_run_decided(
     kept = resume_module.keep_decided(config, True)
     assert (kept.training.per_device_train_batch_size, kept.training.gradient_accumulation_steps) == (2, 4)
     assert resume_module.keep_decided(config, None) is config  # no resume: nothing read
+
+
+def test_packed_rows_count_examples_toward_the_effective_batch():
+    from wronai.runtime.batch import for_packed_rows
+
+    choice = for_packed_rows(8, 2, examples=1000, rows=200)  # 5 examples per packed row, 16 examples per step
+    assert (choice.batch, choice.accumulation) == (3, 1) and "16 examples" in choice.reason
+    assert (
+        for_packed_rows(8, 2, examples=300, rows=300).batch,
+        for_packed_rows(8, 2, examples=300, rows=300).accumulation,
+    ) == (8, 2)

@@ -135,3 +135,20 @@ def _memory_check(
     return lambda b: (
         activation_bytes(shape, replace(settings, batch=b), kind) <= AUTO_CHECKPOINTING_SHARE * free
     )
+
+
+def for_packed_rows(batch: int, accumulation: int, examples: int, rows: int) -> BatchChoice:
+    """The auto batch once the data is packed: the effective batch counts *examples* (as unpacked rows did),
+    so an optimizer step sees as many examples as the config means — ``rows`` packed rows holding ``examples``
+    examples; the forward batch stays at most ``batch`` rows (what the memory was planned for)."""
+    effective = batch * accumulation
+    per_row = max(1.0, examples / max(rows, 1))
+    rows_per_step = max(1, round(effective / per_row))
+    chosen = max(1, min(batch, rows_per_step))
+    acc = max(1, round(rows_per_step / chosen))
+    reason = (
+        f"training.per_device_train_batch_size: auto -> {chosen}, gradient_accumulation_steps -> {acc} for packed rows "
+        f"({per_row:.1f} examples per row: {chosen * acc} rows ≈ {round(chosen * acc * per_row)} examples per step, "
+        f"the effective batch of {effective} examples kept)"
+    )
+    return BatchChoice(chosen, acc, reason)
