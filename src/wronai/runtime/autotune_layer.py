@@ -38,17 +38,19 @@ class LayerShapes:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LayerShapes | None:
-        """From a config.json dict; None when it lacks the sizes of a decoder layer."""
-        try:
-            hidden, intermediate = int(config["hidden_size"]), int(config["intermediate_size"])
-            heads = int(config["num_attention_heads"])
-            kv_heads = int(config.get("num_key_value_heads") or heads)
-            head_dim = int(config.get("head_dim") or hidden // heads)
-        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        """From a config.json dict, read as `wronai plan` reads it (``memory.ModelShape``); None when it lacks
+        the sizes of a decoder layer."""
+        from wronai.errors import WronAIError
+        from wronai.runtime.memory import ModelShape
+
+        try:  # one layer's sizes: the layer count and vocabulary do not matter here
+            shape = ModelShape.from_config({"num_hidden_layers": 1, "vocab_size": 1, **config})
+        except (WronAIError, ZeroDivisionError):
             return None
-        if min(hidden, intermediate, heads, kv_heads, head_dim) <= 0:
+        if min(shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim) <= 0:
             return None
-        return cls(hidden, intermediate, heads * head_dim, kv_heads * head_dim)
+        linears = shape.linears()
+        return cls(shape.hidden, shape.intermediate, linears["q_proj"][1], linears["k_proj"][1])
 
     def projections(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each projection."""
