@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from wronai.data.collate import PackedCollator, pack_examples
 from wronai.data.tokenize import IGNORE_INDEX
 from wronai.model.attention import (
     LENGTHS_KWARG,
     PACKED_SDPA,
+    cpu_half_attention,
     enable_packed_attention,
     example_lengths,
     packed_sdpa,
@@ -276,3 +280,72 @@ def test_packed_training_with_evaluation_end_to_end(tmp_path, tiny_model_dir):
     )  # fmt: skip
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert any("eval_loss" in h for h in history)
+
+
+class _SdpaDtypes(TorchDispatchMode):
+    """The dtypes the aten attention kernels receive — below autocast, so what really runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: list[torch.dtype] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in func.__name__:
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", ["bf16-queries", "fp32-queries-under-bf16-autocast"])
+def test_cpu_half_attention_runs_in_fp32(case):
+    """bf16 attention on a CPU is slower for short examples and caches kernels per length for good: both the
+    per-example and the plain path compute it in fp32 and hand back bf16, as sdpa would."""
+    module = torch.nn.Module().eval()
+    module.is_causal = True
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 40, 8, generator=gen) for _ in range(3))
+    lengths = {LENGTHS_KWARG: [[10, 30], [25, 15]]}
+    ref_split, _ = packed_sdpa(module, q, k, v, None, **lengths)
+    ref_plain, _ = packed_sdpa(module, q, k, v, None)
+    half = case == "bf16-queries"
+    inputs = [t.bfloat16() for t in (q, k, v)] if half else [q, k, v]
+    context = contextlib.nullcontext() if half else torch.autocast("cpu", dtype=torch.bfloat16)
+    with _SdpaDtypes() as mode, context:
+        split, _ = packed_sdpa(module, *inputs, None, **lengths)
+        plain, _ = packed_sdpa(module, *inputs, None)
+    assert len(mode.dtypes) == 5 and set(mode.dtypes) == {torch.float32}
+    assert split.dtype == plain.dtype == torch.bfloat16
+    tol = {"atol": 2e-2, "rtol": 2e-2} if half else {}  # bf16 inputs: rounded once on the way in
+    torch.testing.assert_close(split, ref_split.bfloat16(), **tol)
+    torch.testing.assert_close(plain, ref_plain.bfloat16(), **tol)
+
+
+def test_half_attention_off_the_cpu_is_left_alone():
+    assert cpu_half_attention(torch.empty(1, dtype=torch.bfloat16, device="meta")) is None
+    assert cpu_half_attention(torch.empty(1)) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_half_attention(torch.empty(1)) is torch.bfloat16
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_bf16_cpu_batches_have_few_lengths_and_fp32_attention(tiny_model_dir, tiny_tokenizer, bf16):
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from wronai.train.trainer import CPU_HALF_LENGTH_MULTIPLE, build_trainer
+
+    args = TrainingArguments(
+        output_dir="unused", use_cpu=True, bf16=bf16, report_to=[], remove_unused_columns=False
+    )
+    rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}] * 4
+    for packed in (True, False):
+        model = _model(tiny_model_dir)
+        data = rows if not packed else pack_examples(rows, 8)
+        prepared = SimpleNamespace(packed=packed, train=data, eval=None)
+        collator = build_trainer(model, tiny_tokenizer, args, prepared, []).data_collator
+        assert collator.pad_to_multiple_of == (CPU_HALF_LENGTH_MULTIPLE if bf16 else None)
+        assert collator(data)["input_ids"].shape[1] == (
+            CPU_HALF_LENGTH_MULTIPLE if bf16 else len(data[0]["input_ids"])
+        )
+        switched = model.config._attn_implementation == PACKED_SDPA
+        assert switched == (packed or bf16)

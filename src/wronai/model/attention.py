@@ -10,6 +10,11 @@ When the batch carries the example lengths it runs causal sdpa on every example 
 with transformers' own mask, so results never depend on which path ran. ``PackedCollator(with_boundaries=True)``
 adds them; ``enable_packed_attention(model)`` switches an sdpa model over.
 
+On a CPU, attention that sdpa would run in bf16/fp16 (half-precision queries, or CPU autocast) is computed
+in fp32 and handed back in that dtype, on both paths: faster there, and without the per-length kernel
+caches that bf16 leaves in the C heap (``cpu_half_attention``). A bf16/fp16 CPU run therefore switches to
+``wronai_packed_sdpa`` even without packing. Other devices run exactly transformers' sdpa.
+
 The lengths arrive as plain Python lists (``wronai_example_lengths``: per row, the lengths of the examples
 it holds), computed once per batch by the collator on the CPU, so no attention call reads a GPU tensor back
 to the host (a ``.tolist()`` of a CUDA tensor waits for the GPU: once per layer per step). The collator also
@@ -42,7 +47,52 @@ def packed_sdpa(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Causal sdpa per example when the boundaries are given; transformers' sdpa otherwise."""
+    """Causal sdpa per example when the boundaries are given; transformers' sdpa otherwise.
+
+    On a CPU, bf16/fp16 attention is computed in fp32 (see ``cpu_half_attention``).
+    """
+    half = cpu_half_attention(query)
+    if half is None:
+        return _attend(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):
+        out, _ = _attend(
+            module, query.float(), key.float(), value.float(), attention_mask, dropout, scaling, **kwargs
+        )
+    return out.to(half), None
+
+
+def cpu_half_attention(query: torch.Tensor) -> torch.dtype | None:
+    """The half-precision dtype sdpa would run ``query`` in on a CPU (its own, or CPU autocast's), else None.
+
+    WronAI computes such attention in fp32 and returns it in that dtype. Two measurements on a 2-core Xeon
+    with AMX-BF16 (torch 2.13, the speed benchmark's model, 6 heads of 64): bf16 flash attention forward +
+    backward is 2-4x slower than fp32 for examples under ~300 tokens (100 tokens: 4.5 vs 1.2 ms) and equal
+    at 512; and every new sequence length leaves oneDNN kernels and their buffers cached in the C heap
+    (500 lengths: ~1 GB in bf16, ~0 in fp32), so per-example attention over packed rows, whose lengths all
+    differ, grew RSS by ~25 MB per step. Casting q, k and v (a few MiB per layer) costs far less than either.
+    """
+    if query.device.type != "cpu":
+        return None
+    if query.dtype in (torch.bfloat16, torch.float16):
+        return query.dtype
+    if torch.is_autocast_enabled("cpu"):  # RoPE hands sdpa fp32 queries; CPU autocast would cast them
+        dtype = torch.get_autocast_dtype("cpu")
+        return dtype if dtype in (torch.bfloat16, torch.float16) else None
+    return None
+
+
+def _attend(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     per_row = kwargs.get(LENGTHS_KWARG)
@@ -121,7 +171,7 @@ def enable_packed_attention(model: Any) -> bool:
         return False
     if getattr(config, "_attn_implementation", None) != PACKED_SDPA:
         return False
-    logger.info("packed rows: attention computed per example (%s)", PACKED_SDPA)
+    logger.info("attention: %s (per example in packed rows; fp32 math on a CPU)", PACKED_SDPA)
     return True
 
 

@@ -196,13 +196,17 @@ def build_trainer(
     per_example_attention: bool = True,
 ):
     """A Hugging Face Trainer (crash-safe checkpoints, gradient guard) over the prepared data."""
+    multiple = length_multiple(args)
     if prepared.packed:  # attention per example instead of a block-diagonal mask over the whole row
         collator: Any = PackedCollator(
             pad_token_id=tokenizer.pad_token_id,
+            pad_to_multiple_of=multiple,
             with_boundaries=per_example_attention and enable_packed_attention(model),
         )
     else:
-        collator = PaddingCollator(pad_token_id=tokenizer.pad_token_id)
+        if per_example_attention and multiple:  # no boundaries: sdpa with the mask, in fp32 on the CPU
+            enable_packed_attention(model)
+        collator = PaddingCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=multiple)
     trainer = GuardedTrainer(
         model=model,
         args=args,
@@ -221,6 +225,23 @@ def build_trainer(
     if trainer.callback_handler.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(QuietProgressCallback())
     return trainer
+
+
+CPU_HALF_LENGTH_MULTIPLE = 64  # batches of a bf16/fp16 CPU run are padded to a multiple of this length
+
+
+def length_multiple(args: Any) -> int | None:
+    """The length batches are padded to a multiple of: ``CPU_HALF_LENGTH_MULTIPLE`` for bf16/fp16 autocast on
+    a CPU, else none (dynamic padding to the longest row).
+
+    On a CPU every new bf16 matmul shape leaves a oneDNN kernel and its buffers cached in the C heap for
+    good, so batches of every length from 1 to ``max_seq_length`` (unpacked rows, the eval split, the last
+    packed rows) would grow RSS batch after batch; rounded up to a multiple of 64, a run sees at most
+    ``max_seq_length / 64`` lengths per batch size. Pad positions carry label -100 and are masked (or, in
+    packed rows, their own block), so the loss is unchanged.
+    """
+    half = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False))
+    return CPU_HALF_LENGTH_MULTIPLE if half and args.device.type == "cpu" else None
 
 
 def final_eval_metrics(trainer: Any) -> dict[str, float]:
