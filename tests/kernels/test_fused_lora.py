@@ -58,7 +58,7 @@ def forward_backward(layer, x: torch.Tensor, seed: int = 3):
     x = x.detach().clone().requires_grad_(True)
     torch.manual_seed(seed)
     out = layer(x)
-    out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+    out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(out.dtype))
     return out.detach(), x.grad, [p.grad.clone() for p in params]
 
 
@@ -187,8 +187,9 @@ def test_disabled_adapters_mixed_dtypes_and_extra_arguments_run_through_peft(fus
      ("dense", 0.1, torch.bfloat16)],
 )  # fmt: skip
 def test_fused_layer_under_autocast_equals_peft(base, dropout, input_dtype, fused_calls):
-    """bf16 autocast (what the Trainer turns on for bf16 on CPUs that have it, and on GPUs): the matmuls in
-    bf16, the output and every gradient in the dtype PEFT's layer gives them."""
+    """bf16 autocast (what the Trainer turns on for bf16 on CPUs that have it, and on GPUs): the matmuls and
+    the output in bf16, as autocast's linear layers give it (bitsandbytes' 4-bit layer would cast it back to
+    fp32), every gradient in the dtype PEFT's layer gives it."""
     model, layer = lora_layer(base, dropout)
     model.train()
     x = torch.randn(3, 4, 128).to(input_dtype)
@@ -197,7 +198,7 @@ def test_fused_layer_under_autocast_equals_peft(base, dropout, input_dtype, fuse
         fused_lora.fuse_lora_layers(model, check=False)
         fused = forward_backward(layer, x)
     assert len(fused_calls) == 1
-    assert fused[0].dtype == reference[0].dtype and fused[1].dtype == reference[1].dtype == input_dtype
+    assert fused[0].dtype == torch.bfloat16 and fused[1].dtype == reference[1].dtype == input_dtype
     assert [g.dtype for g in fused[2]] == [g.dtype for g in reference[2]] == [torch.float32] * 2
     for got, want in zip([*fused[:2], *fused[2]], [*reference[:2], *reference[2]], strict=True):
         error = (got.float() - want.float()).norm() / want.float().norm()
