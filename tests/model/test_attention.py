@@ -342,10 +342,20 @@ def test_bf16_cpu_batches_have_few_lengths_and_fp32_attention(tiny_model_dir, ti
         model = _model(tiny_model_dir)
         data = rows if not packed else pack_examples(rows, 8)
         prepared = SimpleNamespace(packed=packed, train=data, eval=None)
-        collator = build_trainer(model, tiny_tokenizer, args, prepared, []).data_collator
+        trainer = build_trainer(model, tiny_tokenizer, args, prepared, [])
+        collator = trainer.data_collator
         assert collator.pad_to_multiple_of == (CPU_HALF_LENGTH_MULTIPLE if bf16 else None)
         assert collator(data)["input_ids"].shape[1] == (
             CPU_HALF_LENGTH_MULTIPLE if bf16 else len(data[0]["input_ids"])
         )
         switched = model.config._attn_implementation == PACKED_SDPA
         assert switched == (packed or bf16)
+        seen: list[int] = []  # the head's positions: bucketed on bf16 CPU runs, exactly the trained ones else
+        model.lm_head.register_forward_hook(lambda _m, _i, out, seen=seen: seen.append(out.shape[1]))
+        ids = list(range(5, 45))  # 2 rows of 80 positions, 4 x 9 of them trained
+        answers = [{"input_ids": ids, "labels": [X] * 30 + ids[30:]}] * 4
+        batch = PackedCollator(pad_token_id=0)(pack_examples(answers, 80))  # unpadded
+        trained = int((batch["labels"][:, 1:] != X).sum())
+        trainer.compute_loss(model, batch)
+        assert trained < CPU_HALF_LENGTH_MULTIPLE < batch["input_ids"].numel()
+        assert seen == [CPU_HALF_LENGTH_MULTIPLE if bf16 else trained]

@@ -10,7 +10,6 @@ import torch
 from wronai.data.collate import PackedCollator, PaddingCollator, pack_examples
 from wronai.data.tokenize import IGNORE_INDEX
 from wronai.train.loss import (
-    POSITION_BUCKET,
     bucketed,
     output_head,
     trained_mask,
@@ -79,8 +78,9 @@ def test_fewer_logits_are_computed(tiny_model_dir):
     batch = PaddingCollator(pad_token_id=0)(_examples())
     trained_positions_loss(model, batch)
     trained = int((batch["labels"][:, 1:] != X).sum())
-    assert seen == [-(-trained // POSITION_BUCKET) * POSITION_BUCKET]  # rounded up to a bucket
-    assert seen[0] < batch["input_ids"].numel()
+    assert seen == [trained] and trained < batch["input_ids"].numel() / 2
+    trained_positions_loss(model, batch, multiple=64)
+    assert seen[1] == -(-trained // 64) * 64 < batch["input_ids"].numel()  # rounded up to a bucket
 
 
 @pytest.mark.parametrize(("rows", "length"), [(3, 100), (2, 20), (1, 64)])

@@ -136,9 +136,9 @@ def _base_rows(
             return None
         source, tensors = four_bit_rows(base.weight.data, state)
         chunk = getattr(base, "chunk_bytes", 0)  # a kernels.bnb.RowSlicedLinear4bit
-        # under autocast the output stays in autocast's dtype, as a linear layer's does (bitsandbytes casts
-        # it back to x's dtype); outside autocast compute is x's dtype anyway
-        return source, tensors, slice_rows(source, chunk, compute), compute if autocast else x.dtype
+        # the output in compute: autocast's dtype under autocast, as a linear layer's (bitsandbytes casts it
+        # back to x's dtype); x's own outside it (the check above)
+        return source, tensors, slice_rows(source, chunk, compute), compute
     if (
         type(base) is torch.nn.Linear
         and (autocast or base.weight.dtype == x.dtype)

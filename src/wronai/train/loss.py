@@ -10,9 +10,10 @@ token cross-entropy divided by ``num_items_in_batch`` when given, else the mean 
 The number of trained positions differs from batch to batch, and so would the shape of the head's matmul:
 on a CPU every new bf16 matmul shape leaves a oneDNN kernel and its buffers cached in the C heap for good —
 measured on the speed benchmark (AMX-BF16 Xeon, packed rows of 3 x 512): RSS grew by ~25 MB per step, from
-1.1 to 2.3 GB in 30 steps. The selection is therefore padded to a multiple of ``POSITION_BUCKET`` with
-untrained positions (whose targets are -100 by construction, so they add nothing to the loss or its
-gradient): a run sees at most ``rows x length / POSITION_BUCKET`` shapes, and RSS stays flat.
+1.1 to 2.3 GB in 30 steps. With ``multiple`` (the trainer passes ``train.trainer.length_multiple``: 64 on
+bf16/fp16 CPU runs, none elsewhere) the selection is padded to a multiple of it with untrained positions
+(whose targets are -100 by construction, so they add nothing to the loss or its gradient): a run sees at
+most ``rows x length / multiple`` shapes, and RSS stays flat.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from typing import Any
 import torch
 
 from wronai.data.tokenize import IGNORE_INDEX
-
-POSITION_BUCKET = 64  # trained positions are padded to a multiple of this (a few % of the head's FLOPs)
 
 
 def output_head(model: Any) -> torch.nn.Module | None:
@@ -45,7 +44,7 @@ def trained_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def bucketed(mask: torch.Tensor, multiple: int = POSITION_BUCKET) -> torch.Tensor:
+def bucketed(mask: torch.Tensor, multiple: int) -> torch.Tensor:
     """``mask`` with its first untrained positions added until the count is a multiple of ``multiple`` (or
     every position is in). Every added position's next token is untrained, so its target is -100."""
     count = int(mask.sum())
@@ -63,11 +62,14 @@ def _select_rows(mask: torch.Tensor, _module: torch.nn.Module, args: tuple[Any, 
 
 
 def trained_positions_loss(
-    model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
+    model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None, *, multiple: int | None = None
 ) -> torch.Tensor:
-    """Token cross-entropy over trained positions only; equal to ``model(**inputs).loss``."""
+    """Token cross-entropy over trained positions only; equal to ``model(**inputs).loss``. ``multiple``: the
+    head sees a multiple of this many positions (``bucketed``)."""
     labels = inputs["labels"]
-    mask = bucketed(trained_mask(labels))
+    mask = trained_mask(labels)
+    if multiple:
+        mask = bucketed(mask, multiple)
     head = output_head(model)
     if head is None:
         raise ValueError("model has no output embeddings — set training.trained_logits_only=false")

@@ -73,6 +73,9 @@ class GuardedTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.gradient_guard: Any = None  # faults.GradientGuard, set by build_trainer
         self.trained_logits_only = False  # logits only at trained positions (wronai.train.loss)
+        self.shape_multiple: int | None = (
+            None  # length_multiple: positions the head sees, set by build_trainer
+        )
         self.checkpoint_extras: dict[str, str] = {}  # file name -> text, in every checkpoint (the config)
         self._staging_root: Path | None = None  # where super()._save_checkpoint writes, while it runs
         super().__init__(*args, **kwargs)
@@ -107,7 +110,9 @@ class GuardedTrainer(Trainer):
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
         scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-        loss = trained_positions_loss(model, inputs, num_items_in_batch if scaled else None)
+        loss = trained_positions_loss(
+            model, inputs, num_items_in_batch if scaled else None, multiple=self.shape_multiple
+        )
         if scaled and self.args.average_tokens_across_devices:  # as Trainer.compute_loss does
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return loss
@@ -219,6 +224,7 @@ def build_trainer(
     trainer.trained_logits_only = (training is None or training.trained_logits_only) and output_head(
         model
     ) is not None
+    trainer.shape_multiple = multiple
     trainer.gradient_guard = GradientGuard(
         training.on_nan if training else "stop", training.max_consecutive_nan_steps if training else 5
     )
@@ -227,12 +233,15 @@ def build_trainer(
     return trainer
 
 
-CPU_HALF_LENGTH_MULTIPLE = 64  # batches of a bf16/fp16 CPU run are padded to a multiple of this length
+CPU_HALF_LENGTH_MULTIPLE = (
+    64  # bf16/fp16 CPU runs: batch lengths and the head's positions, a multiple of this
+)
 
 
 def length_multiple(args: Any) -> int | None:
-    """The length batches are padded to a multiple of: ``CPU_HALF_LENGTH_MULTIPLE`` for bf16/fp16 autocast on
-    a CPU, else none (dynamic padding to the longest row).
+    """The length batches are padded to a multiple of, and the number of positions the output head sees
+    (``wronai.train.loss.bucketed``): ``CPU_HALF_LENGTH_MULTIPLE`` for bf16/fp16 autocast on a CPU, else none
+    (dynamic padding to the longest row, exactly the trained positions).
 
     On a CPU every new bf16 matmul shape leaves a oneDNN kernel and its buffers cached in the C heap for
     good, so batches of every length from 1 to ``max_seq_length`` (unpacked rows, the eval split, the last
