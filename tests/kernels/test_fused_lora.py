@@ -205,6 +205,31 @@ def test_fused_layer_under_autocast_equals_peft(base, dropout, input_dtype, fuse
         assert error < 1e-2  # bf16 rounding in a different order; a wrong scale or mask is off by far more
 
 
+@pytest.mark.parametrize(("dropout", "casts"), [(0.0, 1), (0.2, 2)])
+def test_fp32_input_is_cast_to_autocast_dtype_once_without_dropout(dropout, casts):
+    """Without dropout the matmul's input and the adapter's saved input are one bf16 cast of x (a second
+    cast of the same tensor was a wasted pass per layer); with dropout the dropped-out input is its own."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model, layer = lora_layer("nf4", dropout)
+    model.train()
+    fused_lora.fuse_lora_layers(model, check=False)
+    x = torch.randn(3, 4, 128, requires_grad=True)
+    seen: list[tuple[int, ...]] = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
+                seen.append(tuple(args[0].shape))
+            return func(*args, **kwargs)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), Casts():
+        layer(x)
+    assert layer.fused_calls == 1
+    assert seen.count((12, 128)) == casts
+
+
 @pytest.mark.parametrize(
     ("quantization", "checkpointing"),
     [({"load_in_4bit": True}, True), ({"load_in_4bit": True, "dequantize_chunk_mib": 0}, False),

@@ -84,7 +84,9 @@ class _LoraLinear(torch.autograd.Function):
             # dropout: what nn.Dropout computes (same generator, same numbers), keeping its boolean mask
             if dropout > 0:
                 dropped, mask = torch.native_dropout(flat, dropout, True)
-            flat, dropped = flat.to(compute), dropped.to(compute)
+            # one cast where dropout is off (the matmul and the saved adapter input are the same tensor)
+            flat = flat.to(compute)
+            dropped = flat if mask is None else dropped.to(compute)
             a, b = lora_a.to(compute), lora_b.to(compute)
             out = sliced_matmul(flat, source, tensors, rows)
             if bias is not None:
