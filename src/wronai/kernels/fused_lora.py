@@ -57,9 +57,8 @@ def peft_version_supported() -> bool:
 class _LoraLinear(torch.autograd.Function):
     """``x·Wᵀ + bias + scaling · drop(x)·Aᵀ·Bᵀ`` for a frozen W that ``source`` builds ``rows`` rows at a time.
 
-    The matmuls run in ``compute`` (x's dtype, or autocast's 16-bit dtype) and the result is ``out_dtype``
-    (``compute`` under autocast, as autocast's linear gives; PEFT's dtype for a dense base outside it);
-    gradients come back in the dtypes of x and of the adapter, as autocast's casts would give them.
+    The matmuls and the result are in ``compute``: autocast's 16-bit dtype under autocast (what autocast's
+    linear gives), else x's dtype (which is PEFT's output dtype where the fused step applies); gradients come back in the dtypes of x and of the adapter, as autocast's casts would give them.
     """
 
     @staticmethod
@@ -74,7 +73,6 @@ class _LoraLinear(torch.autograd.Function):
         scaling: float,
         dropout: float,
         compute: torch.dtype,
-        out_dtype: torch.dtype,
         *tensors: torch.Tensor,
     ) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):  # explicit dtypes below
@@ -96,7 +94,7 @@ class _LoraLinear(torch.autograd.Function):
         ctx.save_for_backward(dropped, low, a, b, mask, *tensors)
         ctx.source, ctx.rows, ctx.scaling, ctx.dropout, ctx.shape = source, rows, scaling, dropout, x.shape
         ctx.dtypes = (x.dtype, lora_a.dtype, lora_b.dtype)
-        return out.reshape(*x.shape[:-1], source.out_features).to(out_dtype)
+        return out.reshape(*x.shape[:-1], source.out_features)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
@@ -120,14 +118,15 @@ class _LoraLinear(torch.autograd.Function):
                 )
                 grad_x.add_(through, alpha=scaling)
             grad_x = grad_x.reshape(ctx.shape).to(x_dtype)
-        return (grad_x, grad_a, grad_b, *(None for _ in range(7)), *(None for _ in tensors))
+        return (grad_x, grad_a, grad_b, *(None for _ in range(6)), *(None for _ in tensors))
 
 
 def _base_rows(
     base: Any, x: torch.Tensor, compute: torch.dtype, autocast: bool
-) -> tuple[RowSource, tuple[torch.Tensor, ...], int, torch.dtype] | None:
-    """The frozen base layer as a row source in ``compute`` (source, its tensors, rows per slice, the dtype
-    of its output), if it is one."""
+) -> tuple[RowSource, tuple[torch.Tensor, ...], int] | None:
+    """The frozen base layer as a row source in ``compute`` (source, its tensors, rows per slice), if it is
+    one. The fused output is in ``compute`` too: under autocast its dtype, as a linear layer's (bitsandbytes
+    casts a 4-bit layer's back to x's dtype); outside it x's own (the dtype checks here)."""
     state = getattr(base.weight, "quant_state", None)  # a bitsandbytes 4-bit weight (Params4bit)
     if state is not None:  # bitsandbytes computes in its compute_dtype (autocast's, under autocast)
         from wronai.kernels.bnb import chunkable, four_bit_rows
@@ -138,16 +137,14 @@ def _base_rows(
             return None
         source, tensors = four_bit_rows(base.weight.data, state)
         chunk = getattr(base, "chunk_bytes", 0)  # a kernels.bnb.RowSlicedLinear4bit
-        # the output in compute: autocast's dtype under autocast, as a linear layer's (bitsandbytes casts it
-        # back to x's dtype); x's own outside it (the check above)
-        return source, tensors, slice_rows(source, chunk, compute), compute
+        return source, tensors, slice_rows(source, chunk, compute)
     if (
         type(base) is torch.nn.Linear
         and (autocast or base.weight.dtype == x.dtype)
         and not base.weight.requires_grad
     ):
         out_features, in_features = base.weight.shape
-        return DenseRows(out_features, in_features), (base.weight,), out_features, compute
+        return DenseRows(out_features, in_features), (base.weight,), out_features
     return None
 
 
@@ -177,12 +174,12 @@ def _fused_call(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
     found = _base_rows(base, x, compute, autocast)
     if found is None:
         return None
-    source, tensors, rows, out_dtype = found
+    source, tensors, rows = found
     if lora_a.shape[1:] != (source.in_features,) or lora_b.shape[:1] != (source.out_features,):
         return None  # parameters held in pieces (ZeRO-3, FSDP) or an unexpected layout
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     scaling = float(layer.scaling[name])
-    return _LoraLinear.apply(x, lora_a, lora_b, bias, source, rows, scaling, p, compute, out_dtype, *tensors)
+    return _LoraLinear.apply(x, lora_a, lora_b, bias, source, rows, scaling, p, compute, *tensors)
 
 
 class _Fused:

@@ -73,9 +73,8 @@ class GuardedTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.gradient_guard: Any = None  # faults.GradientGuard, set by build_trainer
         self.trained_logits_only = False  # logits only at trained positions (wronai.train.loss)
-        self.shape_multiple: int | None = (
-            None  # length_multiple: positions the head sees, set by build_trainer
-        )
+        # length_multiple: the head sees a multiple of this many positions; set by build_trainer
+        self.shape_multiple: int | None = None
         self.checkpoint_extras: dict[str, str] = {}  # file name -> text, in every checkpoint (the config)
         self._staging_root: Path | None = None  # where super()._save_checkpoint writes, while it runs
         super().__init__(*args, **kwargs)
@@ -233,9 +232,8 @@ def build_trainer(
     return trainer
 
 
-CPU_HALF_LENGTH_MULTIPLE = (
-    64  # bf16/fp16 CPU runs: batch lengths and the head's positions, a multiple of this
-)
+# bf16/fp16 CPU runs: batch lengths and the head's positions are a multiple of this
+CPU_HALF_LENGTH_MULTIPLE = 64
 
 
 def length_multiple(args: Any) -> int | None:
