@@ -28,7 +28,7 @@ from wronai.rundir import saving
 from wronai.rundir.files import AUTOTUNE_FILE
 from wronai.runtime import distributed
 from wronai.runtime.autotune import Decision, tune
-from wronai.runtime.batch import for_packed_rows
+from wronai.runtime.batch import BatchChoice, for_packed_rows
 from wronai.runtime.batch import resolve as resolve_batch
 from wronai.runtime.hardware import DevicePlan, plan_device, thread_settings
 from wronai.runtime.heap import memory_settings
@@ -62,13 +62,13 @@ class Pipeline:
         self.plan: DevicePlan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
         # the settings left to WronAI (`auto`), decided for this machine; the run saves the decided values
         cfg, packing_notes = resolve_packing(cfg)
-        self._batch_auto = (
-            cfg.training.per_device_train_batch_size == "auto"
-        )  # settled again once data is packed
+        # an auto batch is settled again once the data is packed (load_dataset: rows hold several examples)
+        self.batch_auto = cfg.training.per_device_train_batch_size == "auto"
         self.config, batch = resolve_batch(cfg, self.plan.device)
         self.plan.notes += [*packing_notes, *batch.notes]
         self.resume = resume  # --resume: the checkpoint's timed choices are reused (load_model)
         self.decision: Decision | None = None  # the timed CPU choices (runtime.autotune), saved with the run
+        self.packed_batch: BatchChoice | None = None  # the auto batch settled again for packed rows
         self.tokens: PreparedTokenizer | None = None
         self.tokenizer: Any = None
         self.model: Any = None
@@ -120,7 +120,7 @@ class Pipeline:
         )
         for line in self.data.stats.summary_lines():
             logger.info("data: %s", line)
-        if self._batch_auto and self.data.packed:
+        if self.batch_auto and self.data.packed:
             self._batch_for_packed_rows(self.data.stats)
         return self.data
 
@@ -137,7 +137,8 @@ class Pipeline:
             "gradient_accumulation_steps": choice.accumulation,
         }
         self.config = self.config.model_copy(update={"training": t.model_copy(update=update)})
-        self._batch_auto = False
+        self.batch_auto = False
+        self.packed_batch = choice
         logger.info("%s", choice.reason)
 
     def build_trainer(self) -> Any:

@@ -54,6 +54,7 @@ def test_validate_prints_resolved_config_and_device_plan(capsys):
     assert "device: cpu" in out
     assert "optimizer: adamw_8bit" in out  # paged_adamw_8bit unpaged on CPU
     assert "note: training.optim=paged_adamw_8bit: paging is for GPU memory" in out
+    assert "note: autotune: not timed here — config.json of speakleash/" in out  # validate never downloads
 
 
 BAD_RUNS = [
@@ -271,3 +272,59 @@ def test_the_minimal_config_leaves_every_speed_setting_to_wronai(capsys):
     out = capsys.readouterr().out
     assert "note: data.packing: auto -> on (" in out
     assert "note: training.per_device_train_batch_size: auto -> 8, gradient_accumulation_steps -> 2 (" in out
+
+
+def _minimal_local(tmp_path, tiny_model_dir, alpaca_file) -> Path:
+    """A config that leaves packing and the batch to WronAI, on the local tiny model (autotune can read it)."""
+    raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out")
+    raw["data"].pop("packing", None)
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "fp16"):
+        raw["training"].pop(key, None)
+    raw.setdefault("hardware", {}).pop("autotune", None)
+    return write_config(tmp_path, raw)
+
+
+def test_validate_shows_the_autotuned_plan_and_the_packed_row_rule(
+    tmp_path, tiny_model_dir, alpaca_file, capsys
+):
+    """The plan validate prints is the one `wronai train` runs: the timed CPU choices are in it (--no-autotune:
+    the planner's values), and an auto batch of packed rows says how it is settled once the data is packed."""
+    from wronai.runtime.hardware import cpu_supports_bf16
+
+    cfg = _minimal_local(tmp_path, tiny_model_dir, alpaca_file)
+    assert main(["validate", str(cfg), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "note: LoRA layers: " in out and "(timed" in out  # autotune's reasons
+    assert "note: autotune: timed now to show it" in out
+    assert "data packed -> settled again once the data is packed: 16 examples per optimizer step kept" in out
+    if cpu_supports_bf16():
+        assert "note: precision: " in out
+    assert main(["validate", str(cfg), "--quiet", "--no-autotune"]) == 0
+    plain = capsys.readouterr().out
+    assert "(timed" not in plain and "mixed precision: fp32" in plain
+
+
+def test_validate_data_shows_the_batch_of_packed_rows(tmp_path, tiny_model_dir, alpaca_file, capsys):
+    cfg = _minimal_local(tmp_path, tiny_model_dir, alpaca_file)
+    assert main(["validate", str(cfg), "--quiet", "--no-autotune", "--data"]) == 0
+    out = capsys.readouterr().out
+    assert "# data\n  format: alpaca; examples: train " in out
+    assert "gradient_accumulation_steps -> " in out and "for packed rows (" in out
+    assert "settled again once the data is packed" not in out  # the rule is replaced by what it decided
+
+
+def test_a_closed_output_pipe_is_not_an_error(tmp_path, tiny_model_dir, alpaca_file, monkeypatch, capsys):
+    """`wronai validate ... | head -1`: the reader closes the pipe; exit 141 as a shell reports it, no error."""
+
+    class ClosedPipe:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            pass
+
+    cfg = _minimal_local(tmp_path, tiny_model_dir, alpaca_file)
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["validate", str(cfg), "--no-autotune"]) == 141
+    err = capsys.readouterr().err
+    assert "error" not in err and "Traceback" not in err

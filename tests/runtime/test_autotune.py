@@ -246,3 +246,27 @@ def test_open_choices_follow_what_the_config_writes():
     written = load_config(data={**base, "training": {"bf16": False}, "hardware": {"fused_lora": "on"},
                                 "quantization": {"dequantize_chunk_mib": 2}})  # fmt: skip
     assert not any(autotune.open_choices(written).values())
+
+
+@pytest.mark.parametrize(("written", "note"), [("bfloat16", False), ("float32", True), (None, False)])
+def test_tune_says_the_compute_dtype_it_leaves(monkeypatch, written, note):
+    """A planned fp32 run that autotune moves to bf16 computes 4-bit layers in bf16: the plan's note on a
+    written bnb_4bit_compute_dtype is made again for that (gone for bfloat16, there for float32)."""
+    from wronai.config import load_config
+    from wronai.runtime import memory
+    from wronai.runtime.hardware import COMPUTE_KEY, with_compute_note
+
+    quantization = {"bnb_4bit_compute_dtype": written} if written else {}
+    config = load_config(
+        data={"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"}, "quantization": quantization}
+    )
+    planned = with_compute_note(cpu_plan(), config.quantization)  # fp32, as plan_device makes it
+    assert any(n.startswith(COMPUTE_KEY) for n in planned.notes) == (written == "bfloat16")
+    decision = autotune.Decision("bf16", True, 0, {}, ["precision: bf16 autocast (timed)"], "timed")
+    monkeypatch.setattr(memory, "read_model_config", lambda config, local_only=False: dict(TINY))
+    monkeypatch.setattr(autotune, "resolve", lambda *args, **kwargs: decision)
+    tuned, got = autotune.tune(config, planned, None)
+    assert got is decision and tuned.compute_dtype == torch.bfloat16
+    left = [n for n in tuned.notes if n.startswith(COMPUTE_KEY)]
+    assert left == (["quantization.bnb_4bit_compute_dtype=float32: on cpu 4-bit layers compute in the "
+                     "mixed-precision dtype — using bfloat16"] if note else [])  # fmt: skip

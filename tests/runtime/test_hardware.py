@@ -9,11 +9,10 @@ from wronai.config import load_config
 from wronai.runtime import hardware
 
 
-def plan_for(monkeypatch, device: str, bf16_ok: bool, **training):
+def plan_for(monkeypatch, device: str, bf16_ok: bool, quantization: dict | None = None, **training):
     # load (and import transformers/bitsandbytes) before pretending to have a GPU
-    cfg = load_config(
-        data={"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"}, "training": training}
-    )
+    raw = {"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"}, "training": training}
+    cfg = load_config(data={**raw, "quantization": quantization or {}})
     monkeypatch.setattr(hardware, "detect_device", lambda requested="auto": device)
     monkeypatch.setattr(hardware, "_bf16_ok", lambda d: bf16_ok)
     monkeypatch.setattr(hardware, "_device_name", lambda d: "test")
@@ -52,7 +51,7 @@ CASES = [
         True,
         {},  # native bf16 but fp32 mixed precision: 4-bit layers compute in float32 (fused LoRA, row slices)
         ("fp32", "adamw_torch", "4bit-nf4", torch.float32),
-        "compute in the mixed-precision dtype",
+        None,  # the default compute dtype (not written): the plan's quantization line shows the one taken
     ),
     (
         "cpu",
@@ -103,6 +102,25 @@ def test_plan(monkeypatch, device, bf16_ok, training, expected, note):
         assert any(note in n for n in plan.notes), plan.notes
     if device == "cuda" and bf16_ok:
         assert plan.notes == []  # on CUDA the config is used as written
+
+
+@pytest.mark.parametrize(
+    ("bf16", "written", "note"),
+    [
+        (False, None, None),  # the default is not something the user wrote: no note
+        (False, "bfloat16", "quantization.bnb_4bit_compute_dtype=bfloat16: on cpu 4-bit layers compute in the "
+         "mixed-precision dtype — using float32 (training.bf16: true computes in bfloat16)"),
+        (False, "float32", None),  # used as written
+        (True, "float32", "quantization.bnb_4bit_compute_dtype=float32: on cpu 4-bit layers compute in the "
+         "mixed-precision dtype — using bfloat16"),
+        (True, "bfloat16", None),
+    ],
+)  # fmt: skip
+def test_the_compute_dtype_note_is_for_a_written_value_not_followed(monkeypatch, bf16, written, note):
+    quantization = {"bnb_4bit_compute_dtype": written} if written else {}
+    plan = plan_for(monkeypatch, "cpu", True, quantization, bf16=bf16)
+    notes = [n for n in plan.notes if n.startswith(hardware.COMPUTE_KEY)]
+    assert notes == ([note] if note else [])
 
 
 def test_8bit_on_cpu_falls_back_with_note(monkeypatch):

@@ -98,6 +98,15 @@ def _report_internal_error(args: argparse.Namespace, err: BaseException) -> int:
     return INTERNAL_ERROR_EXIT
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's final flush of a closed pipe prints nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("WRONAI_DEBUG"))
@@ -118,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except BrokenPipeError:  # the reader of the output went away (`wronai validate ... | head`): not an error
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, as a shell reports a command its pipe closed
     except Exception as err:
         if debug:
             raise

@@ -1,4 +1,5 @@
-"""`wronai validate CONFIG`: the resolved config, the device plan and every problem found without loading a model."""
+"""`wronai validate CONFIG`: the resolved config, the device plan with every automatic choice and why, and every
+problem found — without loading a model."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "validate",
         cmd_validate,
         help="check a config and show the device plan",
-        description="Load and check a config without loading a model; print the resolved config and the device plan. "
-        "Exits 2 and lists the problems if there are any.",
+        description="Load and check a config without loading a model; print the resolved config and the device plan "
+        "with each automatic choice `wronai train` makes and why (CPU choices timed on the model's layer shapes "
+        "for about two seconds). Exits 2 and lists the problems if there are any.",
         config=True,
     )
     p.add_argument(
@@ -24,28 +26,63 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="print only the device plan and problems, not the resolved config",
     )
+    p.add_argument(
+        "--no-autotune",
+        action="store_true",
+        help="do not time the CPU choices (precision, LoRA layers, row slices): show the plan's values instead",
+    )
+    p.add_argument(
+        "--data",
+        action="store_true",
+        help="also prepare the data (cached, as `wronai data prepare`) and show the batch settled for packed rows",
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from wronai.config import dump_config
     from wronai.config.preflight import preflight
-    from wronai.data.auto import resolve_packing
-    from wronai.runtime.batch import resolve as resolve_batch
-    from wronai.runtime.hardware import plan_device
+    from wronai.recipe import Pipeline
+    from wronai.runtime.autotune import tune
+    from wronai.runtime.batch import packed_rows_rule
 
     loaded = load_config_args(args)
     cfg = loaded.config
     out = sys.stdout
     if not args.quiet:
         out.write("# resolved config\n" + dump_config(cfg) + "\n")
-    plan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
-    decided, packing_notes = resolve_packing(cfg)  # what `wronai train` will decide for the `auto` settings
-    _, batch = resolve_batch(decided, plan.device)
-    out.write("# device plan\n" + "".join(f"  {line}\n" for line in plan.describe()))
-    for note in [*loaded.notes, *plan.notes, *packing_notes, *batch.notes]:
-        out.write(f"  note: {note}\n")
-    problems = preflight(cfg)
-    if problems:
-        raise ConfigError(problems, args.config)
+    with Pipeline(cfg) as pipeline:  # the `auto` settings decided as `wronai train` decides them
+        decided = pipeline.config
+        decision = None
+        if not args.no_autotune:
+            pipeline.plan, decision = tune(decided, pipeline.plan, None, local_only=True)
+        out.write("# device plan\n" + "".join(f"  {line}\n" for line in pipeline.plan.describe()))
+        notes = [*loaded.notes, *pipeline.plan.notes]
+        if decision is not None and decision.source == "timed":
+            notes.append("autotune: timed now to show it; `wronai train` times again at its start")
+        elif (
+            decision is None
+            and pipeline.plan.device == "cpu"
+            and decided.hardware.autotune
+            and not args.no_autotune
+        ):
+            notes.append(
+                f"autotune: not timed here — config.json of {decided.model.name} is not on this machine; "
+                "`wronai train` times the CPU choices once it has the model"
+            )
+        packed_auto = pipeline.batch_auto and decided.data.packing is True
+        if packed_auto and not args.data:
+            t = decided.training
+            notes.append(packed_rows_rule(t.per_device_train_batch_size, t.gradient_accumulation_steps))
+        for note in notes:
+            out.write(f"  note: {note}\n")
+        problems = preflight(cfg)
+        if problems:
+            raise ConfigError(problems, args.config)
+        if args.data:
+            out.flush()
+            prepared = pipeline.load_dataset()
+            out.write("# data\n" + "".join(f"  {line}\n" for line in prepared.stats.summary_lines()))
+            if pipeline.packed_batch is not None:
+                out.write(f"  note: {pipeline.packed_batch.reason}\n")
     out.write(f"OK: {args.config} is valid\n")
     return 0

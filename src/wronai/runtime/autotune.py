@@ -31,7 +31,7 @@ import torch
 
 from wronai.rundir.files import AUTOTUNE_FILE
 from wronai.runtime.autotune_layer import Candidate, LayerShapes, TimedLayer, size_name
-from wronai.runtime.hardware import DevicePlan
+from wronai.runtime.hardware import DevicePlan, with_compute_note
 
 logger = logging.getLogger(__name__)
 
@@ -373,11 +373,12 @@ def apply(plan: DevicePlan, decision: Decision, *, dtype_follows_precision: bool
 
 
 def tune(
-    config: Any, plan: DevicePlan, checkpoint_dir: str | Path | None
+    config: Any, plan: DevicePlan, checkpoint_dir: str | Path | None, *, local_only: bool = False
 ) -> tuple[DevicePlan, Decision | None]:
     """The plan with the open CPU choices decided for ``config``'s model (``hardware.autotune``), and the
     decision to save with the run; the plan unchanged (and None) off a CPU, in a multi-process run (ranks
-    would time apart), with autotune off or when the model's shapes are unknown."""
+    would time apart), with autotune off or when the model's shapes are unknown (``local_only``: when its
+    config.json is not on this machine — `wronai validate` does not download)."""
     from wronai.errors import WronAIError
     from wronai.runtime.distributed import world
     from wronai.runtime.memory import read_model_config
@@ -385,7 +386,7 @@ def tune(
     if plan.device != "cpu" or not config.hardware.autotune or world().is_distributed:
         return plan, None
     try:
-        model_config = read_model_config(config)
+        model_config = read_model_config(config, local_only=local_only)
     except (WronAIError, OSError, ValueError):
         return plan, None
     rows = config.training.per_device_train_batch_size
@@ -393,4 +394,5 @@ def tune(
         model_config, plan, checkpoint_dir, tokens_per_step=rows * config.data.max_seq_length,
         lora_r=config.lora.r, **open_choices(config),
     )  # fmt: skip
-    return apply(plan, decision, dtype_follows_precision=config.model.torch_dtype == "auto"), decision
+    tuned = apply(plan, decision, dtype_follows_precision=config.model.torch_dtype == "auto")
+    return with_compute_note(tuned, config.quantization), decision

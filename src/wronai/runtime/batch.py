@@ -152,3 +152,13 @@ def for_packed_rows(batch: int, accumulation: int, examples: int, rows: int) -> 
         f"the effective batch of {effective} examples kept)"
     )
     return BatchChoice(chosen, acc, reason)
+
+
+def packed_rows_rule(batch: int, accumulation: int) -> str:
+    """What ``for_packed_rows`` will do with an auto batch once the data is packed, said before any data is read."""
+    effective = batch * accumulation
+    return (
+        f"training.per_device_train_batch_size: auto, data packed -> settled again once the data is packed: "
+        f"{effective} examples per optimizer step kept, in at most {batch} packed rows per forward "
+        f"(rows per step ≈ {effective} ÷ examples per packed row; `wronai validate --data` prepares the data and shows it)"
+    )

@@ -26,6 +26,8 @@ from wronai.config.sections.training import TrainingSection
 logger = logging.getLogger(__name__)
 
 _CUDA_ONLY_OPTIMIZERS = ("paged_", "_8bit", "_4bit", "bnb")
+COMPUTE_KEY = "quantization.bnb_4bit_compute_dtype"
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -181,12 +183,9 @@ def plan_device(
     bf16_ok = _bf16_ok(device)
     precision = _precision(training, device, bf16_ok, notes)
     quant = _quantization(quantization, device, notes)
-    requested = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
-        quantization.bnb_4bit_compute_dtype
-    ]
-    compute = _compute_dtype(requested, device, precision, bf16_ok)
-    if compute != requested and quant.startswith("4bit"):
-        notes.append(_compute_note(requested, compute, device, bf16_ok))
+    compute = _compute_dtype(_DTYPES[quantization.bnb_4bit_compute_dtype], device, precision, bf16_ok)
+    note = compute_note(quantization, compute, device, bf16_ok) if quant.startswith("4bit") else None
+    notes += [note] if note else []
     model_dtype = _model_dtype(model.torch_dtype, precision, bf16_ok, device, notes)
     optimizer = _optimizer(training.optim, device, notes)
     if optimizer == "adamw_torch_fused" and device == "cpu":
@@ -289,8 +288,15 @@ def _compute_dtype(requested: torch.dtype, device: str, precision: str, bf16_ok:
     return torch.float32 if requested != torch.float32 else requested
 
 
-def _compute_note(requested: torch.dtype, compute: torch.dtype, device: str, bf16_ok: bool) -> str:
-    key = f"quantization.bnb_4bit_compute_dtype={_dtype_name(requested)}"
+def compute_note(
+    quantization: QuantizationSection, compute: torch.dtype, device: str, bf16_ok: bool
+) -> str | None:
+    """Why the 4-bit compute dtype is not the one the config wrote; None when it is, or when the key was left
+    at its default (the plan's quantization line shows the dtype taken)."""
+    requested = _DTYPES[quantization.bnb_4bit_compute_dtype]
+    if "bnb_4bit_compute_dtype" not in quantization.model_fields_set or compute == requested:
+        return None
+    key = f"{COMPUTE_KEY}={_dtype_name(requested)}"
     if requested == torch.float16 and device != "cuda":
         return f"{key} is for GPUs — using {_dtype_name(compute)}"
     if requested == torch.bfloat16 and not bf16_ok:
@@ -299,6 +305,16 @@ def _compute_note(requested: torch.dtype, compute: torch.dtype, device: str, bf1
         f"{key}: on {device} 4-bit layers compute in the mixed-precision dtype — using {_dtype_name(compute)}"
         + (" (training.bf16: true computes in bfloat16)" if compute == torch.float32 else "")
     )
+
+
+def with_compute_note(plan: DevicePlan, quantization: QuantizationSection) -> DevicePlan:
+    """``plan`` with its compute-dtype note made again for its compute dtype (after autotune changed it)."""
+    bf16_ok = plan.cpu.native_bf16 if plan.cpu is not None else _bf16_ok(plan.device)
+    note = compute_note(quantization, plan.compute_dtype, plan.device, bf16_ok)
+    kept = [n for n in plan.notes if not n.startswith(COMPUTE_KEY + "=")]
+    if plan.quantization.startswith("4bit") and note:
+        kept.append(note)
+    return dataclasses.replace(plan, notes=kept)
 
 
 def _flash_attention_problem() -> str | None:

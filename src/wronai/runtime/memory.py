@@ -239,8 +239,9 @@ def _sharded_load_peak(shape: ModelShape, s: Settings, whole: float, lora: int, 
     return whole + largest + lora * 4 + (CUDA_CONTEXT if cuda_context else 0.0)
 
 
-def read_model_config(config: Any) -> dict[str, Any]:
-    """config.json of model.name: a local directory, the create_if_missing spec, or one file from the Hub."""
+def read_model_config(config: Any, *, local_only: bool = False) -> dict[str, Any]:
+    """config.json of model.name: a local directory, the create_if_missing spec, or one file from the Hub
+    (``local_only``: from the Hub's cache on this machine only, never the network)."""
     name = config.model.name
     local = Path(name).expanduser()
     if (local / "config.json").is_file():
@@ -252,14 +253,16 @@ def read_model_config(config: Any) -> dict[str, Any]:
                 "vocab_size": spec.vocab_size, "tie_word_embeddings": False}  # fmt: skip
     if local.exists():
         raise WronAIError(f"model.name: {name} has no config.json — point model.name at a model directory")
-    return _hub_config(name, config.model.revision)
+    return _hub_config(name, config.model.revision, local_only)
 
 
-def _hub_config(repo_id: str, revision: str | None) -> dict[str, Any]:
+def _hub_config(repo_id: str, revision: str | None, local_only: bool = False) -> dict[str, Any]:
     try:
         from huggingface_hub import hf_hub_download
 
-        path = hf_hub_download(repo_id, filename="config.json", revision=revision)
+        path = hf_hub_download(
+            repo_id, filename="config.json", revision=revision, local_files_only=local_only
+        )
     except Exception as err:  # offline, unknown repo, gated repo: all one line for the user
         kind = type(err).__name__
         offline = kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or isinstance(
