@@ -328,3 +328,16 @@ def test_a_closed_output_pipe_is_not_an_error(tmp_path, tiny_model_dir, alpaca_f
     assert main(["validate", str(cfg), "--no-autotune"]) == 141
     err = capsys.readouterr().err
     assert "error" not in err and "Traceback" not in err
+
+
+def test_validate_with_every_cpu_choice_written_says_nothing_was_left_untimed(
+    tmp_path, tiny_model_dir, alpaca_file, capsys
+):
+    """Written choices leave autotune nothing to time (a fixed decision): no 'not timed here' note."""
+    raw = yaml.safe_load(_minimal_local(tmp_path, tiny_model_dir, alpaca_file).read_text(encoding="utf-8"))
+    raw["training"]["bf16"] = False
+    raw["hardware"]["fused_lora"] = "on"
+    raw["quantization"]["dequantize_chunk_mib"] = 2
+    assert main(["validate", str(write_config(tmp_path, raw)), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "mixed precision: fp32" in out and "not timed" not in out and "timed now" not in out

@@ -61,9 +61,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             notes.append("autotune: timed now to show it; `wronai train` times again at its start")
         elif (
             decision is None
-            and pipeline.plan.device == "cpu"
-            and decided.hardware.autotune
             and not args.no_autotune
+            and decided.hardware.autotune
+            and pipeline.plan.device == "cpu"
         ):
             notes.append(
                 f"autotune: not timed here — config.json of {decided.model.name} is not on this machine; "

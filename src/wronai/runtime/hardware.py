@@ -184,7 +184,7 @@ def plan_device(
     precision = _precision(training, device, bf16_ok, notes)
     quant = _quantization(quantization, device, notes)
     compute = _compute_dtype(_DTYPES[quantization.bnb_4bit_compute_dtype], device, precision, bf16_ok)
-    note = compute_note(quantization, compute, device, bf16_ok) if quant.startswith("4bit") else None
+    note = compute_note(quantization, quant, compute, device, bf16_ok)
     notes += [note] if note else []
     model_dtype = _model_dtype(model.torch_dtype, precision, bf16_ok, device, notes)
     optimizer = _optimizer(training.optim, device, notes)
@@ -289,12 +289,13 @@ def _compute_dtype(requested: torch.dtype, device: str, precision: str, bf16_ok:
 
 
 def compute_note(
-    quantization: QuantizationSection, compute: torch.dtype, device: str, bf16_ok: bool
+    quantization: QuantizationSection, quant: str, compute: torch.dtype, device: str, bf16_ok: bool
 ) -> str | None:
-    """Why the 4-bit compute dtype is not the one the config wrote; None when it is, or when the key was left
-    at its default (the plan's quantization line shows the dtype taken)."""
+    """Why the 4-bit compute dtype is not the one the config wrote; None when it is, when the key was left at
+    its default (the plan's quantization line shows the dtype taken) or when the plan (``quant``) is not 4-bit."""
     requested = _DTYPES[quantization.bnb_4bit_compute_dtype]
-    if "bnb_4bit_compute_dtype" not in quantization.model_fields_set or compute == requested:
+    written = "bnb_4bit_compute_dtype" in quantization.model_fields_set
+    if not quant.startswith("4bit") or not written or compute == requested:
         return None
     key = f"{COMPUTE_KEY}={_dtype_name(requested)}"
     if requested == torch.float16 and device != "cuda":
@@ -310,11 +311,9 @@ def compute_note(
 def with_compute_note(plan: DevicePlan, quantization: QuantizationSection) -> DevicePlan:
     """``plan`` with its compute-dtype note made again for its compute dtype (after autotune changed it)."""
     bf16_ok = plan.cpu.native_bf16 if plan.cpu is not None else _bf16_ok(plan.device)
-    note = compute_note(quantization, plan.compute_dtype, plan.device, bf16_ok)
+    note = compute_note(quantization, plan.quantization, plan.compute_dtype, plan.device, bf16_ok)
     kept = [n for n in plan.notes if not n.startswith(COMPUTE_KEY + "=")]
-    if plan.quantization.startswith("4bit") and note:
-        kept.append(note)
-    return dataclasses.replace(plan, notes=kept)
+    return dataclasses.replace(plan, notes=[*kept, *([note] if note else [])])
 
 
 def _flash_attention_problem() -> str | None:
