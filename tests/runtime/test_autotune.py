@@ -270,3 +270,35 @@ def test_tune_says_the_compute_dtype_it_leaves(monkeypatch, written, note):
     left = [n for n in tuned.notes if n.startswith(COMPUTE_KEY)]
     assert left == (["quantization.bnb_4bit_compute_dtype=float32: on cpu 4-bit layers compute in the "
                      "mixed-precision dtype — using bfloat16"] if note else [])  # fmt: skip
+
+
+def test_kept_weights_are_not_timed_for_slices_and_are_what_is_timed(monkeypatch):
+    from wronai.kernels.dequantized import DequantizedLinear4bit
+
+    seen: list[Candidate] = []
+    monkeypatch.setattr(
+        autotune, "_time_candidate", fake_timing({"bf16": 1.0, "fused": 1.0, "slices": 0.1}, seen)
+    )
+    shapes = LayerShapes.from_config({**TINY, "num_hidden_layers": 3})
+    weights = 3 * shapes.parameters() * 4  # float32, the plan's precision
+    decision = autotune.decide(
+        {**TINY, "num_hidden_layers": 3}, cpu_plan(keep_dequantized_bytes=weights), tokens_per_step=256,
+        lora_r=4, **OPEN,
+    )  # fmt: skip
+    assert "kept dequantized" in decision.reasons[2] and "3 layers" in decision.reasons[2]
+    assert all(c.keep_bytes == weights for c in seen) and decision.dequantize_chunk_bytes == CHUNK
+    one_less = autotune.decide(
+        {**TINY, "num_hidden_layers": 3}, cpu_plan(keep_dequantized_bytes=weights - 1), tokens_per_step=256,
+        lora_r=4, **OPEN,
+    )  # fmt: skip
+    assert "kept dequantized" not in one_less.reasons[2] and "(timed" in one_less.reasons[2]  # slices timed
+    layer = TimedLayer(shapes, four_bit=True, lora_r=4)
+    bases = [m.get_base_layer() for m in layer.lora_layers()]
+    assert layer.configure(Candidate("fp32", True, CHUNK, weights)) == 0
+    assert all(type(b) is DequantizedLinear4bit for b in bases)
+    assert layer.step_ms(Candidate("fp32", True, CHUNK, weights), 32, 0.0) > 0
+    assert all(b._kept is not None for b in bases)  # the fused step used the kept weights
+    layer.configure(Candidate("bf16", True, CHUNK, weights))  # bf16 weights take half: still kept
+    assert all(type(b) is DequantizedLinear4bit for b in bases)
+    layer.configure(Candidate("fp32", True, CHUNK, weights - 1))
+    assert not any(isinstance(b, DequantizedLinear4bit) or "_kept" in vars(b) for b in bases)

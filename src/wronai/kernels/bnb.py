@@ -377,6 +377,7 @@ def set_row_slices(base: Any, chunk_bytes: int, dtype: torch.dtype, rows: int) -
     base.compute_dtype, base.compute_type_is_set = dtype, True
     base.__class__ = _bnb.nn.Linear4bit
     base.__dict__.pop("chunk_bytes", None)
+    base.__dict__.pop("_kept", None)  # a kernels.dequantized.DequantizedLinear4bit's
     state = base.weight.quant_state
     if chunk_bytes and chunkable(state) and rows * state.shape[1] * dtype.itemsize > chunk_bytes:
         RowSlicedLinear4bit.from_linear4bit(base, chunk_bytes)

@@ -11,7 +11,8 @@ layer, next to one autograd node per operation. ``_LoraLinear`` gives the same n
 It saves what PEFT's modules save (the dropped-out input, dropout's mask and ``a``); the frozen weight W comes from the
 row sources of ``wronai.kernels.row_slices`` — 4-bit codes dequantized (in row slices where
 ``quantization.dequantize_chunk_mib`` asks for them; the block scales once per forward, where
-bitsandbytes undoes the double quantization again in the backward) or a dense weight used as it is.
+bitsandbytes undoes the double quantization again in the backward), the weight a
+``wronai.kernels.dequantized.DequantizedLinear4bit`` keeps dequantized, or a dense weight used as it is.
 
 ``fuse_lora_layers`` swaps ``FusedLoraLinear`` / ``FusedLora4bit`` — subclasses of PEFT's ``lora.Linear`` and
 ``lora.bnb.Linear4bit`` — in for PEFT's layers (``hardware.fused_lora``; in place, so PEFT's bookkeeping and
@@ -128,6 +129,11 @@ def _base_rows(
     one. The fused output is in ``compute`` too: under autocast its dtype, as a linear layer's (bitsandbytes
     casts a 4-bit layer's back to x's dtype); outside it x's own (the dtype checks here)."""
     state = getattr(base.weight, "quant_state", None)  # a bitsandbytes 4-bit weight (Params4bit)
+    kept = getattr(base, "dequantized", None)  # a kernels.dequantized.DequantizedLinear4bit
+    if state is not None and kept is not None and (autocast or (base.compute_dtype or x.dtype) == x.dtype):
+        weight = kept(compute)
+        if weight is not None:
+            return DenseRows(*weight.shape), (weight,), weight.shape[0]
     if state is not None:  # bitsandbytes computes in its compute_dtype (autocast's, under autocast)
         from wronai.kernels.bnb import chunkable, four_bit_rows
 

@@ -24,6 +24,7 @@ def apply_lora(
     keep_embeddings: bool = True,
     dequantize_chunk_bytes: int = 0,
     fused_lora: bool = False,
+    keep_dequantized_bytes: int = 0,
     autocast: torch.dtype | None = None,
 ):
     """k-bit preparation (when quantized), gradient checkpointing and the LoRA adapter.
@@ -35,6 +36,8 @@ def apply_lora(
     embeddings that are trained (modules_to_save, new token rows) are cast to float32 in any case.
     ``dequantize_chunk_bytes`` (``DevicePlan.dequantize_chunk_bytes``): 4-bit layers whose dequantized weight
     is larger dequantize in row slices of this size (``wronai.kernels.row_slices``); 0 = whole weights.
+    ``keep_dequantized_bytes`` (``DevicePlan.keep_dequantized_bytes``): when all 4-bit weights, dequantized,
+    take at most this, they are kept so (``wronai.kernels.dequantized``; row slices then do not apply).
     ``fused_lora`` (``DevicePlan.fused_lora``): LoRA layers compute base and adapter in one step
     (``wronai.kernels.fused_lora``), checked at start against PEFT's under ``autocast`` (``DevicePlan.autocast_dtype``).
     """
@@ -42,8 +45,9 @@ def apply_lora(
 
     modules_to_save = list(lora_cfg.modules_to_save) or None
     model = _prepare_base(
-        model, new_token_ids, modules_to_save, gradient_checkpointing, keep_embeddings, dequantize_chunk_bytes
-    )
+        model, new_token_ids, modules_to_save, gradient_checkpointing, keep_embeddings,
+        dequantize_chunk_bytes, keep_dequantized_bytes,
+    )  # fmt: skip
     try:
         peft_model = get_peft_model(model, _lora_config(lora_cfg, model, new_token_ids, modules_to_save))
     except ValueError as err:
@@ -74,9 +78,10 @@ def _prepare_base(
     gradient_checkpointing: int,
     keep_embeddings: bool,
     dequantize_chunk_bytes: int,
+    keep_dequantized_bytes: int = 0,
 ) -> Any:
-    """k-bit preparation of a quantized base (its 4-bit layers in row slices when asked), or gradient
-    checkpointing with input gradients on an unquantized one."""
+    """k-bit preparation of a quantized base (its 4-bit layers kept dequantized, or in row slices, when
+    asked), or gradient checkpointing with input gradients on an unquantized one."""
     four_bit = bool(getattr(model, "is_loaded_in_4bit", False))
     if four_bit or getattr(model, "is_loaded_in_8bit", False):
         trained = bool(new_token_ids) or bool(set(modules_to_save or []) & set(embedding_module_names(model)))
@@ -86,7 +91,12 @@ def _prepare_base(
             gradient_checkpointing=gradient_checkpointing,
             keep_embeddings=keep_embeddings and not trained and four_bit,
         )
-        if dequantize_chunk_bytes and four_bit:
+        kept = 0
+        if keep_dequantized_bytes and four_bit:
+            from wronai.kernels.dequantized import keep_dequantized_layers
+
+            kept = keep_dequantized_layers(model, keep_dequantized_bytes, _compute_dtype(model))
+        if dequantize_chunk_bytes and four_bit and not kept:
             from wronai.kernels.bnb import chunk_4bit_layers
 
             chunk_4bit_layers(model, dequantize_chunk_bytes)

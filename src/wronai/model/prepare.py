@@ -79,7 +79,7 @@ def prepare_model(config: WronAIConfig, plan: DevicePlan, tokens: PreparedTokeni
     model = apply_lora(
         base, config.lora, new_ids, checkpoint_every(config, base, plan),
         keep_embeddings=plan.keep_embeddings, dequantize_chunk_bytes=plan.dequantize_chunk_bytes,
-        fused_lora=plan.fused_lora, autocast=plan.autocast_dtype,
+        fused_lora=plan.fused_lora, autocast=plan.autocast_dtype, keep_dequantized_bytes=plan.keep_dequantized_bytes,
     )  # fmt: skip
     return model, zero3_load
 

@@ -138,6 +138,12 @@ def _fixed_reason(
         return None
     if not plan.quantization.startswith("4bit"):
         return "4-bit weights: none (no row slices to choose)"
+    if shapes.kept(current.dtype, current.keep_bytes):
+        size = shapes.layers * shapes.parameters() * current.dtype.itemsize / 2**20
+        return (
+            f"4-bit weights: kept dequantized ({size:.1f} MiB in {_precision_name(current.precision).split()[0]} "
+            f"over {shapes.layers} layers, within quantization.keep_dequantized_mib — no row slices)"
+        )
     chunk = plan.dequantize_chunk_bytes
     if not opened["row_slices_open"] or not chunk:
         return f"4-bit weights: {_slices_name(chunk)} (fixed by quantization.dequantize_chunk_mib)"
@@ -245,7 +251,9 @@ def decide(
     """
     _import_libraries(plan)  # transformers, through PEFT: seconds, which a run spends anyway, not the budget
     start = time.perf_counter()
-    current = Candidate(plan.precision, plan.fused_lora, plan.dequantize_chunk_bytes)
+    current = Candidate(
+        plan.precision, plan.fused_lora, plan.dequantize_chunk_bytes, plan.keep_dequantized_bytes
+    )
     shapes = LayerShapes.from_config(model_config)
     opened = {
         "precision_open": precision_open,

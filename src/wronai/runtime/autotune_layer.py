@@ -35,6 +35,7 @@ class LayerShapes:
     intermediate: int
     attention: int
     kv: int
+    layers: int = 1  # decoder layers of the model (for what all its weights take)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LayerShapes | None:
@@ -50,7 +51,7 @@ class LayerShapes:
         if min(shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim) <= 0:
             return None
         linears = shape.linears()
-        return cls(shape.hidden, shape.intermediate, linears["q_proj"][1], linears["k_proj"][1])
+        return cls(shape.hidden, shape.intermediate, linears["q_proj"][1], linears["k_proj"][1], shape.layers)
 
     def projections(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each projection."""
@@ -66,14 +67,20 @@ class LayerShapes:
         """Elements of all projection weights."""
         return sum(a * b for a, b in self.projections().values())
 
+    def kept(self, dtype: torch.dtype, budget_bytes: int) -> bool:
+        """The model's 4-bit weights, dequantized to ``dtype``, fit ``budget_bytes`` (``keep_dequantized_layers``' rule)."""
+        return 0 < self.layers * self.parameters() * dtype.itemsize <= budget_bytes
+
 
 @dataclass(frozen=True)
 class Candidate:
-    """One way to compute the layer: mixed precision, fused LoRA or PEFT's, row-slice size (0 = whole)."""
+    """One way to compute the layer: mixed precision, fused LoRA or PEFT's, row-slice size (0 = whole), and
+    the budget under which the model's 4-bit weights are kept dequantized (``LayerShapes.kept``)."""
 
     precision: str  # bf16 | fp32
     fused_lora: bool
     chunk_bytes: int
+    keep_bytes: int = 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -151,9 +158,15 @@ class TimedLayer:
 
         unfuse_lora_layers(self.model)
         sliced = 0
+        kept = self.four_bit and self.shapes.kept(candidate.dtype, candidate.keep_bytes)
         for layer in self.lora_layers():
             base = layer.get_base_layer()
-            if self.four_bit:
+            if kept:
+                from wronai.kernels.dequantized import DequantizedLinear4bit
+
+                set_row_slices(base, 0, candidate.dtype, self.rows[id(base)])
+                DequantizedLinear4bit.from_linear4bit(base)
+            elif self.four_bit:
                 sliced += set_row_slices(base, candidate.chunk_bytes, candidate.dtype, self.rows[id(base)])
             else:
                 base.weight.data = base.weight.data.to(

@@ -45,6 +45,8 @@ class DevicePlan:
     keep_embeddings: bool = False  # 4-bit: frozen embeddings/head stay in the checkpoint's 16-bit dtype
     # 4-bit on CPU: frozen weights dequantized in row slices of this many bytes (0 = whole weights)
     dequantize_chunk_bytes: int = 0
+    # 4-bit on CPU: weights kept dequantized when all of them take at most this many bytes (0 = never)
+    keep_dequantized_bytes: int = 0
     fused_lora: bool = False  # LoRA layers computed by wronai.kernels.fused_lora (hardware.fused_lora)
     cpu: CpuCapability | None = None  # what each source says of the CPU (CPU runs)
 
@@ -61,6 +63,18 @@ class DevicePlan:
         """The dtype the Trainer's mixed precision autocasts to (None = fp32, no autocast)."""
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
+    def _dequantized(self) -> str:
+        """How the plan dequantizes 4-bit weights on a CPU (kept within a budget, else row slices)."""
+        parts = []
+        if self.keep_dequantized_bytes:
+            parts.append(
+                f"weights kept dequantized if they take at most {self.keep_dequantized_bytes / 2**20:g} MiB"
+            )
+        if self.dequantize_chunk_bytes:
+            slices = f"dequantized {self.dequantize_chunk_bytes / 2**20:g} MiB at a time"
+            parts.append(f"else {slices}" if parts else f"weights {slices}")
+        return "".join(f"; {p}" if i == 0 else f", {p}" for i, p in enumerate(parts))
+
     def describe(self) -> list[str]:
         return [
             f"device: {self.device} ({self.device_name})",
@@ -68,11 +82,7 @@ class DevicePlan:
             f"quantization: {self.quantization}"
             + (f" (compute dtype {_dtype_name(self.compute_dtype)})" if self.quantization != "none" else "")
             + ("; embeddings/head kept in the checkpoint's dtype" if self.keep_embeddings else "")
-            + (
-                f"; weights dequantized {self.dequantize_chunk_bytes / 2**20:g} MiB at a time"
-                if self.dequantize_chunk_bytes
-                else ""
-            ),
+            + self._dequantized(),
             f"optimizer: {self.optimizer}",
             f"attention: {self.attn_implementation}",
             "LoRA layers: " + ("fused base + adapter step" if self.fused_lora else "PEFT's modules"),
@@ -208,6 +218,7 @@ def plan_device(
         # CPUs only: on a GPU the stock bitsandbytes/PEFT path runs
         keep_embeddings=cpu_4bit and keeps_16bit_embeddings(quantization, model, hardware),
         dequantize_chunk_bytes=quantization.dequantize_chunk_mib * 2**20 if cpu_4bit else 0,
+        keep_dequantized_bytes=quantization.keep_dequantized_bytes if cpu_4bit else 0,
         fused_lora=_fused_lora(hardware, device, notes),
         cpu=dataclasses.replace(cpu_capability(), native_bf16=bf16_ok) if device == "cpu" else None,
     )

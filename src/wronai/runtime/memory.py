@@ -110,6 +110,8 @@ class Settings:
     # 2 = kept in the checkpoint's 16-bit dtype (quantization.keep_embeddings_dtype, wronai.model.kbit)
     embedding_bytes: int = 4
     checkpoint_every: int = 1  # with gradient_checkpointing: every N-th decoder layer recomputed (1 = all)
+    # CPU, 4-bit: the weights are kept dequantized when they take at most this (quantization.keep_dequantized_mib)
+    keep_dequantized_bytes: int = 0
 
     @classmethod
     def from_config(cls, config: Any, nproc: int = 1) -> Settings:
@@ -126,6 +128,7 @@ class Settings:
             lora_dropout=config.lora.lora_dropout > 0, batch=t.per_device_train_batch_size, seq=config.data.max_seq_length,
             accumulation=t.gradient_accumulation_steps, gradient_checkpointing=t.gradient_checkpointing is True,
             checkpoint_every=t.checkpoint_every_n_layers,
+            keep_dequantized_bytes=q.keep_dequantized_bytes,
             strategy="ddp" if name == "none" and nproc > 1 else name, nproc=nproc,
         )  # fmt: skip
 
@@ -179,6 +182,10 @@ def estimate(shape: ModelShape, s: Settings, *, cuda_context: bool = True, devic
         # one dequantized weight at a time
         "dequant buffer": max(a * b for a, b in linears.values()) * s.compute_bytes if quantized else 0,
     }
+    kept = shape.linear_params * s.compute_bytes  # every 4-bit weight dequantized
+    if device == "cpu" and s.quantization == "4bit" and kept <= s.keep_dequantized_bytes:
+        parts["dequant buffer"] = 0
+        parts["kept dequantized weights"] = kept  # wronai.kernels.dequantized
     if device == "cpu":
         parts["CPU heap slack"] = CPU_HEAP_SLACK * shape.layers * per_layer
         parts["CPU runtime"] = CPU_RUNTIME
