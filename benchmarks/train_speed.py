@@ -225,6 +225,9 @@ ABLATIONS = {
         "training": {"gradient_checkpointing": True, "checkpoint_every_n_layers": 2}
     },  # recompute every 2nd decoder layer only
     "wronai-return-freed": {"hardware": {"return_freed_memory": "on"}},  # the 1B+ memory setting
+    "wronai-per-call-dequant": {
+        "quantization": {"keep_dequantized_mib": 0}
+    },  # 4-bit weights dequantized in every forward and backward (wronai.kernels.dequantized off)
     "wronai-glibc-heap": {},  # glibc's own heap thresholds (wronai.runtime.heap.keep_freed_memory skipped)
 }
 
@@ -271,7 +274,7 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
             "precision": pipeline.plan.precision, "page_faults": faults}  # fmt: skip
 
 
-MINIMAL_CONFIG_NOTES = ("auto ->", "auto:", "precision:", "LoRA layers", "data.packing", "hardware:")
+MINIMAL_CONFIG_NOTES = ("auto ->", "auto:", "precision:", "LoRA layers", "4-bit", "data.packing", "hardware:")
 
 
 def run_defaults(model_dir: Path, train_file: Path, out: Path, args) -> dict:

@@ -68,6 +68,15 @@ def test_layers_are_kept_only_within_the_budget():
     assert type(small) is DequantizedLinear4bit and type(large) is DequantizedLinear4bit
 
 
+def test_a_kept_weight_unlike_bitsandbytes_keeps_nothing(monkeypatch, caplog):
+    model = torch.nn.Sequential(quantized_linear(64, 64, "nf4", True, False))
+    real = DequantizedLinear4bit.dequantized
+    monkeypatch.setattr(DequantizedLinear4bit, "dequantized", lambda self, dtype: real(self, dtype) * 1.05)
+    assert keep_dequantized_layers(model, 2**20, torch.float32) == 0
+    assert type(model[0]) is bnb.nn.Linear4bit and "_kept" not in vars(model[0])
+    assert "differs from bitsandbytes' dequantization" in caplog.text
+
+
 def _tiny_4bit(tiny_model_dir, alpaca_file, tmp_path, **quantization):
     raw = make_config_dict(
         tiny_model_dir, alpaca_file, tmp_path / "out", quantization={"load_in_4bit": True, **quantization}

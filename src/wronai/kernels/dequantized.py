@@ -11,7 +11,9 @@ The 4-bit codes stay the layer's weight: ``state_dict``, saving, merging and exp
 ``Params4bit`` as before; the kept copy is a plain attribute, rebuilt whenever the codes, the dtype or the
 device change (a merge re-quantizes the codes; ``model.to`` moves them). ``keep_dequantized_layers`` swaps
 the class in for every 4-bit layer of a model, or for none when they would take more than the budget.
-``wronai.kernels.fused_lora`` computes a LoRA layer over such a base from the kept weight.
+``wronai.kernels.fused_lora`` computes a LoRA layer over such a base from the kept weight. At the swap the
+first layer's kept weight is checked against bitsandbytes' own ``dequantize_4bit``: on a mismatch every layer
+goes back to bitsandbytes' class, with one warning.
 """
 
 from __future__ import annotations
@@ -97,6 +99,15 @@ def keep_dequantized_layers(model: torch.nn.Module, budget_bytes: int, dtype: to
         return 0
     for module in layers:
         DequantizedLinear4bit.from_linear4bit(module)
+    problem = _self_check(layers[0], dtype)
+    if problem is not None:
+        for module in layers:
+            module.__class__ = _bnb.nn.Linear4bit
+            module.__dict__.pop("_kept", None)
+        logger.warning(
+            "4-bit: weights not kept dequantized — %s (quantization.keep_dequantized_mib)", problem
+        )
+        return 0
     logger.info(
         "4-bit: %d layers keep their weights dequantized (%.1f MiB in %s; quantization.keep_dequantized_mib)",
         len(layers),
@@ -104,3 +115,17 @@ def keep_dequantized_layers(model: torch.nn.Module, budget_bytes: int, dtype: to
         str(dtype).removeprefix("torch."),
     )
     return len(layers)
+
+
+def _self_check(module: Any, dtype: torch.dtype) -> str | None:
+    """The kept weight of ``module`` against bitsandbytes' own dequantization of it (None: they agree)."""
+    import bitsandbytes.functional as bnbf
+
+    ours = module.dequantized(dtype)
+    if ours is None:
+        return "the weight does not dequantize on its own"
+    theirs = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    if ours.shape != theirs.shape or not torch.allclose(ours.float(), theirs.float(), rtol=tol, atol=tol):
+        return "the kept weight differs from bitsandbytes' dequantization"
+    return None
