@@ -127,6 +127,10 @@ def test_4bit_model_with_kept_weights_has_the_same_loss_and_gradients(
         ({"dequantize_chunk_mib": 8}, 0),  # row slices written: the user asked for the smaller peak
         ({"dequantize_chunk_mib": 0}, 256 * 2**20),
         ({"dequantize_chunk_mib": 0, "keep_dequantized_mib": 32}, 32 * 2**20),
+        (
+            {"dequantize_chunk_mib": 8, "keep_dequantized_mib": 32},
+            32 * 2**20,
+        ),  # kept where it fits, else slices
         ({"load_in_4bit": False}, 0),
     ],
 )
@@ -150,13 +154,27 @@ def test_plan_on_a_gpu_keeps_nothing(monkeypatch):
     assert plan.device == "cuda" and plan.keep_dequantized_bytes == 0
 
 
-def test_kept_and_row_slices_both_written_is_refused():
-    from wronai.errors import ConfigError
+@pytest.mark.parametrize(
+    ("written", "kept_mib"),
+    [
+        ({"dequantize_chunk_mib": 8}, 0),
+        ({"dequantize_chunk_mib": 8, "keep_dequantized_mib": 64}, 64),
+        ({}, 256),
+    ],
+)
+def test_the_resolved_config_keeps_what_was_written(written, kept_mib):
+    """Writing row slices alone turns keeping off, in the config itself: its dump (the run's saved config,
+    read back on resume) plans the same."""
+    import yaml
 
-    data = {"model": {"name": "o/m"}, "data": {"dataset_name": "o/d"},
-            "quantization": {"keep_dequantized_mib": 64, "dequantize_chunk_mib": 2}}  # fmt: skip
-    with pytest.raises(ConfigError, match="keep_dequantized_mib and dequantize_chunk_mib are both set"):
-        load_config(data=data)
+    from wronai.config import dump_config
+
+    cfg = load_config(
+        data={"model": {"name": "o/m"}, "data": {"dataset_name": "o/d"}, "quantization": written}
+    )
+    again = load_config(data=yaml.safe_load(dump_config(cfg)))
+    assert cfg.quantization.keep_dequantized_mib == again.quantization.keep_dequantized_mib == kept_mib
+    assert again.quantization == cfg.quantization
 
 
 def test_memory_plan_counts_the_kept_weights():

@@ -172,7 +172,8 @@ class QuantizationSection(Section):
         "many MiB together, keep them so for the whole run instead of dequantizing every weight again in every "
         "forward and backward — the same numbers, a faster step (~10% on the speed benchmark's model), at that "
         "much more memory (the 4-bit codes stay the saved, exported weights). Row slices "
-        "(dequantize_chunk_mib) then do not apply. 0 = never. GPUs use bitsandbytes' kernels.",
+        "(dequantize_chunk_mib) apply only to a model over this budget; writing dequantize_chunk_mib alone sets "
+        "this to 0. 0 = never. GPUs use bitsandbytes' kernels.",
     )
 
     _normalize = field_validator("bnb_4bit_compute_dtype", mode="before")(_normalize_dtype)
@@ -181,20 +182,16 @@ class QuantizationSection(Section):
     def _one_mode(self) -> QuantizationSection:
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit are both true — set one of them to false")
-        written = {"keep_dequantized_mib", "dequantize_chunk_mib"} <= self.model_fields_set
-        if written and self.keep_dequantized_mib and self.dequantize_chunk_mib:
-            raise ValueError(
-                "keep_dequantized_mib and dequantize_chunk_mib are both set — weights kept dequantized have no "
-                "row slices: set one of them to 0"
+        written = self.model_fields_set & {"dequantize_chunk_mib", "keep_dequantized_mib"}
+        if self.dequantize_chunk_mib and written == {"dequantize_chunk_mib"}:
+            self.keep_dequantized_mib = (
+                0  # row slices written, keeping not: the user asked for the smaller peak
             )
         return self
 
     @property
     def keep_dequantized_bytes(self) -> int:
-        """keep_dequantized_mib in bytes; 0 when only dequantize_chunk_mib is written (row slices asked for)."""
-        written = self.model_fields_set & {"dequantize_chunk_mib", "keep_dequantized_mib"}
-        if self.dequantize_chunk_mib and written == {"dequantize_chunk_mib"}:
-            return 0
+        """keep_dequantized_mib in bytes."""
         return self.keep_dequantized_mib * 2**20
 
     @property
