@@ -51,14 +51,15 @@ class DequantizedLinear4bit(_bnb.nn.Linear4bit):
         """The weight dequantized to ``dtype`` (kept; made on the first call and whenever the codes, the dtype
         or the device changed); None where it does not dequantize on its own (``kernels.bnb.chunkable``)."""
         state = getattr(self.weight, "quant_state", None)
-        if state is None or not chunkable(state):
-            return None
         codes = self.weight.data
         key = (codes.data_ptr(), codes._version, codes.device, dtype, id(state))
-        if self._kept is None or self._kept[0] != key:
-            source, tensors = four_bit_rows(codes, state)
-            with torch.no_grad():
-                self._kept = (key, source.rows(tensors, 0, source.out_features, dtype))
+        if self._kept is not None and self._kept[0] == key:  # every call but the first: nothing else checked
+            return self._kept[1]
+        if state is None or not chunkable(state):
+            return None
+        source, tensors = four_bit_rows(codes, state)
+        with torch.no_grad():
+            self._kept = (key, source.rows(tensors, 0, source.out_features, dtype))
         return self._kept[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +91,7 @@ def keep_dequantized_layers(model: torch.nn.Module, budget_bytes: int, dtype: to
     states = [getattr(m.weight, "quant_state", None) for m in layers]
     if not layers or not budget_bytes or any(s is None or not chunkable(s) for s in states):
         return 0
-    total = dequantized_bytes(model, dtype)
+    total = dequantized_bytes(model, dtype)  # every 4-bit layer, kept or sliced ones too
     if total > budget_bytes:
         logger.info(
             "4-bit: weights dequantized per call (%.0f MiB dequantized > quantization.keep_dequantized_mib %g)",

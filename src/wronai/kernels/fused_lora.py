@@ -129,17 +129,16 @@ def _base_rows(
     one. The fused output is in ``compute`` too: under autocast its dtype, as a linear layer's (bitsandbytes
     casts a 4-bit layer's back to x's dtype); outside it x's own (the dtype checks here)."""
     state = getattr(base.weight, "quant_state", None)  # a bitsandbytes 4-bit weight (Params4bit)
-    kept = getattr(base, "dequantized", None)  # a kernels.dequantized.DequantizedLinear4bit
-    if state is not None and kept is not None and (autocast or (base.compute_dtype or x.dtype) == x.dtype):
-        weight = kept(compute)
-        if weight is not None:
-            return DenseRows(*weight.shape), (weight,), weight.shape[0]
     if state is not None:  # bitsandbytes computes in its compute_dtype (autocast's, under autocast)
         from wronai.kernels.bnb import chunkable, four_bit_rows
 
-        if not chunkable(state) or (
-            not autocast and (getattr(base, "compute_dtype", None) or x.dtype) != x.dtype
-        ):
+        if not autocast and (getattr(base, "compute_dtype", None) or x.dtype) != x.dtype:
+            return None
+        kept = getattr(base, "dequantized", None)  # a kernels.dequantized.DequantizedLinear4bit
+        weight = kept(compute) if kept is not None else None
+        if weight is not None:
+            return DenseRows(*weight.shape), (weight,), weight.shape[0]
+        if not chunkable(state):
             return None
         source, tensors = four_bit_rows(base.weight.data, state)
         chunk = getattr(base, "chunk_bytes", 0)  # a kernels.bnb.RowSlicedLinear4bit

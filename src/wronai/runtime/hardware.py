@@ -65,15 +65,11 @@ class DevicePlan:
 
     def _dequantized(self) -> str:
         """How the plan dequantizes 4-bit weights on a CPU (kept within a budget, else row slices)."""
-        parts = []
-        if self.keep_dequantized_bytes:
-            parts.append(
-                f"weights kept dequantized if they take at most {self.keep_dequantized_bytes / 2**20:g} MiB"
-            )
-        if self.dequantize_chunk_bytes:
-            slices = f"dequantized {self.dequantize_chunk_bytes / 2**20:g} MiB at a time"
-            parts.append(f"else {slices}" if parts else f"weights {slices}")
-        return "".join(f"; {p}" if i == 0 else f", {p}" for i, p in enumerate(parts))
+        ways = [
+            *([f"kept dequantized if they take at most {self.keep_dequantized_bytes / 2**20:g} MiB"] if self.keep_dequantized_bytes else []),
+            *([f"dequantized {self.dequantize_chunk_bytes / 2**20:g} MiB at a time"] if self.dequantize_chunk_bytes else []),
+        ]  # fmt: skip
+        return "; weights " + ", else ".join(ways) if ways else ""
 
     def describe(self) -> list[str]:
         return [
