@@ -225,6 +225,9 @@ ABLATIONS = {
         "training": {"gradient_checkpointing": True, "checkpoint_every_n_layers": 2}
     },  # recompute every 2nd decoder layer only
     "wronai-return-freed": {"hardware": {"return_freed_memory": "on"}},  # the 1B+ memory setting
+    "wronai-stock-norms": {
+        "hardware": {"fused_rms_norm": "off"}
+    },  # transformers' RMSNorm modules (wronai.kernels.rms_norm off)
     "wronai-per-call-dequant": {
         "quantization": {"keep_dequantized_mib": 0}
     },  # 4-bit weights dequantized in every forward and backward (wronai.kernels.dequantized off)
@@ -274,7 +277,9 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
             "precision": pipeline.plan.precision, "page_faults": faults}  # fmt: skip
 
 
-MINIMAL_CONFIG_NOTES = ("auto ->", "auto:", "precision:", "LoRA layers", "4-bit", "data.packing", "hardware:")
+MINIMAL_CONFIG_NOTES = (
+    "auto ->", "auto:", "precision:", "LoRA layers", "4-bit", "RMSNorm", "data.packing", "hardware:"
+)  # fmt: skip
 
 
 def run_defaults(model_dir: Path, train_file: Path, out: Path, args) -> dict:

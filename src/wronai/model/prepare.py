@@ -81,6 +81,10 @@ def prepare_model(config: WronAIConfig, plan: DevicePlan, tokens: PreparedTokeni
         keep_embeddings=plan.keep_embeddings, dequantize_chunk_bytes=plan.dequantize_chunk_bytes,
         fused_lora=plan.fused_lora, autocast=plan.autocast_dtype, keep_dequantized_bytes=plan.keep_dequantized_bytes,
     )  # fmt: skip
+    if plan.fused_rms_norm:
+        from wronai.kernels.rms_norm import fuse_rms_norms
+
+        fuse_rms_norms(model)
     return model, zero3_load
 
 

@@ -48,6 +48,7 @@ class DevicePlan:
     # 4-bit on CPU: weights kept dequantized when all of them take at most this many bytes (0 = never)
     keep_dequantized_bytes: int = 0
     fused_lora: bool = False  # LoRA layers computed by wronai.kernels.fused_lora (hardware.fused_lora)
+    fused_rms_norm: bool = False  # norms computed by wronai.kernels.rms_norm (hardware.fused_rms_norm)
     cpu: CpuCapability | None = None  # what each source says of the CPU (CPU runs)
 
     @property
@@ -82,6 +83,7 @@ class DevicePlan:
             f"optimizer: {self.optimizer}",
             f"attention: {self.attn_implementation}",
             "LoRA layers: " + ("fused base + adapter step" if self.fused_lora else "PEFT's modules"),
+            "RMSNorm: " + ("fused step" if self.fused_rms_norm else "transformers' modules"),
             *([self.cpu.describe()] if self.cpu is not None else []),
         ]
 
@@ -215,7 +217,8 @@ def plan_device(
         keep_embeddings=cpu_4bit and keeps_16bit_embeddings(quantization, model, hardware),
         dequantize_chunk_bytes=quantization.dequantize_chunk_mib * 2**20 if cpu_4bit else 0,
         keep_dequantized_bytes=quantization.keep_dequantized_bytes if cpu_4bit else 0,
-        fused_lora=_fused_lora(hardware, device, notes),
+        fused_lora=_fused("fused_lora", hardware, device, notes),
+        fused_rms_norm=_fused("fused_rms_norm", hardware, device, notes),
         cpu=dataclasses.replace(cpu_capability(), native_bf16=bf16_ok) if device == "cpu" else None,
     )
 
@@ -352,13 +355,15 @@ def _attention(requested: str, device: str, notes: list[str]) -> str:
     return "sdpa"
 
 
-def _fused_lora(hardware: HardwareSection, device: str, notes: list[str]) -> bool:
-    """hardware.fused_lora resolved: auto = CPU runs; never with parameters sharded across processes."""
+def _fused(name: str, hardware: HardwareSection, device: str, notes: list[str]) -> bool:
+    """hardware.<name>, a fused-kernel setting (auto | on | off), resolved: auto = CPU runs; never with
+    parameters sharded across processes (FSDP, ZeRO-3), where a layer holds only a piece of its weights."""
+    setting = getattr(hardware, name)
     if hardware.distributed in ("fsdp", "deepspeed_zero3"):
-        if hardware.fused_lora == "on":
-            notes.append(f"hardware.fused_lora needs whole parameters — off under {hardware.distributed}")
+        if setting == "on":
+            notes.append(f"hardware.{name} needs whole parameters — off under {hardware.distributed}")
         return False
-    return hardware.fused_lora == "on" or (hardware.fused_lora == "auto" and device == "cpu")
+    return setting == "on" or (setting == "auto" and device == "cpu")
 
 
 def keeps_16bit_embeddings(

@@ -86,6 +86,14 @@ class HardwareSection(Section):
         "adapters, trained biases, mixed dtypes, autocast). auto = on for CPU runs without FSDP/ZeRO-3; on = "
         "also on GPUs (not measured there).",
     )
+    fused_rms_norm: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Compute transformers' RMSNorm (Llama's, and the norms of every model whose norm is the same "
+        "code: Mistral, Qwen, Phi-3, Granite, …) in one autograd step (wronai.kernels.rms_norm) instead of five "
+        "operations and their five backwards: the same numbers to ~1e-6, ~13% less time per CPU step of the "
+        "speed benchmark (docs/benchmarks.md); checked at start against transformers' own forward. auto = on "
+        "for CPU runs without FSDP/ZeRO-3; on = also on GPUs (not measured there); off = transformers' norms.",
+    )
     autotune: bool = Field(
         True,
         description="CPU runs: time, for about 1.5 s at start, one decoder layer of the model for what the plan cannot "
