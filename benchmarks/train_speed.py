@@ -319,8 +319,17 @@ def run_defaults(model_dir: Path, train_file: Path, out: Path, args) -> dict:
         (out / "adapter" / name).write_bytes((out / name).read_bytes())
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"wall_s": results["train_runtime"], "tokens": stats["total_tokens"], "padding_fraction": 0.0,
-            "precision": "bf16" if any("bf16 autocast" in c for c in choices) else "fp32",
-            "choices": choices, "child_peak_rss_mb": peak}  # fmt: skip
+            "precision": _precision_taken(out, choices), "choices": choices, "child_peak_rss_mb": peak}  # fmt: skip
+
+
+def _precision_taken(out: Path, choices: list[str]) -> str:
+    """The precision the run trained in: its saved autotune decision, else the logged precision choice
+    (a timed line names both candidates, so only its start tells which one was taken)."""
+    decision = out / "wronai_autotune.json"
+    if decision.is_file():
+        return json.loads(decision.read_text())["precision"]
+    taken = [c.split("precision: ", 1)[1] for c in choices if "precision: " in c]
+    return "bf16" if taken and taken[0].startswith("bf16") else "fp32"
 
 
 def eval_loss(model_dir: Path, adapter: Path, eval_file: Path, max_len: int) -> float:

@@ -97,9 +97,12 @@ def test_only_norms_with_llamas_forward_are_swapped():
     assert type(model[0]).__name__ == "FusedMistralRMSNorm" and isinstance(model[0], MistralRMSNorm)
     assert isinstance(model[1], Qwen2RMSNorm) and type(model[2]) is _GemmaStyleNorm
     assert "FusedMistralRMSNorm" in str(model)  # what runs shows in print(model)
-    assert (
-        unfuse_rms_norms(model) == 2 and type(model[0]) is MistralRMSNorm and type(model[1]) is Qwen2RMSNorm
-    )
+    fused_mistral = type(model[0])
+    assert unfuse_rms_norms(model) == 2
+    assert type(model[0]) is MistralRMSNorm and type(model[1]) is Qwen2RMSNorm
+    other = MistralRMSNorm(8)
+    fuse_rms_norms(other)
+    assert type(other) is fused_mistral  # one fused class per stock class, whenever the swap happens
 
 
 def test_a_norm_that_differs_from_the_stock_one_is_put_back(monkeypatch, caplog):
