@@ -92,8 +92,8 @@ class HardwareSection(Section):
         "code: Mistral, Qwen, Phi-3, Granite, …) in one autograd step (wronai.kernels.rms_norm) instead of five "
         "operations and their five backwards: the same numbers to ~1e-6, ~6% less time per bf16 CPU step of the "
         "speed benchmark, fp32 steps within noise (docs/benchmarks.md); checked at start against transformers' "
-        "own forward. auto = on "
-        "for CPU runs without FSDP/ZeRO-3; on = also on GPUs (not measured there); off = transformers' norms.",
+        "own forward. auto = on for CPU runs without FSDP/ZeRO-3; on = also on GPUs (not measured there); "
+        "off = transformers' norms.",
     )
     autotune: bool = Field(
         True,
