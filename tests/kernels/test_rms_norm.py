@@ -94,6 +94,7 @@ def test_only_norms_with_llamas_forward_are_swapped():
     )
     assert [is_llama_norm(m) for m in model] == [True, True, False, False]
     assert fuse_rms_norms(model) == 2
+    assert fuse_rms_norms(model) == 0  # fused norms are not swapped again
     assert type(model[0]).__name__ == "FusedMistralRMSNorm" and isinstance(model[0], MistralRMSNorm)
     assert isinstance(model[1], Qwen2RMSNorm) and type(model[2]) is _GemmaStyleNorm
     assert "FusedMistralRMSNorm" in str(model)  # what runs shows in print(model)

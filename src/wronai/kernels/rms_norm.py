@@ -80,13 +80,13 @@ def _same_code(a: Any, b: Any) -> bool:
 
 def is_llama_norm(module: torch.nn.Module) -> bool:
     """Whether ``module`` computes transformers' LlamaRMSNorm: its class's forward is that code, with a
-    float ``variance_epsilon`` and a 1-D weight."""
+    float ``variance_epsilon`` and a 1-D weight (a fused norm's class forward is ``FusedRMSNorm``'s, so it
+    never counts twice)."""
     forward = getattr(type(module), "forward", None)
     code = getattr(forward, "__code__", None)
     weight = getattr(module, "weight", None)
     return (
         code is not None
-        and not isinstance(module, FusedRMSNorm)
         and isinstance(getattr(module, "variance_epsilon", None), float)
         and isinstance(weight, torch.Tensor)
         and weight.dim() == 1
