@@ -52,9 +52,10 @@ def _examples():
     return out
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["head-then-loss", "fused-head-and-loss"])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("num_items", [None, 37])
-def test_loss_and_gradients_equal_the_stock_forward(tiny_model_dir, layout, num_items):
+def test_loss_and_gradients_equal_the_stock_forward(tiny_model_dir, layout, num_items, fused):
     examples = _examples()
     if layout == "padded":
         batch = PaddingCollator(pad_token_id=0)(examples)
@@ -63,7 +64,7 @@ def test_loss_and_gradients_equal_the_stock_forward(tiny_model_dir, layout, num_
     stock_model, model = _model(tiny_model_dir), _model(tiny_model_dir)
     extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
     stock = stock_model(**batch, **extra).loss
-    ours = trained_positions_loss(model, batch, extra.get("num_items_in_batch"))
+    ours = trained_positions_loss(model, batch, extra.get("num_items_in_batch"), fused=fused)
     torch.testing.assert_close(ours, stock, rtol=1e-6, atol=1e-6)
     stock.backward()
     ours.backward()
@@ -112,7 +113,8 @@ def test_output_head_found_through_peft(tiny_model_dir):
 
 
 def test_training_is_the_same_with_and_without(tmp_path, tiny_model_dir):
-    """Three optimizer steps with gradient accumulation: identical per-step losses and adapters."""
+    """Three optimizer steps with gradient accumulation: identical per-step losses and adapters (the fused
+    head + loss off: tests/kernels/test_cross_entropy.py compares it with this path)."""
     from safetensors.torch import load_file
 
     from conftest import train_via_cli
@@ -120,7 +122,7 @@ def test_training_is_the_same_with_and_without(tmp_path, tiny_model_dir):
     runs = {}
     for flag in (True, False):
         out = train_via_cli(
-            tmp_path / str(flag), tiny_model_dir, rows=40,
+            tmp_path / str(flag), tiny_model_dir, rows=40, hardware={"fused_cross_entropy": "off"},
             training={"trained_logits_only": flag, "max_steps": 3, "gradient_accumulation_steps": 2, "save_strategy": "no",
                       "eval_strategy": "no", "per_device_train_batch_size": 2},
         )  # fmt: skip

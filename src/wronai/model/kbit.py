@@ -45,6 +45,8 @@ class UpcastLinear(torch.nn.Linear):
     """A frozen ``nn.Linear`` kept in 16 bits, computed in its input's dtype from row slices upcast one at a
     time (``upcast_linear``). Swapped in for the output head (``from_linear``, in place)."""
 
+    slice_bytes = CHUNK_BYTES  # what wronai.kernels.cross_entropy computes it from, in the same slices
+
     @classmethod
     def from_linear(cls, module: torch.nn.Linear) -> UpcastLinear:
         module.__class__ = cls

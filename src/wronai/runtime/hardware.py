@@ -49,6 +49,8 @@ class DevicePlan:
     keep_dequantized_bytes: int = 0
     fused_lora: bool = False  # LoRA layers computed by wronai.kernels.fused_lora (hardware.fused_lora)
     fused_rms_norm: bool = False  # norms computed by wronai.kernels.rms_norm (hardware.fused_rms_norm)
+    # head and loss computed by wronai.kernels.cross_entropy (hardware.fused_cross_entropy)
+    fused_cross_entropy: bool = False
     cpu: CpuCapability | None = None  # what each source says of the CPU (CPU runs)
 
     @property
@@ -84,6 +86,12 @@ class DevicePlan:
             f"attention: {self.attn_implementation}",
             "LoRA layers: " + ("fused base + adapter step" if self.fused_lora else "PEFT's modules"),
             "RMSNorm: " + ("fused step" if self.fused_rms_norm else "transformers' modules"),
+            "loss: "
+            + (
+                "output head + cross-entropy in one fused step"
+                if self.fused_cross_entropy
+                else "the head's logits, then cross-entropy"
+            ),
             *([self.cpu.describe()] if self.cpu is not None else []),
         ]
 
@@ -219,6 +227,7 @@ def plan_device(
         keep_dequantized_bytes=quantization.keep_dequantized_bytes if cpu_4bit else 0,
         fused_lora=_fused("fused_lora", hardware, device, notes),
         fused_rms_norm=_fused("fused_rms_norm", hardware, device, notes),
+        fused_cross_entropy=_fused_loss(hardware, training, device, notes),
         cpu=dataclasses.replace(cpu_capability(), native_bf16=bf16_ok) if device == "cpu" else None,
     )
 
@@ -364,6 +373,18 @@ def _fused(name: str, hardware: HardwareSection, device: str, notes: list[str]) 
             notes.append(f"hardware.{name} needs whole parameters — off under {hardware.distributed}")
         return False
     return setting == "on" or (setting == "auto" and device == "cpu")
+
+
+def _fused_loss(hardware: HardwareSection, training: TrainingSection, device: str, notes: list[str]) -> bool:
+    """hardware.fused_cross_entropy resolved: it computes the loss at trained positions only."""
+    if not training.trained_logits_only:
+        if hardware.fused_cross_entropy == "on":
+            notes.append(
+                "hardware.fused_cross_entropy computes the loss at trained positions — off with "
+                "training.trained_logits_only=false"
+            )
+        return False
+    return _fused("fused_cross_entropy", hardware, device, notes)
 
 
 def keeps_16bit_embeddings(

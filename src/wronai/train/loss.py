@@ -14,6 +14,10 @@ measured on the speed benchmark (AMX-BF16 Xeon, packed rows of 3 x 512): RSS gre
 bf16/fp16 CPU runs, none elsewhere) the selection is padded to a multiple of it with untrained positions
 (whose targets are -100 by construction, so they add nothing to the loss or its gradient): a run sees at
 most ``rows x length / multiple`` shapes, and RSS stays flat.
+
+With ``fused`` (``hardware.fused_cross_entropy``) the pre-hook computes the head and the loss itself, in one
+chunked autograd step (``wronai.kernels.cross_entropy``), and hands the head no position: no logits tensor
+is kept for the backward. ``fused_loss_problem`` is its start-up check on the model itself.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import torch
 
 from wronai.data.tokenize import IGNORE_INDEX
+from wronai.kernels.cross_entropy import linear_cross_entropy, usable_head
 
 
 def output_head(model: Any) -> torch.nn.Module | None:
@@ -56,16 +61,29 @@ def bucketed(mask: torch.Tensor, multiple: int) -> torch.Tensor:
     return flat.view_as(mask)
 
 
-def _select_rows(mask: torch.Tensor, _module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+def _select_rows(
+    mask: torch.Tensor, state: dict[str, Any], module: torch.nn.Module, args: tuple[Any, ...]
+) -> tuple[Any, ...]:
+    """The head's pre-hook: the trained positions' hidden states only (kept in ``state``). Where ``state``
+    holds the targets (fused), the head and the loss are computed here in one step
+    (``wronai.kernels.cross_entropy``) and the head itself is handed no position at all."""
     hidden = args[0]
-    return (hidden[mask.to(hidden.device)].unsqueeze(0), *args[1:])
+    selected = hidden[mask.to(hidden.device)]
+    state["hidden"] = selected
+    targets = state.get("targets")
+    if targets is None:
+        return (selected.unsqueeze(0), *args[1:])
+    if "total" in state:
+        raise RuntimeError("the model's forward called its output head twice")
+    state["total"] = linear_cross_entropy(selected, module, targets.to(hidden.device))
+    return (selected[:0].unsqueeze(0), *args[1:])
 
 
-def trained_positions_loss(
-    model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None, *, multiple: int | None = None
-) -> torch.Tensor:
-    """Token cross-entropy over trained positions only; equal to ``model(**inputs).loss``. ``multiple``: the
-    head sees a multiple of this many positions (``bucketed``)."""
+def summed_loss(
+    model: Any, inputs: dict[str, Any], *, multiple: int | None = None, fused: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The summed token cross-entropy over trained positions, their targets, and the hidden states the head
+    was given for them. ``fused``: head and loss in one chunked step (the head must be a plain Linear)."""
     labels = inputs["labels"]
     mask = trained_mask(labels)
     if multiple:
@@ -73,19 +91,78 @@ def trained_positions_loss(
     head = output_head(model)
     if head is None:
         raise ValueError("model has no output embeddings — set training.trained_logits_only=false")
-    handle = head.register_forward_pre_hook(partial(_select_rows, mask))
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    targets = shifted[mask]  # the same row-major order as the selected hidden states
+    state: dict[str, Any] = {"targets": targets if fused else None}
+    handle = head.register_forward_pre_hook(partial(_select_rows, mask, state))
     try:
         logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
     finally:
         handle.remove()
-    shifted = torch.full_like(labels, IGNORE_INDEX)
-    shifted[:, :-1] = labels[:, 1:]
-    targets = shifted[mask].to(logits.device)  # the same row-major order as the selected hidden states
+    if "hidden" not in state:
+        raise RuntimeError("the model's forward did not call its output head")
+    if fused:
+        return state["total"], targets, state["hidden"]
     total = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.to(logits.device),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
+    return total, targets, state["hidden"]
+
+
+def trained_positions_loss(
+    model: Any,
+    inputs: dict[str, Any],
+    num_items_in_batch: Any = None,
+    *,
+    multiple: int | None = None,
+    fused: bool = False,
+) -> torch.Tensor:
+    """Token cross-entropy over trained positions only; equal to ``model(**inputs).loss``. ``multiple``: the
+    head sees a multiple of this many positions (``bucketed``); ``fused``: see ``summed_loss``."""
+    total, targets, _ = summed_loss(model, inputs, multiple=multiple, fused=fused)
     if num_items_in_batch is None:
-        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1).to(total.device)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+# positions of the first row the start-up check of the fused loss runs on
+CHECK_POSITIONS = 64
+
+
+def fused_loss_problem(model: Any, inputs: dict[str, Any], multiple: int | None = None) -> str | None:
+    """The fused loss against the stock one on the model itself, under the caller's autocast: the first
+    ``CHECK_POSITIONS`` tokens of the batch's first row, every one trained, run twice from the same random
+    state (dropout alike); the loss and its gradients for the head's input (and trained head parameters)
+    must agree. A forward that does more to the logits than its head (a scale, a soft cap) fails here.
+    None when they agree, else what differs. Parameters' ``.grad`` are not touched."""
+    head = output_head(model)
+    if head is None or not usable_head(head):
+        return f"the output head is a {type(head).__name__}, not a plain Linear"
+    ids = inputs["input_ids"][:1, :CHECK_POSITIONS]
+    small = {"input_ids": ids, "labels": ids.clone()}
+    params: list[torch.Tensor] = [
+        p for p in (head.weight, head.bias) if isinstance(p, torch.Tensor) and p.requires_grad
+    ]
+    device = ids.device
+    results = []
+    for fused in (False, True):
+        with torch.random.fork_rng(
+            devices=[device] if device.type == "cuda" else [], device_type=device.type
+        ):
+            torch.manual_seed(0)
+            total, _, hidden = summed_loss(model, small, multiple=multiple, fused=fused)
+            grads = torch.autograd.grad(total, [hidden, *params])
+        results.append([total.detach().float(), *(g.float() for g in grads)])
+    half = torch.is_autocast_enabled(device.type) or hidden.dtype != torch.float32
+    tol = 3e-2 if half else 1e-4
+    names = ["loss", "input grad", *("weight grad" if p is head.weight else "bias grad" for p in params)]
+    for name, stock, ours in zip(names, *results):
+        if not torch.allclose(ours, stock, rtol=tol, atol=tol * float(stock.abs().max().clamp(min=1e-6))):
+            return f"{name} differs from the stock loss's"
+    return None

@@ -19,6 +19,7 @@ from wronai.config import WronAIConfig, dump_config
 from wronai.config.sections.training import TrainingSection
 from wronai.data.collate import PackedCollator, PaddingCollator
 from wronai.errors import WronAIError
+from wronai.kernels.cross_entropy import usable_head
 from wronai.model.attention import enable_packed_attention
 from wronai.rundir.files import CONFIG_FILE
 from wronai.runtime import distributed
@@ -28,7 +29,7 @@ from wronai.train import checkpointing, monitoring, throughput
 from wronai.train.arguments import build_training_arguments
 from wronai.train.callbacks import ConsoleLogCallback, QuietProgressCallback
 from wronai.train.faults import GradientGuard
-from wronai.train.loss import output_head, trained_positions_loss
+from wronai.train.loss import fused_loss_problem, output_head, trained_positions_loss
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,9 @@ class GuardedTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.gradient_guard: Any = None  # faults.GradientGuard, set by build_trainer
         self.trained_logits_only = False  # logits only at trained positions (wronai.train.loss)
+        # head and loss in one step (hardware.fused_cross_entropy); checked against the stock loss first
+        self.fused_cross_entropy = False
+        self._fused_loss_checked = False
         # length_multiple: the head sees a multiple of this many positions; set by build_trainer
         self.shape_multiple: int | None = None
         self.checkpoint_extras: dict[str, str] = {}  # file name -> text, in every checkpoint (the config)
@@ -108,13 +112,39 @@ class GuardedTrainer(Trainer):
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+        if self.fused_cross_entropy and not self._fused_loss_checked:
+            self._check_fused_loss(model, inputs)
         scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         loss = trained_positions_loss(
-            model, inputs, num_items_in_batch if scaled else None, multiple=self.shape_multiple
+            model,
+            inputs,
+            num_items_in_batch if scaled else None,
+            multiple=self.shape_multiple,
+            fused=self.fused_cross_entropy,
         )
         if scaled and self.args.average_tokens_across_devices:  # as Trainer.compute_loss does
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return loss
+
+    def _check_fused_loss(self, model: Any, inputs: dict[str, Any]) -> None:
+        """Once, on the first batch: the fused loss against the stock one (``fused_loss_problem``), on the
+        model under PEFT's and the wrappers' forwards (no token counted, no reducer involved) in the run's
+        autocast; on a mismatch the run keeps the stock loss, with one warning."""
+        self._fused_loss_checked = True
+        inner = getattr(model, "module", model)
+        base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+        with self.accelerator.autocast():
+            problem = fused_loss_problem(base, inputs, self.shape_multiple)
+        if problem is None:
+            logger.info(
+                "cross-entropy: output head and loss in one fused step (hardware.fused_cross_entropy)"
+            )
+            return
+        self.fused_cross_entropy = False
+        logger.warning(
+            "cross-entropy: fused loss off — %s; using the head's logits (hardware.fused_cross_entropy)",
+            problem,
+        )
 
     def _get_train_sampler(self, *args: Any, **kwargs: Any):
         sampler = super()._get_train_sampler(*args, **kwargs)
@@ -198,8 +228,10 @@ def build_trainer(
     training: TrainingSection | None = None,
     *,
     per_example_attention: bool = True,
+    fused_cross_entropy: bool = False,
 ):
-    """A Hugging Face Trainer (crash-safe checkpoints, gradient guard) over the prepared data."""
+    """A Hugging Face Trainer (crash-safe checkpoints, gradient guard) over the prepared data.
+    ``fused_cross_entropy``: the head and the loss in one step where the loss is at trained positions."""
     multiple = length_multiple(args)
     if prepared.packed:  # attention per example instead of a block-diagonal mask over the whole row
         collator: Any = PackedCollator(
@@ -223,6 +255,15 @@ def build_trainer(
     trainer.trained_logits_only = (training is None or training.trained_logits_only) and output_head(
         model
     ) is not None
+    if fused_cross_entropy and trainer.trained_logits_only:
+        head = output_head(model)
+        trainer.fused_cross_entropy = usable_head(head)
+        if not trainer.fused_cross_entropy:
+            logger.info(
+                "cross-entropy: the output head is a %s, which the fused loss does not compute — the head's "
+                "logits are used (hardware.fused_cross_entropy)",
+                type(head).__name__,
+            )
     trainer.shape_multiple = multiple
     trainer.gradient_guard = GradientGuard(
         training.on_nan if training else "stop", training.max_consecutive_nan_steps if training else 5
@@ -277,6 +318,7 @@ def make_trainer(
         trainer = build_trainer(
             model, tokenizer, args, data, [ConsoleLogCallback(), *callbacks], config.training,
             per_example_attention=config.model.attn_implementation == "auto",
+            fused_cross_entropy=plan.fused_cross_entropy,
         )  # fmt: skip
     trainer.checkpoint_extras = {CONFIG_FILE: dump_config(config)}
     throughput.attach(trainer)

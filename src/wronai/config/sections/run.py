@@ -95,6 +95,15 @@ class HardwareSection(Section):
         "own forward. auto = on for CPU runs without FSDP/ZeRO-3; on = also on GPUs (not measured there); "
         "off = transformers' norms.",
     )
+    fused_cross_entropy: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Compute the output head and the token cross-entropy in one step (wronai.kernels.cross_entropy), "
+        "a chunk of positions at a time, with the gradient made in the forward: no positions × vocabulary logits, "
+        "log-softmax or gradient tensors kept for the backward (2.5 GB each for 4096 positions of a 152k "
+        "vocabulary), the same loss to ~1e-6 (fp32). Needs training.trained_logits_only; checked at start against "
+        "the stock loss on the model itself (a model that scales or caps its logits keeps the stock loss). auto = "
+        "on for CPU runs without FSDP/ZeRO-3; on = also on GPUs (not measured there); off = the head's logits.",
+    )
     autotune: bool = Field(
         True,
         description="CPU runs: time, for about 1.5 s at start, one decoder layer of the model for what the plan cannot "
