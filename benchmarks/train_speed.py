@@ -228,6 +228,9 @@ ABLATIONS = {
     "wronai-stock-norms": {
         "hardware": {"fused_rms_norm": "off"}
     },  # transformers' RMSNorm modules (wronai.kernels.rms_norm off)
+    "wronai-stock-loss": {
+        "hardware": {"fused_cross_entropy": "off"}
+    },  # the head's logits, then cross-entropy (wronai.kernels.cross_entropy off)
     "wronai-per-call-dequant": {
         "quantization": {"keep_dequantized_mib": 0}
     },  # 4-bit weights dequantized in every forward and backward (wronai.kernels.dequantized off)
@@ -278,7 +281,7 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
 
 
 MINIMAL_CONFIG_NOTES = (
-    "auto ->", "auto:", "precision:", "LoRA layers", "4-bit", "RMSNorm", "data.packing", "hardware:"
+    "auto ->", "auto:", "precision:", "LoRA layers", "4-bit", "RMSNorm", "cross-entropy:", "data.packing", "hardware:"
 )  # fmt: skip
 
 

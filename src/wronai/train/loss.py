@@ -132,7 +132,7 @@ def trained_positions_loss(
 
 
 # positions of the first row the start-up check of the fused loss runs on
-CHECK_POSITIONS = 64
+CHECK_POSITIONS = 16
 
 
 def fused_loss_problem(model: Any, inputs: dict[str, Any], multiple: int | None = None) -> str | None:
