@@ -205,6 +205,35 @@ def test_the_trainer_checks_once_and_keeps_the_stock_loss_on_a_mismatch(
     torch.testing.assert_close(second, stock, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("trained_head", [False, True])
+def test_the_trainer_takes_the_fused_loss_only_for_a_head_it_computes(
+    tmp_path, tiny_model_dir, tiny_tokenizer, caplog, trained_head
+):
+    """A head in lora.modules_to_save (PEFT's ModulesToSaveWrapper) keeps the stock loss, with a note."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    from wronai.train.trainer import build_trainer
+
+    lora = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"] if trained_head else None)
+    model = get_peft_model(_llama(tiny_model_dir), lora)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], remove_unused_columns=False
+    )
+    prepared = SimpleNamespace(
+        packed=False, train=[{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}] * 2, eval=None
+    )
+    with caplog.at_level(logging.INFO, logger="wronai.train.trainer"):
+        trainer = build_trainer(model, tiny_tokenizer, args, prepared, [], fused_cross_entropy=True)
+    assert trainer.fused_cross_entropy is not trained_head
+    assert ("ModulesToSaveWrapper, which the fused loss does not compute" in caplog.text) is trained_head
+    assert (
+        build_trainer(model, tiny_tokenizer, args, prepared, []).fused_cross_entropy is False
+    )  # the plan's off
+
+
 def test_training_is_the_same_with_and_without_the_fused_loss(tmp_path, tiny_model_dir):
     """Three optimizer steps of the 4-bit pipeline: the same per-step losses and adapters."""
     from safetensors.torch import load_file
@@ -268,3 +297,16 @@ def test_a_bad_setting_is_one_line_naming_the_key(tiny_model_dir, alpaca_file, t
     )
     with pytest.raises(WronAIError, match="fused_cross_entropy"):
         load_config(data=raw)
+
+
+def test_a_forward_that_bypasses_its_head_is_a_one_line_error_naming_the_key(tiny_model_dir):
+    """Logits made from the head's weight without calling the head: the hook never sees the positions."""
+    from wronai.train.loss import trained_positions_loss
+
+    model = _llama(tiny_model_dir)
+    head = model.lm_head
+    model.lm_head = torch.nn.Identity()  # the forward's "head" call no longer reaches the real head
+    model.get_output_embeddings = lambda: head
+    for fused in (False, True):
+        with pytest.raises(WronAIError, match="training.trained_logits_only=false"):
+            trained_positions_loss(model, _batch(), fused=fused)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from wronai.data.tokenize import IGNORE_INDEX
+from wronai.errors import WronAIError
 from wronai.kernels.cross_entropy import linear_cross_entropy, usable_head
 
 
@@ -74,7 +75,9 @@ def _select_rows(
     if targets is None:
         return (selected.unsqueeze(0), *args[1:])
     if "total" in state:
-        raise RuntimeError("the model's forward called its output head twice")
+        raise WronAIError(
+            "the model's forward called its output head twice — set hardware.fused_cross_entropy=off"
+        )
     state["total"] = linear_cross_entropy(selected, module, targets.to(hidden.device))
     return (selected[:0].unsqueeze(0), *args[1:])
 
@@ -101,7 +104,10 @@ def summed_loss(
     finally:
         handle.remove()
     if "hidden" not in state:
-        raise RuntimeError("the model's forward did not call its output head")
+        raise WronAIError(
+            "the model's forward computes its logits without calling its output head — set "
+            "training.trained_logits_only=false"
+        )
     if fused:
         return state["total"], targets, state["hidden"]
     total = torch.nn.functional.cross_entropy(
@@ -143,7 +149,7 @@ def fused_loss_problem(model: Any, inputs: dict[str, Any], multiple: int | None 
     None when they agree, else what differs. Parameters' ``.grad`` are not touched."""
     head = output_head(model)
     if head is None or not usable_head(head):
-        return f"the output head is a {type(head).__name__}, not a plain Linear"
+        return f"the output head is a {type(head).__name__}, which the fused loss does not compute"
     ids = inputs["input_ids"][:1, :CHECK_POSITIONS]
     small = {"input_ids": ids, "labels": ids.clone()}
     params: list[torch.Tensor] = [
