@@ -141,6 +141,21 @@ def test_only_heads_it_can_compute_are_usable():
 # --- the model, the start-up check, the trainer --------------------------------------------------------------
 
 
+def _count_fused_calls(monkeypatch) -> list[int]:
+    """Counts the fused loss's calls from wronai.train.loss (the wiring took the fused path, not only the plan)."""
+    from wronai.train import loss
+
+    calls: list[int] = []
+    real = loss.linear_cross_entropy
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loss, "linear_cross_entropy", counted)
+    return calls
+
+
 def _llama(tiny_model_dir):
     from transformers import LlamaForCausalLM
 
@@ -182,7 +197,7 @@ def test_the_start_up_check_passes_a_llama_and_catches_scaled_logits(tiny_model_
 
 @pytest.mark.parametrize(("model", "fused_after"), [("llama", True), ("granite", False)])
 def test_the_trainer_checks_once_and_keeps_the_stock_loss_on_a_mismatch(
-    tmp_path, tiny_model_dir, tiny_tokenizer, caplog, model, fused_after
+    monkeypatch, tmp_path, tiny_model_dir, tiny_tokenizer, caplog, model, fused_after
 ):
     from transformers import TrainingArguments
 
@@ -194,10 +209,12 @@ def test_the_trainer_checks_once_and_keeps_the_stock_loss_on_a_mismatch(
     )
     trainer.trained_logits_only = trainer.fused_cross_entropy = True
     batch = _batch()
+    calls = _count_fused_calls(monkeypatch)
     with caplog.at_level(logging.INFO, logger="wronai.train.trainer"):
         first = trainer.compute_loss(net, batch)
         second = trainer.compute_loss(net, batch)
     assert trainer.fused_cross_entropy is fused_after
+    assert len(calls) == (3 if fused_after else 1)  # the check's fused pass, then each step's where it passed
     assert caplog.text.count("cross-entropy:") == 1  # checked once
     assert ("fused loss off — loss differs" in caplog.text) is not fused_after
     stock = net(**batch).loss  # transformers' own loss (mean over trained tokens)
@@ -234,18 +251,39 @@ def test_the_trainer_takes_the_fused_loss_only_for_a_head_it_computes(
     )  # the plan's off
 
 
-def test_training_is_the_same_with_and_without_the_fused_loss(tmp_path, tiny_model_dir):
-    """Three optimizer steps of the 4-bit pipeline: the same per-step losses and adapters."""
+@pytest.mark.parametrize(
+    "native_bf16", [False, True], ids=["fp32-plan", "native-bf16-plan-packed-path-armed"]
+)
+def test_training_is_the_same_with_and_without_the_fused_loss(
+    monkeypatch, tmp_path, tiny_model_dir, native_bf16
+):
+    """Three optimizer steps of the 4-bit pipeline: the same per-step losses and adapters. Also on the plan of
+    a CPU with native bf16 (forced: bf16 autocast, heads of a multiple of 64 positions), with bitsandbytes'
+    packed CPU path armed and its own 4-bit forward running (PEFT's modules, weights not kept dequantized):
+    the start-up check's extra forward must not pack a weight, or the base's gradient would be lost."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
     from safetensors.torch import load_file
 
     from conftest import train_via_cli
 
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: native_bf16)
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: native_bf16)
+    monkeypatch.setattr(bnbf, "has_avx512bf16", lambda: native_bf16)
+    calls = _count_fused_calls(monkeypatch)
     runs = {}
     for setting in ("auto", "off"):
+        hw = {
+            "device": "cpu",
+            "fused_cross_entropy": setting,
+            **({"fused_lora": "off"} if native_bf16 else {}),
+        }
         out = train_via_cli(
-            tmp_path / setting, tiny_model_dir, rows=40, hardware={"device": "cpu", "fused_cross_entropy": setting},
+            tmp_path / setting, tiny_model_dir, rows=40, hardware=hw,
+            quantization={"load_in_4bit": True, **({"keep_dequantized_mib": 0} if native_bf16 else {})},
             training={"max_steps": 3, "gradient_accumulation_steps": 2, "save_strategy": "no", "eval_strategy": "no",
-                      "per_device_train_batch_size": 2},
+                      "per_device_train_batch_size": 2, "bf16": native_bf16,
+                      **({"optim": "sgd", "learning_rate": 0.5} if native_bf16 else {})},
         )  # fmt: skip
         state = json.loads((out / "trainer_state.json").read_text())
         plan = json.loads((out / "provenance.json").read_text()).get("device_plan", [])
@@ -253,15 +291,28 @@ def test_training_is_the_same_with_and_without_the_fused_loss(tmp_path, tiny_mod
             [h["loss"] for h in state["log_history"] if "loss" in h],
             load_file(out / "adapter_model.safetensors"),
             plan,
+            len(calls),
         )
-    (losses_on, adapter_on, plan_on), (losses_off, adapter_off, plan_off) = runs["auto"], runs["off"]
+        calls.clear()
+    (losses_on, adapter_on, plan_on, calls_on), (losses_off, adapter_off, plan_off, calls_off) = runs.values()
     assert "loss: output head + cross-entropy in one fused step" in plan_on
     assert "loss: output head + cross-entropy in one fused step" not in plan_off
-    assert len(losses_on) == 3 and losses_on == pytest.approx(losses_off, rel=1e-5)
-    for key in adapter_off:
-        torch.testing.assert_close(
-            adapter_on[key], adapter_off[key], rtol=1e-3, atol=1e-5
-        )  # Adam: sums in another order
+    assert any(
+        ("mixed precision: bf16" in line) is native_bf16 for line in plan_on if "mixed precision" in line
+    )
+    assert (calls_on, calls_off) == (1 + 3 * 2, 0)  # the check, then every micro-batch of 3 steps × 2
+    assert len(losses_on) == 3
+    if native_bf16:  # bf16 rounds the head's gradient in another order: the same losses to bf16's precision
+        assert losses_on == pytest.approx(losses_off, rel=2e-3)
+        for key in adapter_off:  # SGD: the update is the gradient (Adam's is ±lr where one is near zero)
+            gap = float((adapter_on[key] - adapter_off[key]).norm() / adapter_off[key].norm())
+            assert gap <= 2e-2, key  # 0.35% at most, measured
+    else:
+        assert losses_on == pytest.approx(losses_off, rel=1e-5)
+        for key in adapter_off:
+            torch.testing.assert_close(
+                adapter_on[key], adapter_off[key], rtol=1e-3, atol=1e-5
+            )  # Adam: sums in another order
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import torch
 
 from wronai.data.collate import PackedCollator, PaddingCollator, pack_examples
 from wronai.data.tokenize import IGNORE_INDEX
+from wronai.train import loss as loss_module
 from wronai.train.loss import (
     bucketed,
     output_head,
@@ -55,7 +56,7 @@ def _examples():
 @pytest.mark.parametrize("fused", [False, True], ids=["head-then-loss", "fused-head-and-loss"])
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("num_items", [None, 37])
-def test_loss_and_gradients_equal_the_stock_forward(tiny_model_dir, layout, num_items, fused):
+def test_loss_and_gradients_equal_the_stock_forward(monkeypatch, tiny_model_dir, layout, num_items, fused):
     examples = _examples()
     if layout == "padded":
         batch = PaddingCollator(pad_token_id=0)(examples)
@@ -64,7 +65,11 @@ def test_loss_and_gradients_equal_the_stock_forward(tiny_model_dir, layout, num_
     stock_model, model = _model(tiny_model_dir), _model(tiny_model_dir)
     extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
     stock = stock_model(**batch, **extra).loss
+    calls = []
+    real = loss_module.linear_cross_entropy
+    monkeypatch.setattr(loss_module, "linear_cross_entropy", lambda *a: calls.append(1) or real(*a))
     ours = trained_positions_loss(model, batch, extra.get("num_items_in_batch"), fused=fused)
+    assert len(calls) == int(fused)  # the fused path ran where asked, and only there
     torch.testing.assert_close(ours, stock, rtol=1e-6, atol=1e-6)
     stock.backward()
     ours.backward()

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from wronai.kernels.row_slices import DenseRows, sliced_grad_input, sliced_matmul
+from wronai.kernels.row_slices import DenseRows, slice_rows, sliced_grad_input, sliced_matmul
 
 IGNORE = -100
 # fp32 logits of one chunk at most (64 MiB): the whole selection for small vocabularies, 64 rows for 152k
@@ -108,38 +108,39 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*out, None, None, None, None, None)
 
 
-def _weight_rows(head: Any) -> int | None:
-    """Rows of the head's weight per slice in the fused step, or None where it cannot be the head: a plain
-    ``nn.Linear`` is used whole; a frozen head that computes from row slices of its weight (its class says
-    ``slice_bytes``: ``wronai.model.kbit.UpcastLinear``, a 16-bit head computed in fp32) in the same slices.
-    PEFT's wrappers, 4-bit and 8-bit layers, and weights a sharding wrapper holds in pieces are not heads
-    it can compute."""
+def _slice_bytes(head: Any) -> int | None:
+    """Bytes of the head's weight per row slice in the fused step (0 = the whole weight), or None where it
+    cannot be the head: a plain ``nn.Linear`` is used whole; a frozen head that computes from row slices of
+    its weight (its class says ``slice_bytes``: ``wronai.model.kbit.UpcastLinear``, a 16-bit head computed in
+    fp32) in the same slices. PEFT's wrappers, 4-bit and 8-bit layers, and weights a sharding wrapper holds
+    in pieces are not heads it can compute."""
     if not isinstance(head, torch.nn.Linear) or head.weight.dim() != 2:
         return None
     if tuple(head.weight.shape) != (head.out_features, head.in_features):
         return None
     if type(head) is torch.nn.Linear:
-        return head.out_features
+        return 0
     chunk = getattr(type(head), "slice_bytes", None)
     if chunk is None or head.weight.requires_grad:
         return None
-    return max(1, chunk // (head.in_features * 4))
+    return int(chunk)
 
 
 def usable_head(head: Any) -> bool:
-    """Whether ``linear_cross_entropy`` can compute this output head (``_weight_rows``)."""
-    return _weight_rows(head) is not None
+    """Whether ``linear_cross_entropy`` can compute this output head (``_slice_bytes``)."""
+    return _slice_bytes(head) is not None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, head: Any, targets: torch.Tensor) -> torch.Tensor:
     """Σ cross-entropy of ``head(hidden)`` (hidden: positions × features) against ``targets`` (-100 = not
     counted), as the stock head + ``logits.float()`` + ``cross_entropy(reduction="sum")`` computes it: in
     autocast's dtype under autocast, else in the hidden states' dtype."""
-    weight_rows = _weight_rows(head)
-    if weight_rows is None:
+    chunk = _slice_bytes(head)
+    if chunk is None:
         raise TypeError(f"the fused loss cannot compute a {type(head).__name__} head")
     device = hidden.device.type
     compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    weight_rows = slice_rows(DenseRows(head.out_features, head.in_features), chunk, compute)
     # a head built from slices is built once for all positions (in chunks, once per chunk)
     rows = chunk_rows(head.out_features) if weight_rows >= head.out_features else max(1, hidden.shape[0])
     grads = torch.is_grad_enabled()
