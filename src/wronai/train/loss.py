@@ -86,7 +86,7 @@ def summed_loss(
     model: Any, inputs: dict[str, Any], *, multiple: int | None = None, fused: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The summed token cross-entropy over trained positions, their targets, and the hidden states the head
-    was given for them. ``fused``: head and loss in one chunked step (the head must be a plain Linear)."""
+    was given for them. ``fused``: head and loss in one chunked step (a head ``kernels.cross_entropy.usable_head`` takes)."""
     labels = inputs["labels"]
     mask = trained_mask(labels)
     if multiple:

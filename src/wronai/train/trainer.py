@@ -252,11 +252,9 @@ def build_trainer(
         data_collator=collator,
         callbacks=callbacks,
     )
-    trainer.trained_logits_only = (training is None or training.trained_logits_only) and output_head(
-        model
-    ) is not None
+    head = output_head(model)
+    trainer.trained_logits_only = (training is None or training.trained_logits_only) and head is not None
     if fused_cross_entropy and trainer.trained_logits_only:
-        head = output_head(model)
         trainer.fused_cross_entropy = usable_head(head)
         if not trainer.fused_cross_entropy:
             logger.info(
