@@ -107,6 +107,33 @@ def build_model(out: Path, hidden: int, layers: int) -> None:
     build_tiny_model(spec, out)
 
 
+def prepare(out: Path, rows: int, max_len: int, hidden: int, layers: int) -> list[int]:
+    """The benchmark's model (``out/model``) and data (``out/train.jsonl``, 200 held-out rows in
+    ``out/eval.jsonl``): only rows that fit ``max_len`` whole (the classic would truncate them). Returns the
+    approximate token length of every training row."""
+    out.mkdir(parents=True, exist_ok=True)
+    build_model(out / "model", hidden, layers)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    make_data(out / "train.jsonl", rows, seed=0)
+    make_data(out / "eval.jsonl", 200, seed=1)
+    lengths: list[int] = []
+    for name in ("train.jsonl", "eval.jsonl"):
+        kept = [json.loads(x) for x in (out / name).read_text().splitlines()]
+        fits = [
+            r
+            for r in kept
+            if len(tok(r["instruction"] + r["input"] + r["output"])["input_ids"]) + 40 <= max_len
+        ]
+        (out / name).write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fits), encoding="utf-8"
+        )
+        if name == "train.jsonl":
+            lengths = [len(tok(r["instruction"] + r["input"] + r["output"])["input_ids"]) + 20 for r in fits]
+    return lengths
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -285,21 +312,27 @@ MINIMAL_CONFIG_NOTES = (
 )  # fmt: skip
 
 
-def run_defaults(model_dir: Path, train_file: Path, out: Path, args) -> dict:
-    """`wronai train` on a minimal config, as a user copies it: only what the job is, no speed settings."""
-    import yaml
-
-    config = {
+def minimal_config(model_dir: Path, train_file: Path, out: Path, max_len: int, device: str) -> dict:
+    """The minimal config, as a user copies it: only what the job is — model, LoRA shape, 4-bit, one epoch,
+    learning rate, data, max length — and no speed setting (`benchmarks/step_budget.py` trains it too)."""
+    return {
         "model": {"name": str(model_dir)},
         "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
         "quantization": {"load_in_4bit": True},
         "training": {"output_dir": str(out), "num_train_epochs": 1, "learning_rate": 2e-4, "seed": 0,
                      "save_strategy": "no", "eval_strategy": "no"},
-        "data": {"dataset_name": str(train_file), "max_seq_length": args.max_len, "eval_fraction": 0.0,
+        "data": {"dataset_name": str(train_file), "max_seq_length": max_len, "eval_fraction": 0.0,
                  "cache_dir": str(out.parent / "cache-defaults")},
         "logging": {"report_to": ["none"], "report": False},
-        "hardware": {"device": args.device},
+        "hardware": {"device": device},
     }  # fmt: skip
+
+
+def run_defaults(model_dir: Path, train_file: Path, out: Path, args) -> dict:
+    """`wronai train` on a minimal config, as a user copies it: only what the job is, no speed settings."""
+    import yaml
+
+    config = minimal_config(model_dir, train_file, out, args.max_len, args.device)
     out.mkdir(parents=True, exist_ok=True)
     path = out.parent / "minimal.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -450,29 +483,7 @@ def main() -> None:
         child(args)
         return
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    build_model(out / "model", args.hidden, args.layers)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(out / "model")
-    make_data(out / "train.jsonl", args.rows, seed=0)
-    make_data(out / "eval.jsonl", 200, seed=1)
-    lengths = []
-    for name in (
-        "train.jsonl",
-        "eval.jsonl",
-    ):  # keep rows that fit max_len whole (the classic would truncate them)
-        rows = [json.loads(x) for x in (out / name).read_text().splitlines()]
-        fits = [
-            r
-            for r in rows
-            if len(tok(r["instruction"] + r["input"] + r["output"])["input_ids"]) + 40 <= args.max_len
-        ]
-        (out / name).write_text(
-            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fits), encoding="utf-8"
-        )
-        if name == "train.jsonl":
-            lengths = [len(tok(r["instruction"] + r["input"] + r["output"])["input_ids"]) + 20 for r in fits]
+    lengths = prepare(out, args.rows, args.max_len, args.hidden, args.layers)
     mean_len = int(sum(lengths) / len(lengths))
     peaks = machine_peaks(args.device)
     variants = [
