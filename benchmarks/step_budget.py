@@ -1,19 +1,19 @@
 #!/usr/bin/env python3
 """Where a training step of the minimal config goes on this CPU: matmuls, attention, everything else.
 
-    python benchmarks/step_budget.py                      # the precision autotune picks (~2 min)
+    python benchmarks/step_budget.py                      # the precision autotune picks (~1 min)
     python benchmarks/step_budget.py --precision fp32     # what an AVX2-only CPU runs
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
         python benchmarks/step_budget.py --precision fp32  # an AVX2-only CPU, emulated on a newer one
 
 The model and data are `benchmarks/train_speed.py`'s (built in ``--out`` if absent) and the config is its
 minimal one (`wronai train` decides batch, packing, precision and kernels), trained through
-``wronai.recipe.Pipeline`` — the same stages, heap settings and Trainer. Steps alternate: odd ones plain
-(their median is the step time), even ones under a ``TorchDispatchMode`` that times every ATen operation
-the forward and the backward run (CPU operations are synchronous, so a wall-clock pair around each is its
+``wronai.recipe.Pipeline`` — the same stages, heap settings and Trainer. Steps alternate: plain ones
+(their median is the step time; no mode is active in them) and ones run inside a ``TorchDispatchMode`` that
+times every ATen operation the forward, the backward and the optimizer run (CPU operations are synchronous, so a wall-clock pair around each is its
 time). Printed: the plain step, the measured step split into operation groups, the matmuls by shape with
 their GFLOP/s against this machine's matmul peak, and the time outside any operation (Python, autograd,
-the timer itself).
+the timer itself: the difference between a timed and a plain step says how much of it is the timer's).
 
 Why not ``torch.profiler``: on these 2-core machines it inflated elementwise operations by 3-15x inside a
 training step (SwiGLU's multiply read 5.5 ms a call in a profile and 0.4 ms timed by module hooks), so its
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -54,7 +53,8 @@ def group(name: str, shapes: tuple) -> str:
 
 
 class OpTimer:
-    """A dispatch mode that adds each ATen operation's wall time to ``self.groups`` (and matmuls by shape)."""
+    """A dispatch mode that adds each ATen operation's wall time to ``self.groups`` (and matmuls by shape)
+    while it is entered (``self.mode``: only around the timed steps, so plain steps pay nothing for it)."""
 
     def __init__(self) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -63,8 +63,6 @@ class OpTimer:
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-                if not timer.on:
-                    return func(*args, **(kwargs or {}))
                 start = time.perf_counter()
                 out = func(*args, **(kwargs or {}))
                 spent = time.perf_counter() - start
@@ -77,7 +75,6 @@ class OpTimer:
                 return out
 
         self.mode = Mode()
-        self.on = False
         self.groups: dict[str, float] = defaultdict(float)
         self.matmuls: dict[tuple, list[float]] = defaultdict(list)
 
@@ -117,23 +114,28 @@ def main() -> None:
     timed: list[float] = []
 
     class Alternate(TrainerCallback):
+        """After the warm-up, every second step runs inside the timer's dispatch mode."""
+
+        timing = False
+
         def on_step_begin(self, args_, state, control, **kwargs):  # noqa: ANN001
             measured = state.global_step - args.warmup
-            timer.on = measured >= 0 and measured % 2 == 1
+            self.timing = measured >= 0 and measured % 2 == 1
+            if self.timing:
+                timer.mode.__enter__()
             self.start = time.perf_counter()
 
         def on_step_end(self, args_, state, control, **kwargs):  # noqa: ANN001
             spent = time.perf_counter() - self.start
-            measured = state.global_step - 1 - args.warmup
-            if measured >= 0:
-                (timed if timer.on else plain).append(spent)
-            timer.on = False
+            if self.timing:
+                timer.mode.__exit__(None, None, None)
+            if state.global_step - 1 >= args.warmup:
+                (timed if self.timing else plain).append(spent)
+            self.timing = False
 
     with Pipeline(load_config(data=raw)) as pipeline:
         pipeline.extra_callbacks.append(Alternate())
-        trainer = pipeline.build_trainer()
-        with timer.mode:
-            trainer.train()
+        pipeline.build_trainer().train()
         precision, batch = pipeline.plan.precision, pipeline.config.training.per_device_train_batch_size
 
     peaks = machine_peaks("cpu", windows=2)
@@ -155,6 +157,7 @@ def main() -> None:
     print(
         f"{'outside any operation (Python, autograd, timer)':44} {1000 * outside:8.1f} {100 * outside / step_timed:5.1f}%"
     )
+    print(f"  of which the timer's own cost (timed - plain step): {1000 * (step_timed - step):.1f} ms")
     print(f"\n{'matmul shapes (a @ b)':44} {'calls/step':>10} {'ms/step':>8} {'GFLOP/s':>8} {'of peak':>8}")
     for (a, b), times in sorted(timer.matmuls.items(), key=lambda kv: -sum(kv[1]))[:12]:
         flops = 2 * math.prod(a) * b[-1]
@@ -165,4 +168,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -120,17 +120,14 @@ def prepare(out: Path, rows: int, max_len: int, hidden: int, layers: int) -> lis
     make_data(out / "eval.jsonl", 200, seed=1)
     lengths: list[int] = []
     for name in ("train.jsonl", "eval.jsonl"):
-        kept = [json.loads(x) for x in (out / name).read_text().splitlines()]
-        fits = [
-            r
-            for r in kept
-            if len(tok(r["instruction"] + r["input"] + r["output"])["input_ids"]) + 40 <= max_len
-        ]
+        rows = [json.loads(x) for x in (out / name).read_text().splitlines()]
+        sizes = [len(tok(r["instruction"] + r["input"] + r["output"])["input_ids"]) for r in rows]
+        fits = [(r, n) for r, n in zip(rows, sizes) if n + 40 <= max_len]
         (out / name).write_text(
-            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fits), encoding="utf-8"
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r, _ in fits), encoding="utf-8"
         )
         if name == "train.jsonl":
-            lengths = [len(tok(r["instruction"] + r["input"] + r["output"])["input_ids"]) + 20 for r in fits]
+            lengths = [n + 20 for _, n in fits]
     return lengths
 
 
