@@ -55,6 +55,7 @@ def test_validate_prints_resolved_config_and_device_plan(capsys):
     assert "optimizer: adamw_8bit" in out  # paged_adamw_8bit unpaged on CPU
     assert "note: training.optim=paged_adamw_8bit: paging is for GPU memory" in out
     assert "note: autotune: not timed here — config.json of speakleash/" in out  # validate never downloads
+    assert "return_freed_memory: auto ->" not in out  # decided once the model is here, not guessed
 
 
 BAD_RUNS = [
@@ -278,7 +279,13 @@ def _minimal_local(tmp_path, tiny_model_dir, alpaca_file) -> Path:
     """A config that leaves packing and the batch to WronAI, on the local tiny model (autotune can read it)."""
     raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out")
     raw["data"].pop("packing", None)
-    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "fp16"):
+    for key in (
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "bf16",
+        "fp16",
+        "gradient_checkpointing",
+    ):
         raw["training"].pop(key, None)
     raw.setdefault("hardware", {}).pop("autotune", None)
     return write_config(tmp_path, raw)
@@ -299,9 +306,25 @@ def test_validate_shows_the_autotuned_plan_and_the_packed_row_rule(
     assert "data packed -> settled again once the data is packed: 16 examples per optimizer step kept" in out
     if cpu_supports_bf16():
         assert "note: precision: " in out
+    # the choices train makes once the model is loaded, from config.json, as train logs them
+    assert "note: training.gradient_checkpointing: auto -> off (activations ≈ " in out
+    assert (
+        "note: hardware.return_freed_memory: auto -> off (" in out and "M parameters, under the 0.5B" in out
+    )
     assert main(["validate", str(cfg), "--quiet", "--no-autotune"]) == 0
     plain = capsys.readouterr().out
     assert "(timed" not in plain and "mixed precision: fp32" in plain
+
+
+def test_validate_shows_no_load_time_choice_the_config_made_itself(
+    tmp_path, tiny_model_dir, alpaca_file, capsys
+):
+    raw = make_config_dict(tiny_model_dir, alpaca_file, tmp_path / "out")
+    raw["training"]["gradient_checkpointing"] = True
+    raw.setdefault("hardware", {})["return_freed_memory"] = "on"
+    assert main(["validate", str(write_config(tmp_path, raw)), "--quiet", "--no-autotune"]) == 0
+    out = capsys.readouterr().out
+    assert "gradient_checkpointing: auto" not in out and "return_freed_memory: auto" not in out
 
 
 def test_validate_data_shows_the_batch_of_packed_rows(tmp_path, tiny_model_dir, alpaca_file, capsys):

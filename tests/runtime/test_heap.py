@@ -69,6 +69,24 @@ def test_return_freed_memory_decision(mode, device, parameters, expected):
     assert resolved == expected
 
 
+@pytest.mark.parametrize(
+    ("mode", "device", "parameters", "expected"),
+    [
+        ("auto", "cpu", 1_100_000_000, "auto -> on (1,100.0M parameters, at least the 0.5B from which auto returns it) — buffers of 4 MiB"),
+        ("auto", "cpu", 17_000_000, "auto -> off (17.0M parameters, under the 0.5B from which auto returns it) — freed buffers are kept"),
+        ("on", "cpu", 17_000_000, "on (set in the config) — buffers of 4 MiB"),
+        ("off", "cpu", 7_000_000_000, "off (set in the config) — freed buffers are kept"),
+        ("auto", "cuda", 7_000_000_000, None),
+    ],
+)  # fmt: skip
+def test_return_freed_memory_note_says_what_and_why(mode, device, parameters, expected):
+    note = heap.freed_memory_note(HardwareSection(return_freed_memory=mode), device, parameters)
+    if expected is None:
+        assert note is None
+    else:
+        assert note is not None and note.startswith("hardware.return_freed_memory: " + expected)
+
+
 # a training step's activations: 96 MiB in buffers of 1-6 MiB, all freed when the step ends
 STEPS_FRAGMENT = """
 import resource, torch

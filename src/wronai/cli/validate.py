@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from wronai.cli.common import add_command, load_config_args
 from wronai.errors import ConfigError
@@ -69,6 +70,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 f"autotune: not timed here — config.json of {decided.model.name} is not on this machine; "
                 "`wronai train` times the CPU choices once it has the model"
             )
+        notes += load_time_notes(decided, pipeline.plan.device)
         packed_auto = pipeline.batch_auto and decided.data.packing is True
         if packed_auto and not args.data:
             t = decided.training
@@ -86,3 +88,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 out.write(f"  note: {pipeline.packed_batch.reason}\n")
     out.write(f"OK: {args.config} is valid\n")
     return 0
+
+
+def load_time_notes(config: Any, device: str) -> list[str]:
+    """The `auto` choices `wronai train` makes once the model is loaded — gradient checkpointing (from the
+    activations and the free memory) and ``hardware.return_freed_memory`` (from the parameter count) — as it
+    logs them, decided here from config.json when it is on this machine (nothing is downloaded)."""
+    from wronai.errors import WronAIError
+    from wronai.runtime.activation_checkpointing import auto_gradient_checkpointing, auto_note
+    from wronai.runtime.heap import freed_memory_note
+    from wronai.runtime.memory import ModelShape, read_model_config
+
+    try:
+        model_config = read_model_config(config, local_only=True)
+        parameters = ModelShape.from_config(model_config).total_params
+    except (WronAIError, OSError, ValueError):
+        return []  # the autotune note already says config.json is not here
+    notes = []
+    if config.training.gradient_checkpointing == "auto":
+        _, what, why = auto_gradient_checkpointing(config, model_config, device)
+        notes.append(auto_note(what, why))
+    if config.hardware.return_freed_memory == "auto":
+        line = freed_memory_note(config.hardware, device, parameters)
+        notes += [line] if line else []
+    return notes

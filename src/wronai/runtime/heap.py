@@ -147,6 +147,30 @@ def freed_memory_policy(hardware: HardwareSection, device: str, parameters: int)
     return "keep"
 
 
+def freed_memory_reason(hardware: HardwareSection, parameters: int) -> str:
+    """Why ``hardware.return_freed_memory`` resolved as it did for a CPU run of ``parameters`` parameters."""
+    if hardware.return_freed_memory != "auto":
+        return "set in the config"
+    side = "at least" if parameters >= LARGE_MODEL_PARAMS else "under"
+    return f"{parameters / 1e6:,.1f}M parameters, {side} the {LARGE_MODEL_PARAMS / 1e9:g}B from which auto returns it"
+
+
+def freed_memory_note(hardware: HardwareSection, device: str, parameters: int) -> str | None:
+    """The line `wronai train` logs for ``hardware.return_freed_memory`` on this run and `wronai validate`
+    shows (from config.json's parameter count); None off the CPU, where it does not apply."""
+    policy = freed_memory_policy(hardware, device, parameters)
+    if policy is None:
+        return None
+    setting = hardware.return_freed_memory
+    value = ("auto -> " if setting == "auto" else "") + ("on" if policy == "return" else "off")
+    what = (
+        f"buffers of {MMAP_THRESHOLD // 2**20} MiB and more go back to the OS when freed"
+        if policy == "return"
+        else "freed buffers are kept for the next step: fewer page faults"
+    )
+    return f"hardware.return_freed_memory: {value} ({freed_memory_reason(hardware, parameters)}) — {what}"
+
+
 def _mallopt(parameter: int, value: int) -> bool:
     """glibc's ``mallopt``; whether it took the setting (False off glibc)."""
     mallopt = getattr(_libc(), "mallopt", None)
@@ -191,20 +215,16 @@ def _apply(
     policy = freed_memory_policy(hardware, device, parameters)
     if policy is None:
         return False, None, None
+    note = freed_memory_note(hardware, device, parameters)
     if policy == "keep":
         if keep_freed_memory():
-            logger.info(
-                "hardware.return_freed_memory: %s — freed buffers are kept for the next step (fewer page faults)",
-                "auto -> off" if hardware.return_freed_memory == "auto" else "off",
-            )
+            logger.info("%s", note)
         return False, policy, None
     if not _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD):
         return False, policy, None
     trimmer = install_heap_trimming(model) if model is not None else None
     logger.info(
-        "hardware.return_freed_memory: buffers of %d MiB and more go back to the OS when freed%s",
-        MMAP_THRESHOLD // 2**20,
-        ", the heap's free pages between decoder layers" if trimmer is not None else "",
+        "%s%s", note, "; the heap's free pages between decoder layers too" if trimmer is not None else ""
     )
     return True, policy, trimmer
 
