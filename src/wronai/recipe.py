@@ -103,9 +103,10 @@ class Pipeline:
         checkpoint = resolve_resume(self.resume, self.config.training.output_dir) if self.resume else None
         self.plan, self.decision = tune(self.config, self.plan, checkpoint)
         self.model, self._zero3_load = prepare_model(self.config, self.plan, self.tokens)
-        _, parameters = self.model.get_nb_trainable_parameters()  # PEFT counts 4-bit weights unpacked
+        # the base model's size, as `wronai validate` reads it from config.json (PEFT counts 4-bit weights unpacked)
+        trainable, parameters = self.model.get_nb_trainable_parameters()
         self._settings.enter_context(
-            memory_settings(self.config.hardware, self.plan.device, parameters, self.model)
+            memory_settings(self.config.hardware, self.plan.device, parameters - trainable, self.model)
         )
         return self.model
 

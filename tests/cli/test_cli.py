@@ -309,7 +309,9 @@ def test_validate_shows_the_autotuned_plan_and_the_packed_row_rule(
     # the choices train makes once the model is loaded, from config.json, as train logs them
     assert "note: training.gradient_checkpointing: auto -> off (activations ≈ " in out
     assert (
-        "note: hardware.return_freed_memory: auto -> off (" in out and "M parameters, under the 0.5B" in out
+        "note: hardware.return_freed_memory: auto -> off (" in out
+        and "M parameters, under the 0.5B" in out
+        and "(a model of " in out
     )
     assert main(["validate", str(cfg), "--quiet", "--no-autotune"]) == 0
     plain = capsys.readouterr().out
@@ -364,3 +366,20 @@ def test_validate_with_every_cpu_choice_written_says_nothing_was_left_untimed(
     assert main(["validate", str(write_config(tmp_path, raw)), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "mixed precision: fp32" in out and "not timed" not in out and "timed now" not in out
+
+
+def test_validate_and_train_count_the_same_parameters(tmp_path, tiny_model_dir, alpaca_file, monkeypatch):
+    """return_freed_memory: auto is decided from the model's size: validate reads it from config.json, the run
+    from the loaded model (base weights, the adapter not counted) — the same number."""
+    from wronai.config import load_config
+    from wronai.recipe import Pipeline
+    from wronai.runtime import heap
+
+    counts = []
+    note = heap.freed_memory_note
+    monkeypatch.setattr(heap, "freed_memory_note", lambda h, d, p: counts.append(p) or note(h, d, p))
+    cfg = _minimal_local(tmp_path, tiny_model_dir, alpaca_file)
+    assert main(["validate", str(cfg), "--quiet", "--no-autotune"]) == 0
+    with Pipeline(load_config(cfg)) as pipeline:
+        pipeline.load_model()
+    assert len(counts) == 2 and counts[0] == counts[1] > 0

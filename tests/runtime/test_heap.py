@@ -72,8 +72,8 @@ def test_return_freed_memory_decision(mode, device, parameters, expected):
 @pytest.mark.parametrize(
     ("mode", "device", "parameters", "expected"),
     [
-        ("auto", "cpu", 1_100_000_000, "auto -> on (1,100.0M parameters, at least the 0.5B from which auto returns it) — buffers of 4 MiB"),
-        ("auto", "cpu", 17_000_000, "auto -> off (17.0M parameters, under the 0.5B from which auto returns it) — freed buffers are kept"),
+        ("auto", "cpu", 1_100_000_000, "auto -> on (a model of 1.1B parameters, at least the 0.5B from which auto returns it) — buffers of 4 MiB"),
+        ("auto", "cpu", 17_000_000, "auto -> off (a model of 17M parameters, under the 0.5B from which auto returns it) — freed buffers are kept"),
         ("on", "cpu", 17_000_000, "on (set in the config) — buffers of 4 MiB"),
         ("off", "cpu", 7_000_000_000, "off (set in the config) — freed buffers are kept"),
         ("auto", "cuda", 7_000_000_000, None),

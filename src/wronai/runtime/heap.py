@@ -152,7 +152,10 @@ def freed_memory_reason(hardware: HardwareSection, parameters: int) -> str:
     if hardware.return_freed_memory != "auto":
         return "set in the config"
     side = "at least" if parameters >= LARGE_MODEL_PARAMS else "under"
-    return f"{parameters / 1e6:,.1f}M parameters, {side} the {LARGE_MODEL_PARAMS / 1e9:g}B from which auto returns it"
+    size = f"{parameters / 1e9:.3g}B" if parameters >= 10**9 else f"{parameters / 1e6:.3g}M"
+    return (
+        f"a model of {size} parameters, {side} the {LARGE_MODEL_PARAMS / 1e9:g}B from which auto returns it"
+    )
 
 
 def freed_memory_note(hardware: HardwareSection, device: str, parameters: int) -> str | None:
