@@ -56,6 +56,7 @@ def test_validate_prints_resolved_config_and_device_plan(capsys):
     assert "note: training.optim=paged_adamw_8bit: paging is for GPU memory" in out
     assert "note: autotune: not timed here — config.json of speakleash/" in out  # validate never downloads
     assert "return_freed_memory: auto ->" not in out  # decided once the model is here, not guessed
+    assert "hardware.return_freed_memory: auto: decided by `wronai train` once the model is loaded" in out
 
 
 BAD_RUNS = [

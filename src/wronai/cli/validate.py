@@ -99,12 +99,21 @@ def load_time_notes(config: Any, device: str) -> list[str]:
     from wronai.runtime.heap import freed_memory_note
     from wronai.runtime.memory import ModelShape, read_model_config
 
+    open_settings = [
+        *(["training.gradient_checkpointing: auto"] if config.training.gradient_checkpointing == "auto" else []),
+        *(["hardware.return_freed_memory: auto"] if config.hardware.return_freed_memory == "auto" and device == "cpu" else []),
+    ]  # fmt: skip
     try:
         model_config = read_model_config(config, local_only=True)
         parameters = ModelShape.from_config(model_config).total_params
     except (WronAIError, OSError, ValueError):
-        return []  # the autotune note already says config.json is not here
-    notes = []
+        if not open_settings:
+            return []
+        return [
+            f"{' and '.join(open_settings)}: decided by `wronai train` once the model is loaded (its config.json "
+            f"is not on this machine or has no decoder sizes to decide from here)"
+        ]
+    notes: list[str] = []
     if config.training.gradient_checkpointing == "auto":
         _, what, why = auto_gradient_checkpointing(config, model_config, device)
         notes.append(auto_note(what, why))
