@@ -99,25 +99,26 @@ def load_time_notes(config: Any, device: str) -> list[str]:
     from wronai.runtime.heap import freed_memory_note
     from wronai.runtime.memory import ModelShape, read_model_config
 
-    open_settings = [
-        *(["training.gradient_checkpointing: auto"] if config.training.gradient_checkpointing == "auto" else []),
-        *(["hardware.return_freed_memory: auto"] if config.hardware.return_freed_memory == "auto" and device == "cpu" else []),
-    ]  # fmt: skip
+    checkpointing = config.training.gradient_checkpointing == "auto"
+    freed = config.hardware.return_freed_memory == "auto" and device == "cpu"
+    if not (checkpointing or freed):
+        return []  # nothing left open: config.json is not read
     try:
         model_config = read_model_config(config, local_only=True)
         parameters = ModelShape.from_config(model_config).total_params
     except (WronAIError, OSError, ValueError):
-        if not open_settings:
-            return []
+        open_settings = [
+            *(["training.gradient_checkpointing: auto"] if checkpointing else []),
+            *(["hardware.return_freed_memory: auto"] if freed else []),
+        ]
         return [
             f"{' and '.join(open_settings)}: decided by `wronai train` once the model is loaded (its config.json "
             f"is not on this machine or has no decoder sizes to decide from here)"
         ]
     notes: list[str] = []
-    if config.training.gradient_checkpointing == "auto":
+    if checkpointing:
         _, what, why = auto_gradient_checkpointing(config, model_config, device)
         notes.append(auto_note(what, why))
-    if config.hardware.return_freed_memory == "auto":
-        line = freed_memory_note(config.hardware, device, parameters)
-        notes += [line] if line else []
+    line = freed_memory_note(config.hardware, device, parameters) if freed else None
+    notes += [line] if line else []
     return notes
