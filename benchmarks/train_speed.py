@@ -255,6 +255,9 @@ ABLATIONS = {
     "wronai-stock-loss": {
         "hardware": {"fused_cross_entropy": "off"}
     },  # the head's logits, then cross-entropy (wronai.kernels.cross_entropy off)
+    "wronai-whole-last-layer": {
+        "hardware": {"last_layer_trained_only": "off"}
+    },  # the last decoder layer at every position (wronai.train.last_layer off)
     "wronai-per-call-dequant": {
         "quantization": {"keep_dequantized_mib": 0}
     },  # 4-bit weights dequantized in every forward and backward (wronai.kernels.dequantized off)
@@ -305,7 +308,8 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
 
 
 MINIMAL_CONFIG_NOTES = (
-    "auto ->", "auto:", "precision:", "LoRA layers", "4-bit", "RMSNorm", "cross-entropy:", "data.packing", "hardware:"
+    "auto ->", "auto:", "precision:", "LoRA layers", "4-bit", "RMSNorm", "cross-entropy:", "data.packing", "hardware:",
+    "last decoder layer:",
 )  # fmt: skip
 
 

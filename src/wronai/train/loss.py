@@ -17,11 +17,14 @@ most ``rows x length / multiple`` shapes, and RSS stays flat.
 
 With ``fused`` (``hardware.fused_cross_entropy``) the pre-hook computes the head and the loss itself, in one
 chunked autograd step (``wronai.kernels.cross_entropy``), and hands the head no position: no logits tensor
-is kept for the backward. ``fused_loss_problem`` is its start-up check on the model itself.
+is kept for the backward. ``fused_loss_problem`` is its start-up check on the model itself. With
+``last_layer`` the last decoder layer's query/output projections and MLP see the same positions only
+(``wronai.train.last_layer``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -30,6 +33,7 @@ import torch
 from wronai.data.tokenize import IGNORE_INDEX
 from wronai.errors import WronAIError
 from wronai.kernels.cross_entropy import linear_cross_entropy, usable_head
+from wronai.train.last_layer import trained_rows_only
 
 
 def output_head(model: Any) -> torch.nn.Module | None:
@@ -83,10 +87,17 @@ def _select_rows(
 
 
 def summed_loss(
-    model: Any, inputs: dict[str, Any], *, multiple: int | None = None, fused: bool = False
+    model: Any,
+    inputs: dict[str, Any],
+    *,
+    multiple: int | None = None,
+    fused: bool = False,
+    last_layer: Sequence[torch.nn.Module] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The summed token cross-entropy over trained positions, their targets, and the hidden states the head
-    was given for them. ``fused``: head and loss in one chunked step (a head ``kernels.cross_entropy.usable_head`` takes)."""
+    was given for them. ``fused``: head and loss in one chunked step (a head ``kernels.cross_entropy.usable_head`` takes);
+    ``last_layer``: the last decoder layer's position-wise parts, computed at the head's positions only
+    (``wronai.train.last_layer``)."""
     labels = inputs["labels"]
     mask = trained_mask(labels)
     if multiple:
@@ -100,7 +111,8 @@ def summed_loss(
     state: dict[str, Any] = {"targets": targets if fused else None}
     handle = head.register_forward_pre_hook(partial(_select_rows, mask, state))
     try:
-        logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        with trained_rows_only(last_layer, mask):
+            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
     finally:
         handle.remove()
     if "hidden" not in state:
@@ -126,10 +138,11 @@ def trained_positions_loss(
     *,
     multiple: int | None = None,
     fused: bool = False,
+    last_layer: Sequence[torch.nn.Module] = (),
 ) -> torch.Tensor:
     """Token cross-entropy over trained positions only; equal to ``model(**inputs).loss``. ``multiple``: the
-    head sees a multiple of this many positions (``bucketed``); ``fused``: see ``summed_loss``."""
-    total, targets, _ = summed_loss(model, inputs, multiple=multiple, fused=fused)
+    head sees a multiple of this many positions (``bucketed``); ``fused``, ``last_layer``: see ``summed_loss``."""
+    total, targets, _ = summed_loss(model, inputs, multiple=multiple, fused=fused, last_layer=last_layer)
     if num_items_in_batch is None:
         return total / (targets != IGNORE_INDEX).sum().clamp(min=1).to(total.device)
     if torch.is_tensor(num_items_in_batch):

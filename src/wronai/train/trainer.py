@@ -29,6 +29,7 @@ from wronai.train import checkpointing, monitoring, throughput
 from wronai.train.arguments import build_training_arguments
 from wronai.train.callbacks import ConsoleLogCallback, QuietProgressCallback
 from wronai.train.faults import GradientGuard
+from wronai.train.last_layer import last_layer_parts, last_layer_problem
 from wronai.train.loss import fused_loss_problem, output_head, trained_positions_loss
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,10 @@ class GuardedTrainer(Trainer):
         # head and loss in one step (hardware.fused_cross_entropy); checked against the stock loss first
         self.fused_cross_entropy = False
         self._fused_loss_checked = False
+        # the last decoder layer's position-wise parts, run at trained positions only
+        # (hardware.last_layer_trained_only, wronai.train.last_layer); checked against the stock loss first
+        self.last_layer_parts: list[torch.nn.Module] = []
+        self._last_layer_checked = False
         # length_multiple: the head sees a multiple of this many positions; set by build_trainer
         self.shape_multiple: int | None = None
         self.checkpoint_extras: dict[str, str] = {}  # file name -> text, in every checkpoint (the config)
@@ -114,6 +119,8 @@ class GuardedTrainer(Trainer):
             )
         if self.fused_cross_entropy and not self._fused_loss_checked:
             self._check_fused_loss(model, inputs)
+        if self.last_layer_parts and not self._last_layer_checked:
+            self._check_last_layer(model, inputs)
         scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         loss = trained_positions_loss(
             model,
@@ -121,6 +128,7 @@ class GuardedTrainer(Trainer):
             num_items_in_batch if scaled else None,
             multiple=self.shape_multiple,
             fused=self.fused_cross_entropy,
+            last_layer=self.last_layer_parts,
         )
         if scaled and self.args.average_tokens_across_devices:  # as Trainer.compute_loss does
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
@@ -144,6 +152,25 @@ class GuardedTrainer(Trainer):
         logger.warning(
             "cross-entropy: fused loss off — %s; using the head's logits (hardware.fused_cross_entropy)",
             problem,
+        )
+
+    def _check_last_layer(self, model: Any, inputs: dict[str, Any]) -> None:
+        """Once, on the first batch: the loss and gradients with the last layer's position-wise parts on
+        trained rows against the stock forward's (``last_layer_problem``), in the run's autocast; on a
+        mismatch the run computes the last layer at every position, with one warning."""
+        self._last_layer_checked = True
+        inner = getattr(model, "module", model)
+        with self.accelerator.autocast():
+            problem = last_layer_problem(inner, inputs, self.last_layer_parts)
+        if problem is None:
+            logger.info(
+                "last decoder layer: query/output projections and MLP at trained positions only "
+                "(hardware.last_layer_trained_only)"
+            )
+            return
+        self.last_layer_parts = []
+        logger.warning(
+            "last decoder layer: computed at every position — %s (hardware.last_layer_trained_only)", problem
         )
 
     def _get_train_sampler(self, *args: Any, **kwargs: Any):
@@ -229,9 +256,11 @@ def build_trainer(
     *,
     per_example_attention: bool = True,
     fused_cross_entropy: bool = False,
+    last_layer_trained_only: bool = False,
 ):
     """A Hugging Face Trainer (crash-safe checkpoints, gradient guard) over the prepared data.
-    ``fused_cross_entropy``: the head and the loss in one step where the loss is at trained positions."""
+    ``fused_cross_entropy``: the head and the loss in one step where the loss is at trained positions;
+    ``last_layer_trained_only``: the last decoder layer's position-wise parts at those positions only."""
     multiple = length_multiple(args)
     if prepared.packed:  # attention per example instead of a block-diagonal mask over the whole row
         collator: Any = PackedCollator(
@@ -261,6 +290,13 @@ def build_trainer(
                 "cross-entropy: the output head is a %s, which the fused loss does not compute — the head's "
                 "logits are used (hardware.fused_cross_entropy)",
                 type(head).__name__,
+            )
+    if last_layer_trained_only and trainer.trained_logits_only:
+        parts, why = last_layer_parts(model)
+        trainer.last_layer_parts = parts
+        if why:
+            logger.info(
+                "last decoder layer: computed at every position — %s (hardware.last_layer_trained_only)", why
             )
     trainer.shape_multiple = multiple
     trainer.gradient_guard = GradientGuard(
@@ -316,7 +352,7 @@ def make_trainer(
         trainer = build_trainer(
             model, tokenizer, args, data, [ConsoleLogCallback(), *callbacks], config.training,
             per_example_attention=config.model.attn_implementation == "auto",
-            fused_cross_entropy=plan.fused_cross_entropy,
+            fused_cross_entropy=plan.fused_cross_entropy, last_layer_trained_only=plan.last_layer_trained_only,
         )  # fmt: skip
     trainer.checkpoint_extras = {CONFIG_FILE: dump_config(config)}
     throughput.attach(trainer)

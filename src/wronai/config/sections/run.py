@@ -104,6 +104,18 @@ class HardwareSection(Section):
         "the stock loss on the model itself (a model that scales or caps its logits keeps the stock loss). auto = "
         "on for CPU runs without FSDP/ZeRO-3; on = also on GPUs (not measured there); off = the head's logits.",
     )
+    last_layer_trained_only: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Compute the last decoder layer's query and output projections and its MLP only at trained "
+        "positions (answers, not prompts): their outputs elsewhere never reach the loss, so the loss and gradients "
+        "are the same (to float rounding), for ~90% of that layer's matmuls at untrained positions — 3.5-4% of a "
+        "step of the speed benchmark's 6-layer model with 61% of positions trained, about (1 - trained share) / "
+        "layers on others (wronai.train.last_layer, docs/benchmarks.md). Needs training.trained_logits_only; not "
+        "where gradient checkpointing recomputes the last layer; checked at start against the stock forward on the "
+        "model itself. auto = on for fp32 CPU runs without FSDP/ZeRO-3 (under bf16 autocast on a CPU each new row count "
+        "is a new oneDNN kernel kept in memory: +175 MB, no faster); on = also there and on GPUs (not measured); "
+        "off = the whole layer at every position.",
+    )
     autotune: bool = Field(
         True,
         description="CPU runs: time, for about 1.5 s at start, one decoder layer of the model for what the plan cannot "
