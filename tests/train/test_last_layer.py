@@ -130,6 +130,19 @@ def test_a_part_called_on_other_shapes_is_reported_not_raised(tiny_model_dir):
     assert "was not called on one hidden state per position" in last_layer_problem(model, batch, [head])
 
 
+def test_a_part_returning_more_than_one_tensor_is_a_one_line_error_naming_the_key():
+    from wronai.train.last_layer import trained_rows_only
+
+    class Pair(torch.nn.Module):
+        def forward(self, hidden):
+            return hidden, hidden
+
+    part, mask = Pair(), torch.tensor([[True, False, True]])
+    with trained_rows_only([part], mask), pytest.raises(WronAIError, match="last_layer_trained_only=off"):
+        part(torch.ones(1, 3, 4))
+    assert part(torch.ones(1, 3, 4))[0].shape == (1, 3, 4)  # the hooks are removed on the way out
+
+
 @pytest.mark.parametrize(("mixing", "kept"), [(False, True), (True, False)])
 def test_the_trainer_checks_once_and_computes_every_position_on_a_mismatch(
     tmp_path, tiny_model_dir, caplog, mixing, kept

@@ -28,7 +28,6 @@ and gradients unchanged by it on the first batch.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -37,8 +36,6 @@ import torch
 
 from wronai.errors import WronAIError
 from wronai.model.kbit import gradient_checkpointing_on
-
-logger = logging.getLogger(__name__)
 
 # the last decoder layer's parts computed on trained rows: attribute paths inside the layer
 POSITION_WISE_PARTS = ("self_attn.q_proj", "self_attn.o_proj", "mlp")
@@ -84,7 +81,7 @@ def _has(module: torch.nn.Module, path: str) -> bool:
         return False
 
 
-def _select(mask: torch.Tensor, shapes: list[torch.Size], module: Any, args: tuple[Any, ...]) -> Any:
+def _select(mask: torch.Tensor, module: Any, args: tuple[Any, ...]) -> Any:
     """Pre-hook: the module's input rows at trained positions, as one row of ``mask.sum()`` positions."""
     if not args or not isinstance(args[0], torch.Tensor) or args[0].shape[:-1] != mask.shape:
         raise WronAIError(
@@ -92,18 +89,16 @@ def _select(mask: torch.Tensor, shapes: list[torch.Size], module: Any, args: tup
             "position — set hardware.last_layer_trained_only=off"
         )
     hidden = args[0]
-    shapes.append(hidden.shape)
     return (hidden[mask.to(hidden.device)].unsqueeze(0), *args[1:])
 
 
-def _place(mask: torch.Tensor, shapes: list[torch.Size], module: Any, args: Any, output: Any) -> Any:
+def _place(mask: torch.Tensor, module: Any, args: Any, output: Any) -> Any:
     """Forward hook: the output rows back at their positions, zeros at the untrained ones."""
-    if not isinstance(output, torch.Tensor) or not shapes:
+    if not isinstance(output, torch.Tensor):
         raise WronAIError(
             f"{type(module).__name__} of the last decoder layer does not return one tensor — set "
             "hardware.last_layer_trained_only=off"
         )
-    shapes.pop()
     full = output.new_zeros(*mask.shape, output.shape[-1])
     full[mask.to(output.device)] = output[0]
     return full
@@ -115,9 +110,8 @@ def trained_rows_only(parts: Sequence[torch.nn.Module], mask: torch.Tensor) -> I
     handles = []
     try:
         for part in parts:
-            shapes: list[torch.Size] = []
-            handles.append(part.register_forward_pre_hook(partial(_select, mask, shapes)))
-            handles.append(part.register_forward_hook(partial(_place, mask, shapes)))
+            handles.append(part.register_forward_pre_hook(partial(_select, mask)))
+            handles.append(part.register_forward_hook(partial(_place, mask)))
         yield
     finally:
         for handle in handles:
