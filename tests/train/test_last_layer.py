@@ -282,3 +282,16 @@ def test_a_bad_setting_is_one_line_naming_the_key(tiny_model_dir, alpaca_file, t
     )
     with pytest.raises(WronAIError, match="last_layer_trained_only"):
         load_config(data=raw)
+
+
+def test_not_for_a_mixture_of_experts_that_counts_every_position_in_its_router_loss():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+    )  # fmt: skip
+    parts, why = last_layer_parts(MixtralForCausalLM(config))
+    assert parts == [] and "router loss" in why
+    config.output_router_logits = False
+    assert len(last_layer_parts(MixtralForCausalLM(config))[0]) == 3

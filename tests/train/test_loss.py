@@ -141,3 +141,46 @@ def test_training_is_the_same_with_and_without(tmp_path, tiny_model_dir):
     assert losses_on == pytest.approx(losses_off, rel=1e-5)
     for key in adapter_off:
         torch.testing.assert_close(adapter_on[key], adapter_off[key], rtol=1e-4, atol=1e-6)
+
+
+def _moe(router_logits: bool):
+    """A tiny Mixtral (4 experts, 2 per token) that adds its load-balancing loss to its loss."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+        output_router_logits=router_logits, router_aux_loss_coef=0.5, use_cache=False,
+    )  # fmt: skip
+    return MixtralForCausalLM(config).train()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["head-then-loss", "fused-head-and-loss"])
+@pytest.mark.parametrize("num_items", [None, 37])
+def test_a_mixture_of_experts_keeps_its_router_loss(fused, num_items):
+    """The forward runs without labels, so the model does not add its router loss itself: the trained
+    positions' loss adds it back, equal to transformers' loss with it."""
+    from wronai.train.loss import router_loss
+
+    batch = PaddingCollator(pad_token_id=0)(_examples())
+    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    model = _moe(router_logits=True)
+    outputs = model(**batch, **extra)
+    assert outputs.aux_loss is not None and float(0.5 * outputs.aux_loss.detach()) > 0.1  # not lost in the tolerance
+    ours = trained_positions_loss(model, batch, extra.get("num_items_in_batch"), fused=fused)
+    torch.testing.assert_close(ours, outputs.loss, rtol=1e-6, atol=1e-6)
+    plain = _moe(router_logits=False)
+    assert router_loss(plain, plain(input_ids=batch["input_ids"])) is None
+    torch.testing.assert_close(trained_positions_loss(plain, batch, fused=fused), plain(**batch).loss)
+
+
+def test_a_router_loss_without_its_coefficient_is_a_one_line_error_naming_the_key():
+    from types import SimpleNamespace
+
+    from wronai.errors import WronAIError
+    from wronai.train.loss import router_loss
+
+    model = SimpleNamespace(config=SimpleNamespace())
+    with pytest.raises(WronAIError, match="training.trained_logits_only=false"):
+        router_loss(model, SimpleNamespace(aux_loss=torch.tensor(1.0)))

@@ -59,6 +59,9 @@ def last_layer_parts(model: Any) -> tuple[list[torch.nn.Module], str | None]:
     layers = decoder_layers(model)
     if layers is None or len(layers) == 0:
         return [], "the model has no `layers` list of decoder layers"
+    config = getattr(getattr(model, "module", model), "config", None)
+    if getattr(config, "output_router_logits", False):
+        return [], "the router loss of a mixture-of-experts model counts every position of its last layer"
     last = layers[-1]
     # transformers 5 marks each checkpointed layer (every_n_layers may skip the last); 4.x only the model
     if getattr(last, "gradient_checkpointing", False) or (
@@ -143,9 +146,11 @@ def last_layer_problem(model: Any, inputs: dict[str, Any], parts: Sequence[torch
         ):
             torch.manual_seed(0)
             try:
-                total, _, _ = summed_loss(model, small, last_layer=rows)
+                total, _, _, router = summed_loss(model, small, last_layer=rows)
             except WronAIError as err:
                 return str(err).split(" — ")[0]
+            if router is not None:
+                total = total + router.to(total.device)
             grads = torch.autograd.grad(total, params, allow_unused=True)
         results.append([total.detach().float(), *(g.float() if g is not None else None for g in grads)])
     half = torch.is_autocast_enabled(device.type) or any(p.dtype != torch.float32 for p in params)

@@ -93,11 +93,12 @@ def summed_loss(
     multiple: int | None = None,
     fused: bool = False,
     last_layer: Sequence[torch.nn.Module] = (),
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The summed token cross-entropy over trained positions, their targets, and the hidden states the head
-    was given for them. ``fused``: head and loss in one chunked step (a head ``kernels.cross_entropy.usable_head`` takes);
-    ``last_layer``: the last decoder layer's position-wise parts, computed at the head's positions only
-    (``wronai.train.last_layer``)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The summed token cross-entropy over trained positions, their targets, the hidden states the head was
+    given for them, and the router loss a mixture-of-experts model adds to its loss (``router_loss``; None
+    for other models). ``fused``: head and loss in one chunked step (a head
+    ``kernels.cross_entropy.usable_head`` takes); ``last_layer``: the last decoder layer's position-wise
+    parts, computed at the head's positions only (``wronai.train.last_layer``)."""
     labels = inputs["labels"]
     mask = trained_mask(labels)
     if multiple:
@@ -112,7 +113,7 @@ def summed_loss(
     handle = head.register_forward_pre_hook(partial(_select_rows, mask, state))
     try:
         with trained_rows_only(last_layer, mask):
-            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
     finally:
         handle.remove()
     if "hidden" not in state:
@@ -120,15 +121,34 @@ def summed_loss(
             "the model's forward computes its logits without calling its output head — set "
             "training.trained_logits_only=false"
         )
+    router = router_loss(model, outputs)
     if fused:
-        return state["total"], targets, state["hidden"]
+        return state["total"], targets, state["hidden"], router
+    logits = outputs.logits
     total = torch.nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
         targets.to(logits.device),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-    return total, targets, state["hidden"]
+    return total, targets, state["hidden"], router
+
+
+def router_loss(model: Any, outputs: Any) -> torch.Tensor | None:
+    """What a mixture-of-experts model with ``output_router_logits`` adds to its loss when given labels —
+    ``router_aux_loss_coef`` × its load-balancing ``aux_loss`` (Mixtral, Qwen-MoE, …); the forward here
+    runs without labels, so it is added back by the caller. None for a model that returns no ``aux_loss``."""
+    aux = getattr(outputs, "aux_loss", None)
+    if aux is None:
+        return None
+    inner = getattr(model, "module", model)
+    coef = getattr(getattr(inner, "config", None), "router_aux_loss_coef", None)
+    if coef is None:
+        raise WronAIError(
+            "the model returns a router aux_loss but its config has no router_aux_loss_coef — set "
+            "training.trained_logits_only=false"
+        )
+    return coef * aux
 
 
 def trained_positions_loss(
@@ -140,14 +160,19 @@ def trained_positions_loss(
     fused: bool = False,
     last_layer: Sequence[torch.nn.Module] = (),
 ) -> torch.Tensor:
-    """Token cross-entropy over trained positions only; equal to ``model(**inputs).loss``. ``multiple``: the
-    head sees a multiple of this many positions (``bucketed``); ``fused``, ``last_layer``: see ``summed_loss``."""
-    total, targets, _ = summed_loss(model, inputs, multiple=multiple, fused=fused, last_layer=last_layer)
+    """Token cross-entropy over trained positions only, plus a mixture-of-experts model's router loss; equal
+    to ``model(**inputs).loss``. ``multiple``: the head sees a multiple of this many positions
+    (``bucketed``); ``fused``, ``last_layer``: see ``summed_loss``."""
+    total, targets, _, router = summed_loss(
+        model, inputs, multiple=multiple, fused=fused, last_layer=last_layer
+    )
     if num_items_in_batch is None:
-        return total / (targets != IGNORE_INDEX).sum().clamp(min=1).to(total.device)
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+        loss = total / (targets != IGNORE_INDEX).sum().clamp(min=1).to(total.device)
+    else:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        loss = total / num_items_in_batch
+    return loss if router is None else loss + router.to(loss.device)
 
 
 # positions of the first row the start-up check of the fused loss runs on
@@ -175,7 +200,7 @@ def fused_loss_problem(model: Any, inputs: dict[str, Any], multiple: int | None 
             devices=[device] if device.type == "cuda" else [], device_type=device.type
         ):
             torch.manual_seed(0)
-            total, _, hidden = summed_loss(model, small, multiple=multiple, fused=fused)
+            total, _, hidden, _ = summed_loss(model, small, multiple=multiple, fused=fused)
             grads = torch.autograd.grad(total, [hidden, *params])
         results.append([total.detach().float(), *(g.float() for g in grads)])
     half = torch.is_autocast_enabled(device.type) or hidden.dtype != torch.float32
