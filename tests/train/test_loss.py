@@ -167,7 +167,9 @@ def test_a_mixture_of_experts_keeps_its_router_loss(fused, num_items):
     extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
     model = _moe(router_logits=True)
     outputs = model(**batch, **extra)
-    assert outputs.aux_loss is not None and float(0.5 * outputs.aux_loss.detach()) > 0.1  # not lost in the tolerance
+    assert (
+        outputs.aux_loss is not None and float(0.5 * outputs.aux_loss.detach()) > 0.1
+    )  # not lost in the tolerance
     ours = trained_positions_loss(model, batch, extra.get("num_items_in_batch"), fused=fused)
     torch.testing.assert_close(ours, outputs.loss, rtol=1e-6, atol=1e-6)
     plain = _moe(router_logits=False)
