@@ -121,46 +121,26 @@ def trained_rows_only(parts: Sequence[torch.nn.Module], mask: torch.Tensor) -> I
             handle.remove()
 
 
-# positions of the first row the start-up check runs on; the first half of them is not trained
-CHECK_POSITIONS = 16
-
-
 def last_layer_problem(model: Any, inputs: dict[str, Any], parts: Sequence[torch.nn.Module]) -> str | None:
     """The loss with the last layer on trained rows against the stock one, on the model itself under the
-    caller's autocast: the first ``CHECK_POSITIONS`` tokens of the batch's first row, the first half of
-    them untrained (no bucketing: the check is of positions, not of shapes), run twice from the same random
-    state; the loss and the gradient of every trained parameter must agree. None when they do, else what differs (a model whose last layer mixes positions
-    after these parts fails here). Parameters' ``.grad`` are not touched."""
-    from wronai.train.loss import summed_loss
+    caller's autocast: the first ``CHECK_POSITIONS`` tokens of the batch's first row (the fused loss's check
+    length), the first half of them untrained (no bucketing: the check is of positions, not of shapes), run
+    twice from the same random state; the loss and the gradient of every trained parameter must agree. None
+    when they do, else what differs (a model whose last layer mixes positions after these parts fails
+    here). Parameters' ``.grad`` are not touched."""
+    from wronai.train.loss import CHECK_POSITIONS, first_difference, runs_from_one_state
 
     ids = inputs["input_ids"][:1, :CHECK_POSITIONS]
     labels = ids.clone()
     labels[:, : ids.shape[1] // 2] = -100
-    small = {"input_ids": ids, "labels": labels}
     params = [p for p in model.parameters() if p.requires_grad]
-    device = ids.device
-    results = []
-    for rows in ((), parts):
-        with torch.random.fork_rng(
-            devices=[device] if device.type == "cuda" else [], device_type=device.type
-        ):
-            torch.manual_seed(0)
-            try:
-                total, _, _, router = summed_loss(model, small, last_layer=rows)
-            except WronAIError as err:
-                return str(err).split(" — ")[0]
-            if router is not None:
-                total = total + router.to(total.device)
-            grads = torch.autograd.grad(total, params, allow_unused=True)
-        results.append([total.detach().float(), *(g.float() if g is not None else None for g in grads)])
-    half = torch.is_autocast_enabled(device.type) or any(p.dtype != torch.float32 for p in params)
-    tol = 3e-2 if half else 1e-4
-    for index, (stock, ours) in enumerate(zip(*results)):
-        name = "loss" if index == 0 else "the gradient of a trained parameter"
-        if (stock is None) != (ours is None):
-            return f"{name} is missing on one side"
-        if stock is None:
-            continue
-        if not torch.allclose(ours, stock, rtol=tol, atol=tol * float(stock.abs().max().clamp(min=1e-6))):
-            return f"{name} differs from the stock forward's"
-    return None
+    try:
+        results, _ = runs_from_one_state(
+            model, {"input_ids": ids, "labels": labels}, [{"last_layer": ()}, {"last_layer": parts}],
+            lambda _hidden: params,
+        )  # fmt: skip
+    except WronAIError as err:
+        return str(err).split(" — ")[0]
+    half = torch.is_autocast_enabled(ids.device.type) or any(p.dtype != torch.float32 for p in params)
+    names = ["loss", *("the gradient of a trained parameter" for _ in params)]
+    return first_difference(names, results, 3e-2 if half else 1e-4, "the stock forward's")

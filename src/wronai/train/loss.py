@@ -24,7 +24,7 @@ is kept for the backward. ``fused_loss_problem`` is its start-up check on the mo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -175,7 +175,7 @@ def trained_positions_loss(
     return loss if router is None else loss + router.to(loss.device)
 
 
-# positions of the first row the start-up check of the fused loss runs on
+# positions of the first row the start-up checks (fused loss, last layer) run on
 CHECK_POSITIONS = 16
 
 
@@ -193,20 +193,50 @@ def fused_loss_problem(model: Any, inputs: dict[str, Any], multiple: int | None 
     params: list[torch.Tensor] = [
         p for p in (head.weight, head.bias) if isinstance(p, torch.Tensor) and p.requires_grad
     ]
-    device = ids.device
-    results = []
-    for fused in (False, True):
+    results, hidden = runs_from_one_state(
+        model, small, [{"multiple": multiple, "fused": fused} for fused in (False, True)],
+        lambda hidden: [hidden, *params],
+    )  # fmt: skip
+    half = torch.is_autocast_enabled(ids.device.type) or hidden.dtype != torch.float32
+    names = ["loss", "input grad", *("weight grad" if p is head.weight else "bias grad" for p in params)]
+    return first_difference(names, results, 3e-2 if half else 1e-4, "the stock loss's")
+
+
+def runs_from_one_state(
+    model: Any,
+    small: dict[str, Any],
+    variants: list[dict[str, Any]],
+    wrt: Callable[[torch.Tensor], list[torch.Tensor]],
+) -> tuple[list[list[torch.Tensor | None]], torch.Tensor]:
+    """The start-up checks' runs: ``summed_loss`` (plus the router loss) with each of ``variants``' keyword
+    arguments, from the same random state (dropout alike) without touching the run's, and its gradients
+    for ``wrt(hidden the head got)`` — per run ``[loss, *gradients]`` in float32 (None: not reached) — and
+    the last run's head input. Parameters' ``.grad`` are not touched."""
+    device = small["input_ids"].device
+    results: list[list[torch.Tensor | None]] = []
+    for kwargs in variants:
         with torch.random.fork_rng(
             devices=[device] if device.type == "cuda" else [], device_type=device.type
         ):
             torch.manual_seed(0)
-            total, _, hidden, _ = summed_loss(model, small, multiple=multiple, fused=fused)
-            grads = torch.autograd.grad(total, [hidden, *params])
-        results.append([total.detach().float(), *(g.float() for g in grads)])
-    half = torch.is_autocast_enabled(device.type) or hidden.dtype != torch.float32
-    tol = 3e-2 if half else 1e-4
-    names = ["loss", "input grad", *("weight grad" if p is head.weight else "bias grad" for p in params)]
-    for name, stock, ours in zip(names, *results):
+            total, _, hidden, router = summed_loss(model, small, **kwargs)
+            if router is not None:
+                total = total + router.to(total.device)
+            grads = torch.autograd.grad(total, wrt(hidden), allow_unused=True)
+        results.append([total.detach().float(), *(g if g is None else g.float() for g in grads)])
+    return results, hidden
+
+
+def first_difference(
+    names: Sequence[str], results: list[list[torch.Tensor | None]], tol: float, reference: str
+) -> str | None:
+    """The first of the named values (loss, gradients) where the second run differs from the first (the
+    reference) beyond ``tol`` — "<name> differs from <reference>" — or None."""
+    for name, stock, ours in zip(names, *results, strict=True):
+        if (stock is None) != (ours is None):
+            return f"{name} is missing on one side"
+        if stock is None or ours is None:
+            continue
         if not torch.allclose(ours, stock, rtol=tol, atol=tol * float(stock.abs().max().clamp(min=1e-6))):
-            return f"{name} differs from the stock loss's"
+            return f"{name} differs from {reference}"
     return None
