@@ -221,3 +221,28 @@ def train_via_cli(root: Path, model_dir: Path, rows: int = 60, **sections) -> Pa
     cfg.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
     assert main(["train", str(cfg)]) == 0
     return root / "out"
+
+
+def tiny_llama(model_dir: Path):
+    """The tiny model in float32, training mode, no KV cache (seeded: any weights it creates are the same)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    return model.train()
+
+
+def plan_with_gpu(monkeypatch, **sections):
+    """The device plan of a config with ``sections`` on a machine that has a CUDA GPU and native bf16."""
+    import torch
+
+    from wronai.config import load_config
+    from wronai.runtime import hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(hardware, "_device_name", lambda d: "a test device")
+    monkeypatch.setattr(hardware, "_bf16_ok", lambda d: True)
+    cfg = load_config(data={"model": {"name": "o/m"}, "data": {"dataset_name": "o/d"}, **sections})
+    return hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)

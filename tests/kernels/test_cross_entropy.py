@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_config_dict
+from conftest import make_config_dict, plan_with_gpu, tiny_llama
 from wronai.config import load_config
 from wronai.errors import WronAIError
 from wronai.kernels import cross_entropy, row_slices
@@ -157,11 +157,7 @@ def _count_fused_calls(monkeypatch) -> list[int]:
 
 
 def _llama(tiny_model_dir):
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model.config.use_cache = False
-    return model.train()
+    return tiny_llama(tiny_model_dir)
 
 
 def _scaled_logits_model():
@@ -328,15 +324,10 @@ def test_training_is_the_same_with_and_without_the_fused_loss(
     ],
 )
 def test_plan_fuses_the_loss_on_cpu_runs(monkeypatch, written, device, distributed, logits_only, expected):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(hardware, "_device_name", lambda d: "a test device")
-    monkeypatch.setattr(hardware, "_bf16_ok", lambda d: True)
-    cfg = load_config(
-        data={"model": {"name": "o/m"}, "data": {"dataset_name": "o/d"},
-              "training": {"trained_logits_only": logits_only},
-              "hardware": {"device": device, "fused_cross_entropy": written, "distributed": distributed}}
+    plan = plan_with_gpu(
+        monkeypatch, training={"trained_logits_only": logits_only},
+        hardware={"device": device, "fused_cross_entropy": written, "distributed": distributed},
     )  # fmt: skip
-    plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
     assert plan.fused_cross_entropy is expected
     assert ("loss: output head + cross-entropy in one fused step" in plan.describe()) is expected
     assert any("trained_logits_only=false" in n for n in plan.notes) is (written == "on" and not logits_only)

@@ -6,12 +6,17 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from conftest import assert_same_loss_and_gradients, loss_and_gradients, make_config_dict, polish_batch
+from conftest import (
+    assert_same_loss_and_gradients,
+    loss_and_gradients,
+    make_config_dict,
+    plan_with_gpu,
+    polish_batch,
+)
 from wronai.config import load_config
 from wronai.errors import WronAIError
 from wronai.kernels import rms_norm
 from wronai.kernels.rms_norm import FusedRMSNorm, fuse_rms_norms, is_llama_norm, unfuse_rms_norms
-from wronai.runtime import hardware
 
 
 def _norm(width: int, dtype: torch.dtype, eps: float = 1e-6) -> LlamaRMSNorm:
@@ -172,14 +177,9 @@ def test_the_tiny_model_trains_the_same_with_fused_norms(tiny_model_dir, alpaca_
     ],
 )
 def test_plan_fuses_norms_on_cpu_runs(monkeypatch, written, device, distributed, expected):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(hardware, "_device_name", lambda d: "a test device")
-    monkeypatch.setattr(hardware, "_bf16_ok", lambda d: True)
-    cfg = load_config(
-        data={"model": {"name": "o/m"}, "data": {"dataset_name": "o/d"},
-              "hardware": {"device": device, "fused_rms_norm": written, "distributed": distributed}}
-    )  # fmt: skip
-    plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+    plan = plan_with_gpu(
+        monkeypatch, hardware={"device": device, "fused_rms_norm": written, "distributed": distributed}
+    )
     assert plan.fused_rms_norm is expected
     assert ("RMSNorm: fused step" in plan.describe()) is expected
     assert any("fused_rms_norm needs whole parameters" in n for n in plan.notes) is (distributed == "fsdp")

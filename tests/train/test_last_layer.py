@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from conftest import make_config_dict
+from conftest import make_config_dict, plan_with_gpu, tiny_llama
 from wronai.config import load_config
 from wronai.data.collate import PackedCollator, PaddingCollator, pack_examples
 from wronai.data.tokenize import IGNORE_INDEX
@@ -23,11 +23,8 @@ X = IGNORE_INDEX
 
 def _model(tiny_model_dir, lora: bool = True):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model.config.use_cache = False
+    model = tiny_llama(tiny_model_dir)
     if lora:  # B initialised non-zero: gradients reach every adapter matrix
         model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     return model.train()
@@ -241,15 +238,10 @@ def test_training_is_the_same_with_and_without(tmp_path, tiny_model_dir, capsys)
     ],
 )
 def test_plan(monkeypatch, written, device, distributed, logits_only, bf16, expected):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(hardware, "_device_name", lambda d: "a test device")
-    monkeypatch.setattr(hardware, "_bf16_ok", lambda d: True)
-    cfg = load_config(
-        data={"model": {"name": "o/m"}, "data": {"dataset_name": "o/d"},
-              "training": {"trained_logits_only": logits_only, "bf16": bf16},
-              "hardware": {"device": device, "last_layer_trained_only": written, "distributed": distributed}}
+    plan = plan_with_gpu(
+        monkeypatch, training={"trained_logits_only": logits_only, "bf16": bf16},
+        hardware={"device": device, "last_layer_trained_only": written, "distributed": distributed},
     )  # fmt: skip
-    plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
     assert plan.precision == ("bf16" if bf16 else "fp32")
     assert plan.last_layer_trained_only is expected
     line = "last decoder layer: query/output projections and MLP at trained positions only"

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import tiny_llama
 from wronai.data.collate import PackedCollator, PaddingCollator, pack_examples
 from wronai.data.tokenize import IGNORE_INDEX
 from wronai.train import loss as loss_module
@@ -36,12 +37,7 @@ def test_trained_mask(labels, expected):
 
 
 def _model(tiny_model_dir):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model.config.use_cache = False
-    return model.train()
+    return tiny_llama(tiny_model_dir)
 
 
 def _examples():
