@@ -23,10 +23,8 @@ import argparse
 import contextlib
 import statistics
 import time
-from pathlib import Path
 
-from step_budget import OpTimer
-from train_speed import minimal_config, prepare
+from step_budget import OpTimer, add_data_arguments, prepared_minimal_config
 
 
 def main() -> None:
@@ -38,11 +36,7 @@ def main() -> None:
     parser.add_argument("--timed-rounds", type=int, default=4, help="rounds inside the per-operation timer")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--null", action="store_true", help="both sides compute the whole layer")
-    parser.add_argument("--rows", type=int, default=2000)
-    parser.add_argument("--hidden", type=int, default=384)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--max-len", type=int, default=512)
-    parser.add_argument("--out", default="/tmp/wronai-budget")
+    add_data_arguments(parser)
     args = parser.parse_args()
 
     import torch
@@ -51,10 +45,7 @@ def main() -> None:
     from wronai.recipe import Pipeline
     from wronai.train.last_layer import last_layer_parts
 
-    out = Path(args.out)
-    if not (out / "model" / "config.json").is_file() or not (out / "train.jsonl").is_file():
-        prepare(out, args.rows, args.max_len, args.hidden, args.layers)
-    raw = minimal_config(out / "model", out / "train.jsonl", out / "last-layer", args.max_len, "cpu")
+    raw = prepared_minimal_config(args, "last-layer")
     raw["hardware"]["last_layer_trained_only"] = "off"  # switched per step below
     if args.precision != "auto":
         raw["training"]["bf16"] = args.precision == "bf16"

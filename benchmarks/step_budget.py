@@ -79,6 +79,24 @@ class OpTimer:
         self.matmuls: dict[tuple, list[float]] = defaultdict(list)
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The speed benchmark's model and data: their size and the folder they are built in."""
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--out", default="/tmp/wronai-budget")
+
+
+def prepared_minimal_config(args: argparse.Namespace, run: str) -> dict:
+    """The minimal config on the speed benchmark's model and data (built in ``args.out`` if absent),
+    training into ``args.out / run``, as a dict."""
+    out = Path(args.out)
+    if not (out / "model" / "config.json").is_file() or not (out / "train.jsonl").is_file():
+        prepare(out, args.rows, args.max_len, args.hidden, args.layers)
+    return minimal_config(out / "model", out / "train.jsonl", out / run, args.max_len, "cpu")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -89,11 +107,7 @@ def main() -> None:
         "--steps", type=int, default=24, help="measured steps (half plain, half timed per op)"
     )
     parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--rows", type=int, default=2000)
-    parser.add_argument("--hidden", type=int, default=384)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--max-len", type=int, default=512)
-    parser.add_argument("--out", default="/tmp/wronai-budget")
+    add_data_arguments(parser)
     args = parser.parse_args()
 
     import torch
@@ -102,10 +116,7 @@ def main() -> None:
     from wronai.config import load_config
     from wronai.recipe import Pipeline
 
-    out = Path(args.out)
-    if not (out / "model" / "config.json").is_file() or not (out / "train.jsonl").is_file():
-        prepare(out, args.rows, args.max_len, args.hidden, args.layers)
-    raw = minimal_config(out / "model", out / "train.jsonl", out / "run", args.max_len, "cpu")
+    raw = prepared_minimal_config(args, "run")
     raw["training"].update(max_steps=args.warmup + args.steps, logging_steps=10**6)
     if args.precision != "auto":
         raw["training"]["bf16"] = args.precision == "bf16"
