@@ -308,7 +308,7 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
 
 
 MINIMAL_CONFIG_NOTES = (
-    "auto ->", "auto:", "precision:", "LoRA layers", "4-bit", "RMSNorm", "cross-entropy:", "data.packing", "hardware:",
+    "auto ->", "auto:", "precision:", "LoRA layers", "4-bit", "RMSNorm", "RoPE", "cross-entropy:", "data.packing", "hardware:",
     "last decoder layer:",
 )  # fmt: skip
 

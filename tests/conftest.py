@@ -147,6 +147,27 @@ def loss_and_gradients(model, batch) -> tuple:
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
+def two_pipeline_steps(raw: dict, calls=None) -> tuple:
+    """The pipeline's model for config ``raw`` (seeded), trained on a Polish batch for two
+    ``loss_and_gradients`` steps: (model, [first, second], how much ``calls(model)`` grew over them)."""
+    import torch
+
+    from wronai.config import load_config
+    from wronai.recipe import Pipeline
+
+    torch.manual_seed(0)
+    pipeline = Pipeline(load_config(data=raw))
+    model = pipeline.load_model()
+    pipeline.close()
+    model.train()
+    batch = polish_batch(pipeline.tokenizer)
+    before = calls(model) if calls else 0
+    results = [loss_and_gradients(model, batch)]
+    model.zero_grad()
+    results.append(loss_and_gradients(model, batch))
+    return model, results, (calls(model) - before if calls else 0)
+
+
 def assert_same_loss_and_gradients(result, reference) -> None:
     """Two ``loss_and_gradients`` results agree: the loss, and the gradient of every trained parameter."""
     import torch

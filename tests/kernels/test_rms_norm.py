@@ -8,10 +8,9 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from conftest import (
     assert_same_loss_and_gradients,
-    loss_and_gradients,
     make_config_dict,
     plan_with_gpu,
-    polish_batch,
+    two_pipeline_steps,
 )
 from wronai.config import load_config
 from wronai.errors import WronAIError
@@ -140,29 +139,21 @@ def test_a_wrong_gradient_is_caught_by_the_start_up_check(monkeypatch, caplog):
 def test_the_tiny_model_trains_the_same_with_fused_norms(tiny_model_dir, alpaca_file, tmp_path, fused_lora):
     """The tiny 4-bit Llama through the pipeline's builders, with and without fused norms (fused LoRA
     layers and PEFT's): the same loss and gradients over two steps."""
-    from wronai.recipe import Pipeline
-
     raw = make_config_dict(
         tiny_model_dir, alpaca_file, tmp_path / "out", hardware={"device": "cpu", "fused_lora": fused_lora}
     )
-    results = []
+    runs = []
     for setting in ("off", "auto"):
         raw["hardware"]["fused_rms_norm"] = setting
-        torch.manual_seed(0)
-        pipeline = Pipeline(load_config(data=raw))
-        model = pipeline.load_model()
-        pipeline.close()
+        model, results, calls = two_pipeline_steps(
+            raw, lambda m: sum(n.fused_calls for n in m.modules() if isinstance(n, FusedRMSNorm))
+        )
         norms = [m for m in model.modules() if isinstance(m, FusedRMSNorm)]
         assert len(norms) == (5 if setting == "auto" else 0)  # 2 per decoder layer + the final one
-        model.train()
-        batch = polish_batch(pipeline.tokenizer)
-        results.append(loss_and_gradients(model, batch))
-        model.zero_grad()
-        results.append(loss_and_gradients(model, batch))
-        if norms:
-            assert sum(n.fused_calls for n in norms) == 10
-    assert_same_loss_and_gradients(results[2], results[0])
-    assert_same_loss_and_gradients(results[3], results[1])
+        assert calls == (10 if norms else 0)
+        runs.append(results)
+    for fused, stock in zip(runs[1], runs[0], strict=True):
+        assert_same_loss_and_gradients(fused, stock)
 
 
 @pytest.mark.parametrize(

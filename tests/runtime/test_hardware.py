@@ -43,14 +43,14 @@ CASES = [
         "cuda",
         False,
         {"bf16": True},
-        ("fp16", "adamw_torch", "4bit-nf4", torch.float16),
+        ("fp16", "adamw_torch_fused", "4bit-nf4", torch.float16),
         "training.bf16 needs a GPU with native bf16",
     ),
     (
         "cpu",
         True,
         {},  # native bf16 but fp32 mixed precision: 4-bit layers compute in float32 (fused LoRA, row slices)
-        ("fp32", "adamw_torch", "4bit-nf4", torch.float32),
+        ("fp32", "adamw_torch_fused", "4bit-nf4", torch.float32),
         None,  # the default compute dtype (not written): the plan's quantization line shows the one taken
     ),
     (
@@ -69,20 +69,38 @@ CASES = [
     ),
     ("cpu", False, {"optim": "adamw_8bit"}, ("fp32", "adamw_8bit", "4bit-nf4", torch.float32), None),
     ("cpu", False, {"optim": "paged_lion_8bit"}, ("fp32", "lion_8bit", "4bit-nf4", torch.float32), "paging"),
-    ("cpu", True, {"bf16": True}, ("bf16", "adamw_torch", "4bit-nf4", torch.bfloat16), None),
+    ("cpu", True, {"bf16": True}, ("bf16", "adamw_torch_fused", "4bit-nf4", torch.bfloat16), None),
     (
         "cpu",
         True,
         {"fp16": True},
-        ("bf16", "adamw_torch", "4bit-nf4", torch.bfloat16),
+        ("bf16", "adamw_torch_fused", "4bit-nf4", torch.bfloat16),
         "training.fp16 needs a GPU",
     ),
     (
         "cpu",
         False,
         {"fp16": True},
-        ("fp32", "adamw_torch", "4bit-nf4", torch.float32),
+        ("fp32", "adamw_torch_fused", "4bit-nf4", torch.float32),
         "training.fp16 needs a GPU",
+    ),
+    # optim: auto (the default) is AdamW's fused kernel where torch has one; a written optimizer is kept
+    ("cpu", False, {}, ("fp32", "adamw_torch_fused", "4bit-nf4", torch.float32), "auto -> adamw_torch_fused"),
+    ("cpu", False, {"optim": "adamw_torch"}, ("fp32", "adamw_torch", "4bit-nf4", torch.float32), None),
+    (
+        "cpu",
+        False,
+        {"optim": "adamw_torch_fused"},
+        ("fp32", "adamw_torch_fused", "4bit-nf4", torch.float32),
+        None,
+    ),
+    ("mps", False, {}, ("fp32", "adamw_torch", "none", torch.float32), "no fused AdamW kernel on mps"),
+    (
+        "mps",
+        False,
+        {"optim": "adamw_torch_fused"},
+        ("fp32", "adamw_torch", "none", torch.float32),
+        "has no kernel on mps",
     ),
     (
         "mps",

@@ -41,6 +41,7 @@ import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
 
 from wronai.kernels.row_slices import DenseRows, RowSource, slice_rows, sliced_grad_input, sliced_matmul
+from wronai.kernels.swap import restore_stock
 
 logger = logging.getLogger(__name__)
 
@@ -295,10 +296,7 @@ def fuse_lora_layers(
 
 def unfuse_lora_layers(model: torch.nn.Module) -> int:
     """PEFT's own classes back for every fused layer; returns how many."""
-    fused = [m for m in model.modules() if isinstance(m, _Fused)]
-    for module in fused:
-        module.__class__ = module.stock
-    return len(fused)
+    return restore_stock(model, _Fused)
 
 
 def fused_call_count(model: torch.nn.Module) -> int:

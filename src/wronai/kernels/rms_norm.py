@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from wronai.kernels.swap import restore_stock
+
 logger = logging.getLogger(__name__)
 
 
@@ -173,7 +175,4 @@ def fuse_rms_norms(model: torch.nn.Module, *, check: bool = True) -> int:
 
 def unfuse_rms_norms(model: torch.nn.Module) -> int:
     """Every fused norm back to its own class; returns how many."""
-    fused = [m for m in model.modules() if isinstance(m, FusedRMSNorm)]
-    for module in fused:
-        module.__class__ = module.stock  # type: ignore[assignment]
-    return len(fused)
+    return restore_stock(model, FusedRMSNorm)

@@ -85,6 +85,10 @@ def prepare_model(config: WronAIConfig, plan: DevicePlan, tokens: PreparedTokeni
         from wronai.kernels.rms_norm import fuse_rms_norms
 
         fuse_rms_norms(model)
+    if plan.fused_rotary:
+        from wronai.kernels.rotary import fuse_rotary
+
+        fuse_rotary(model, autocast=plan.autocast_dtype)
     return model, zero3_load
 
 

@@ -49,6 +49,7 @@ class DevicePlan:
     keep_dequantized_bytes: int = 0
     fused_lora: bool = False  # LoRA layers computed by wronai.kernels.fused_lora (hardware.fused_lora)
     fused_rms_norm: bool = False  # norms computed by wronai.kernels.rms_norm (hardware.fused_rms_norm)
+    fused_rotary: bool = False  # RoPE computed by wronai.kernels.rotary (hardware.fused_rotary)
     # head and loss computed by wronai.kernels.cross_entropy (hardware.fused_cross_entropy)
     fused_cross_entropy: bool = False
     # hardware.last_layer_trained_only resolved for this device and setup ("off" where it cannot apply);
@@ -98,6 +99,7 @@ class DevicePlan:
             f"attention: {self.attn_implementation}",
             "LoRA layers: " + ("fused base + adapter step" if self.fused_lora else "PEFT's modules"),
             "RMSNorm: " + ("fused step" if self.fused_rms_norm else "transformers' modules"),
+            "rotary embedding: " + ("fused step" if self.fused_rotary else "transformers' function"),
             "loss: "
             + (
                 "output head + cross-entropy in one fused step"
@@ -228,8 +230,6 @@ def plan_device(
     notes += [note] if note else []
     model_dtype = _model_dtype(model.torch_dtype, precision, bf16_ok, device, notes)
     optimizer = _optimizer(training.optim, device, notes)
-    if optimizer == "adamw_torch_fused" and device == "cpu":
-        optimizer = "adamw_torch"
     attn = _attention(model.attn_implementation, device, notes)
     pin = _pin_memory(hardware, device, notes)
     cpu_4bit = quant.startswith("4bit") and device == "cpu"
@@ -251,6 +251,7 @@ def plan_device(
         keep_dequantized_bytes=quantization.keep_dequantized_bytes if cpu_4bit else 0,
         fused_lora=_fused("fused_lora", hardware, device, notes),
         fused_rms_norm=_fused("fused_rms_norm", hardware, device, notes),
+        fused_rotary=hardware.fused_rotary == "on" or (hardware.fused_rotary == "auto" and device == "cpu"),
         fused_cross_entropy=_at_trained_positions("fused_cross_entropy", hardware, training, device, notes),
         last_layer_rows=hardware.last_layer_trained_only
         if _at_trained_positions("last_layer_trained_only", hardware, training, device, notes)
@@ -425,7 +426,13 @@ def keeps_16bit_embeddings(
 
 
 def _optimizer(requested: str, device: str, notes: list[str]) -> str:
-    """bitsandbytes optimizers: 8-bit states run on CUDA and (bitsandbytes >= 0.45) on CPU; paging is CUDA-only."""
+    """auto: fused AdamW where torch has the kernel (CPU, CUDA), else the per-tensor one. bitsandbytes
+    optimizers: 8-bit states run on CUDA and (bitsandbytes >= 0.45) on CPU; paging is CUDA-only."""
+    if requested == "auto":
+        return _auto_optimizer(device, notes)
+    if requested == "adamw_torch_fused" and device not in _FUSED_ADAMW_DEVICES:
+        notes.append(f"training.optim=adamw_torch_fused has no kernel on {device} — using adamw_torch")
+        return "adamw_torch"
     if device == "cuda" or not any(tag in requested for tag in _CUDA_ONLY_OPTIMIZERS):
         return requested
     if device == "cpu" and importlib.util.find_spec("bitsandbytes") is not None:
@@ -440,6 +447,21 @@ def _optimizer(requested: str, device: str, notes: list[str]) -> str:
             notes.append(f"training.optim={requested}: paging is for GPU memory — using adamw_torch on cpu")
             return "adamw_torch"
     notes.append(f"training.optim={requested} needs CUDA (bitsandbytes) — using adamw_torch on {device}")
+    return "adamw_torch"
+
+
+# devices with torch's fused AdamW kernel (``torch.optim.AdamW(fused=True)``; CPU since torch 2.4)
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def _auto_optimizer(device: str, notes: list[str]) -> str:
+    """``training.optim: auto``: AdamW in one fused kernel per parameter where torch has it — the same update,
+    without the ~10 tensor operations per parameter of the per-tensor loop (on a CPU, with no foreach
+    kernels, that loop is what ``adamw_torch`` runs)."""
+    if device in _FUSED_ADAMW_DEVICES:
+        notes.append("training.optim: auto -> adamw_torch_fused (AdamW in one kernel per parameter)")
+        return "adamw_torch_fused"
+    notes.append(f"training.optim: auto -> adamw_torch (no fused AdamW kernel on {device})")
     return "adamw_torch"
 
 

@@ -95,6 +95,15 @@ class HardwareSection(Section):
         "own forward. auto = on for CPU runs without FSDP/ZeRO-3; on = also on GPUs (not measured there); "
         "off = transformers' norms.",
     )
+    fused_rotary: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Compute the rotary position embedding (RoPE) of q and k in one autograd step "
+        "(wronai.kernels.rotary) instead of transformers' six operations and their backwards, for every model "
+        "whose attention calls Llama's apply_rotary_pos_emb (Mistral, Qwen2/3, Granite, …): the same numbers to "
+        "~5e-7, ~2% less time per fp32 CPU step of the speed benchmark (docs/benchmarks.md); checked at start "
+        "against transformers' function. auto = on for CPU runs; on = also on GPUs (not measured there); off = "
+        "transformers' function.",
+    )
     fused_cross_entropy: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Compute the output head and the token cross-entropy in one step (wronai.kernels.cross_entropy), "

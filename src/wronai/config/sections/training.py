@@ -52,8 +52,8 @@ class TrainingSection(Section):
         description="Scheduler: linear, cosine, constant, constant_with_warmup, ... (transformers names).",
     )
     optim: str = Field(
-        "adamw_torch",
-        description="Optimizer (transformers names), e.g. adamw_torch, paged_adamw_8bit, paged_adamw_32bit. 8-bit (bitsandbytes) optimizers also run on CPU (paged_* becomes the unpaged one there: paging is for GPU memory); on MPS WronAI uses adamw_torch and says so.",
+        "auto",
+        description="Optimizer (transformers names), e.g. adamw_torch, adamw_torch_fused, paged_adamw_8bit, paged_adamw_32bit. auto = adamw_torch_fused (AdamW in one fused kernel per parameter; transformers' own default) on CPUs and CUDA, adamw_torch on MPS. 8-bit (bitsandbytes) optimizers also run on CPU (paged_* becomes the unpaged one there: paging is for GPU memory); on MPS WronAI uses adamw_torch and says so.",
     )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0 disables clipping).")
@@ -143,7 +143,7 @@ class TrainingSection(Section):
         from transformers.training_args import OptimizerNames
 
         names = [o.value for o in OptimizerNames]
-        if value not in names:
+        if value != "auto" and value not in names:
             import difflib
 
             close = [n for n in names if n.startswith(value)][:3] or difflib.get_close_matches(
