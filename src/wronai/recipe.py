@@ -30,7 +30,7 @@ from wronai.runtime import distributed
 from wronai.runtime.autotune import Decision, tune
 from wronai.runtime.batch import BatchChoice, for_packed_rows
 from wronai.runtime.batch import resolve as resolve_batch
-from wronai.runtime.hardware import DevicePlan, plan_device, thread_settings
+from wronai.runtime.hardware import DevicePlan, plan_device, thread_settings, with_decided_optimizer
 from wronai.runtime.heap import memory_settings
 from wronai.train import faults
 from wronai.train.resume import keep_decided, resolve_resume
@@ -61,6 +61,7 @@ class Pipeline:
         cfg = config if isinstance(config, WronAIConfig) else load_config(config, overrides)
         self.plan: DevicePlan = plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
         # the settings left to WronAI (`auto`), decided for this machine; the run saves the decided values
+        cfg = with_decided_optimizer(cfg, self.plan)
         cfg, packing_notes = resolve_packing(cfg)
         # an auto batch is settled again once the data is packed (load_dataset: rows hold several examples)
         self.batch_auto = cfg.training.per_device_train_batch_size == "auto"

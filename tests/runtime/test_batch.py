@@ -84,7 +84,11 @@ def test_a_resumed_run_keeps_the_batch_its_first_run_decided(
     checkpoint = tmp_path / "out" / "checkpoint-4"
     checkpoint.mkdir(parents=True)
     saved = {
-        "training": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 8},
+        "training": {
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 8,
+            "optim": "adamw_torch",
+        },
         "data": {"packing": True},
     }
     (checkpoint / "wronai_config.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
@@ -95,6 +99,9 @@ def test_a_resumed_run_keeps_the_batch_its_first_run_decided(
     config = load_config(data=raw)
     kept = resume_module.keep_decided(config, True)
     assert (kept.training.per_device_train_batch_size, kept.training.gradient_accumulation_steps) == (2, 4)
+    assert (
+        config.training.optim == "auto" and kept.training.optim == "adamw_torch"
+    )  # a run of the old default
     assert resume_module.keep_decided(config, None) is config  # no resume: nothing read
 
 

@@ -13,6 +13,8 @@ from wronai.recipe import Pipeline
 def built_optimizer(model_dir, data, out, **training) -> torch.optim.Optimizer:
     raw = make_config_dict(model_dir, data, out, training=training)
     pipeline = Pipeline(load_config(data=raw))
+    # the run saves the optimizer it took (a resumed run keeps it: train.resume.keep_decided)
+    assert pipeline.config.training.optim == training.get("optim", "adamw_torch_fused")
     trainer = pipeline.build_trainer()
     trainer.create_optimizer()
     return getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper, if any

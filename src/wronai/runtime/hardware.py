@@ -16,12 +16,16 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from wronai.config.sections.model import ModelConfig, QuantizationSection
 from wronai.config.sections.run import HardwareSection
 from wronai.config.sections.training import TrainingSection
+
+if TYPE_CHECKING:
+    from wronai.config import WronAIConfig
 
 logger = logging.getLogger(__name__)
 
@@ -448,6 +452,15 @@ def _optimizer(requested: str, device: str, notes: list[str]) -> str:
             return "adamw_torch"
     notes.append(f"training.optim={requested} needs CUDA (bitsandbytes) — using adamw_torch on {device}")
     return "adamw_torch"
+
+
+def with_decided_optimizer(config: WronAIConfig, plan: DevicePlan) -> WronAIConfig:
+    """``config`` with ``training.optim: auto`` replaced by the optimizer the plan took, so
+    that the run saves it and a resumed run keeps it (``train.resume.keep_decided``); else ``config``."""
+    if config.training.optim != "auto":
+        return config
+    training = config.training.model_copy(update={"optim": plan.optimizer})
+    return config.model_copy(update={"training": training})
 
 
 # devices with torch's fused AdamW kernel (``torch.optim.AdamW(fused=True)``; CPU since torch 2.4)

@@ -92,6 +92,7 @@ def check_resume_config(checkpoint: Path, config: WronAIConfig) -> None:
 DECIDED_KEYS = (
     ("training", "per_device_train_batch_size"),
     ("training", "gradient_accumulation_steps"),
+    ("training", "optim"),
     ("data", "packing"),
 )
 
