@@ -168,6 +168,40 @@ def two_pipeline_steps(raw: dict, calls=None) -> tuple:
     return model, results, (calls(model) - before if calls else 0)
 
 
+def same_training_off_and_auto(raw: dict, key: str, calls) -> dict:
+    """``two_pipeline_steps`` with ``hardware.<key>`` off and auto, asserting the same loss and gradients;
+    per setting, the model and how much ``calls(model)`` grew."""
+    runs = {}
+    for setting in ("off", "auto"):
+        raw["hardware"][key] = setting
+        runs[setting] = two_pipeline_steps(raw, calls)
+    for fused, stock in zip(runs["auto"][1], runs["off"][1], strict=True):
+        assert_same_loss_and_gradients(fused, stock)
+    return {setting: (model, grew) for setting, (model, _, grew) in runs.items()}
+
+
+def collate_as(layout: str, examples: list[dict]) -> dict:
+    """``examples`` batched as training batches them: right-padded rows ("padded"), or packed into rows of
+    48 tokens ("packed")."""
+    from wronai.data.collate import PackedCollator, PaddingCollator, pack_examples
+
+    if layout == "padded":
+        return PaddingCollator(pad_token_id=0)(examples)
+    return PackedCollator(pad_token_id=0)(pack_examples(examples, 48))
+
+
+def run_outcome(out: Path) -> tuple[list[float], dict, list]:
+    """What a finished CLI run in ``out`` left: its logged losses, its adapter tensors, its device plan."""
+    import json
+
+    from safetensors.torch import load_file
+
+    state = json.loads((out / "trainer_state.json").read_text())
+    plan = json.loads((out / "provenance.json").read_text()).get("device_plan", [])
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    return losses, load_file(out / "adapter_model.safetensors"), plan
+
+
 def assert_same_loss_and_gradients(result, reference) -> None:
     """Two ``loss_and_gradients`` results agree: the loss, and the gradient of every trained parameter."""
     import torch

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_config_dict, plan_with_gpu, tiny_llama
+from conftest import make_config_dict, plan_with_gpu, run_outcome, tiny_llama
 from wronai.config import load_config
 from wronai.errors import WronAIError
 from wronai.kernels import cross_entropy, row_slices
@@ -259,7 +258,6 @@ def test_training_is_the_same_with_and_without_the_fused_loss(
     the start-up check's extra forward must not pack a weight, or the base's gradient would be lost."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
-    from safetensors.torch import load_file
 
     from conftest import train_via_cli
 
@@ -281,14 +279,7 @@ def test_training_is_the_same_with_and_without_the_fused_loss(
                       "per_device_train_batch_size": 2, "bf16": native_bf16,
                       **({"optim": "sgd", "learning_rate": 0.5} if native_bf16 else {})},
         )  # fmt: skip
-        state = json.loads((out / "trainer_state.json").read_text())
-        plan = json.loads((out / "provenance.json").read_text()).get("device_plan", [])
-        runs[setting] = (
-            [h["loss"] for h in state["log_history"] if "loss" in h],
-            load_file(out / "adapter_model.safetensors"),
-            plan,
-            len(calls),
-        )
+        runs[setting] = (*run_outcome(out), len(calls))
         calls.clear()
     (losses_on, adapter_on, plan_on, calls_on), (losses_off, adapter_off, plan_off, calls_off) = runs.values()
     assert "loss: output head + cross-entropy in one fused step" in plan_on

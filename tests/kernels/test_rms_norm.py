@@ -7,10 +7,9 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from conftest import (
-    assert_same_loss_and_gradients,
     make_config_dict,
     plan_with_gpu,
-    two_pipeline_steps,
+    same_training_off_and_auto,
 )
 from wronai.config import load_config
 from wronai.errors import WronAIError
@@ -142,18 +141,15 @@ def test_the_tiny_model_trains_the_same_with_fused_norms(tiny_model_dir, alpaca_
     raw = make_config_dict(
         tiny_model_dir, alpaca_file, tmp_path / "out", hardware={"device": "cpu", "fused_lora": fused_lora}
     )
-    runs = []
-    for setting in ("off", "auto"):
-        raw["hardware"]["fused_rms_norm"] = setting
-        model, results, calls = two_pipeline_steps(
-            raw, lambda m: sum(n.fused_calls for n in m.modules() if isinstance(n, FusedRMSNorm))
-        )
+    runs = same_training_off_and_auto(
+        raw,
+        "fused_rms_norm",
+        lambda m: sum(n.fused_calls for n in m.modules() if isinstance(n, FusedRMSNorm)),
+    )
+    for setting, (model, calls) in runs.items():
         norms = [m for m in model.modules() if isinstance(m, FusedRMSNorm)]
         assert len(norms) == (5 if setting == "auto" else 0)  # 2 per decoder layer + the final one
         assert calls == (10 if norms else 0)
-        runs.append(results)
-    for fused, stock in zip(runs[1], runs[0], strict=True):
-        assert_same_loss_and_gradients(fused, stock)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import types
 
 import pytest
 import torch
@@ -15,8 +14,8 @@ from conftest import (
     loss_and_gradients,
     make_config_dict,
     plan_with_gpu,
+    same_training_off_and_auto,
     tiny_llama,
-    two_pipeline_steps,
 )
 from wronai.config import load_config
 from wronai.errors import WronAIError
@@ -141,8 +140,7 @@ def test_an_attention_with_another_rotary_function_is_left_alone():
         "        return apply_rotary_pos_emb(q, k, cos, sin)\n",
         namespace,
     )
-    other = types.SimpleNamespace(attention=namespace["Attention"](), linear=torch.nn.Linear(2, 2))
-    model = torch.nn.ModuleDict({"attention": other.attention, "linear": other.linear})
+    model = torch.nn.ModuleDict({"attention": namespace["Attention"](), "linear": torch.nn.Linear(2, 2)})
     assert fuse_rotary(model) == 0
     assert type(model["attention"]) is namespace["Attention"]
 
@@ -154,17 +152,12 @@ def test_the_tiny_model_trains_the_same_with_fused_rotary(tiny_model_dir, alpaca
     raw = make_config_dict(
         tiny_model_dir, alpaca_file, tmp_path / "out", hardware={"device": "cpu", "fused_lora": fused_lora}
     )
-    runs = []
-    for setting in ("off", "auto"):
-        raw["hardware"]["fused_rotary"] = setting
-        # calls are counted per attention class in this process: two_pipeline_steps takes the difference
-        model, results, calls = two_pipeline_steps(raw, fused_rotary_calls)
+    # calls are counted per attention class in this process: the helper takes the difference
+    runs = same_training_off_and_auto(raw, "fused_rotary", fused_rotary_calls)
+    for setting, (model, calls) in runs.items():
         swapped = [m for m in model.modules() if isinstance(m, FusedRotaryAttention)]
         assert len(swapped) == (2 if setting == "auto" else 0)
         assert calls == (4 if swapped else 0)
-        runs.append(results)
-    for fused, stock in zip(runs[1], runs[0], strict=True):
-        assert_same_loss_and_gradients(fused, stock)
 
 
 @pytest.mark.parametrize(

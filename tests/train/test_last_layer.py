@@ -3,15 +3,14 @@ gradients, fewer rows computed, a start-up check that catches a model it would b
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
 import torch
 
-from conftest import make_config_dict, plan_with_gpu, tiny_llama
+from conftest import collate_as, make_config_dict, plan_with_gpu, run_outcome, tiny_llama
 from wronai.config import load_config
-from wronai.data.collate import PackedCollator, PaddingCollator, pack_examples
+from wronai.data.collate import PaddingCollator
 from wronai.data.tokenize import IGNORE_INDEX
 from wronai.errors import WronAIError
 from wronai.runtime import hardware
@@ -60,11 +59,7 @@ def test_the_parts_are_the_last_layers_query_output_and_mlp(tiny_model_dir):
 @pytest.mark.parametrize("multiple", [None, 64])
 @pytest.mark.parametrize("fused", [False, True], ids=["head-then-loss", "fused-head-and-loss"])
 def test_loss_and_gradients_equal_the_stock_forward_with_fewer_rows(tiny_model_dir, layout, multiple, fused):
-    examples = _examples()
-    if layout == "padded":
-        batch = PaddingCollator(pad_token_id=0)(examples)
-    else:
-        batch = PackedCollator(pad_token_id=0)(pack_examples(examples, 48))
+    batch = collate_as(layout, _examples())
     stock_model, model = _model(tiny_model_dir), _model(tiny_model_dir)
     stock = stock_model(**batch).loss
     parts, _ = last_layer_parts(model)
@@ -190,7 +185,6 @@ def test_a_model_without_decoder_layers_gives_the_reason():
 def test_training_is_the_same_with_and_without(tmp_path, tiny_model_dir, capsys):
     """Three optimizer steps of the 4-bit pipeline with gradient accumulation: the same per-step losses and
     adapters; the plan and the log say which ran."""
-    from safetensors.torch import load_file
 
     from conftest import train_via_cli
 
@@ -207,13 +201,7 @@ def test_training_is_the_same_with_and_without(tmp_path, tiny_model_dir, capsys)
         log = capsys.readouterr().err
         assert ("at trained positions only (hardware.last_layer_trained_only)" in log) is (setting == "auto")
         assert "computed at every position" not in log
-        state = json.loads((out / "trainer_state.json").read_text())
-        plan = json.loads((out / "provenance.json").read_text()).get("device_plan", [])
-        runs[setting] = (
-            [h["loss"] for h in state["log_history"] if "loss" in h],
-            load_file(out / "adapter_model.safetensors"),
-            plan,
-        )
+        runs[setting] = run_outcome(out)
     (losses_on, adapter_on, plan_on), (losses_off, adapter_off, plan_off) = runs.values()
     on_line = "last decoder layer: query/output projections and MLP at trained positions only"
     assert on_line in plan_on and on_line not in plan_off

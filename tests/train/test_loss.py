@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from conftest import tiny_llama
-from wronai.data.collate import PackedCollator, PaddingCollator, pack_examples
+from conftest import collate_as, run_outcome, tiny_llama
+from wronai.data.collate import PaddingCollator
 from wronai.data.tokenize import IGNORE_INDEX
 from wronai.train import loss as loss_module
 from wronai.train.loss import (
@@ -53,11 +51,7 @@ def _examples():
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("num_items", [None, 37])
 def test_loss_and_gradients_equal_the_stock_forward(monkeypatch, tiny_model_dir, layout, num_items, fused):
-    examples = _examples()
-    if layout == "padded":
-        batch = PaddingCollator(pad_token_id=0)(examples)
-    else:
-        batch = PackedCollator(pad_token_id=0)(pack_examples(examples, 48))
+    batch = collate_as(layout, _examples())
     stock_model, model = _model(tiny_model_dir), _model(tiny_model_dir)
     extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
     stock = stock_model(**batch, **extra).loss
@@ -116,7 +110,6 @@ def test_output_head_found_through_peft(tiny_model_dir):
 def test_training_is_the_same_with_and_without(tmp_path, tiny_model_dir):
     """Three optimizer steps with gradient accumulation: identical per-step losses and adapters (the fused
     head + loss off: tests/kernels/test_cross_entropy.py compares it with this path)."""
-    from safetensors.torch import load_file
 
     from conftest import train_via_cli
 
@@ -127,11 +120,7 @@ def test_training_is_the_same_with_and_without(tmp_path, tiny_model_dir):
             training={"trained_logits_only": flag, "max_steps": 3, "gradient_accumulation_steps": 2, "save_strategy": "no",
                       "eval_strategy": "no", "per_device_train_batch_size": 2},
         )  # fmt: skip
-        state = json.loads((out / "trainer_state.json").read_text())
-        runs[flag] = (
-            [h["loss"] for h in state["log_history"] if "loss" in h],
-            load_file(out / "adapter_model.safetensors"),
-        )
+        runs[flag] = run_outcome(out)[:2]
     (losses_on, adapter_on), (losses_off, adapter_off) = runs[True], runs[False]
     assert len(losses_on) == 3
     assert losses_on == pytest.approx(losses_off, rel=1e-5)
