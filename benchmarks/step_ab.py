@@ -3,12 +3,15 @@
 
     python benchmarks/step_ab.py --switch rotary                   # fused RoPE against transformers' (~1.5 min)
     python benchmarks/step_ab.py --switch last-layer               # the last layer at trained rows against whole
+    python benchmarks/step_ab.py --switch shared-prefix            # the batches' common prompt start once or per example
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
         python benchmarks/step_ab.py --switch rotary --precision fp32   # an AVX2-only CPU, emulated on a newer one
     python benchmarks/step_ab.py --switch rotary --null            # off against off: the noise floor
 
-Switches: ``last-layer`` (``hardware.last_layer_on``: the last decoder layer's q/o projections and MLP
-at trained positions only) and ``rotary`` (``hardware.fused_rotary``: ``wronai.kernels.rotary``'s RoPE).
+Switches: ``last-layer`` (``hardware.last_layer_trained_only``: the last decoder layer's q/o projections
+and MLP at trained positions only), ``rotary`` (``hardware.fused_rotary``: ``wronai.kernels.rotary``'s RoPE)
+and ``shared-prefix`` (``hardware.shared_prefix``: the same rows collated with the prompt start all their
+examples repeat computed once, ``wronai.data.prefix``, against every example computing its own).
 The speed benchmark's model, data and minimal config (`benchmarks/train_speed.py`), built through
 ``wronai.recipe.Pipeline`` with the other settings as the minimal config decides them. One process, the same
 few batches: each round runs ``trainer.training_step`` (forward + backward, no optimizer step) on every batch
@@ -38,7 +41,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--timed-rounds", type=int, default=4, help="rounds inside the per-operation timer")
     parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--switch", choices=["rotary", "last-layer"], required=True)
+    parser.add_argument("--switch", choices=["rotary", "last-layer", "shared-prefix"], required=True)
     parser.add_argument("--null", action="store_true", help="both sides run with the setting off")
     add_data_arguments(parser)
     args = parser.parse_args()
@@ -58,6 +61,9 @@ def main() -> None:
         trainer.current_gradient_accumulation_steps = 1
         loader = trainer.get_train_dataloader()
         batches = [batch for _, batch in zip(range(args.batches), loader)]
+        sides = {False: batches, True: batches}
+        if args.switch == "shared-prefix":  # the same rows, laid out with and without a shared prefix
+            sides = two_layouts(trainer, args.batches)
         bf16 = pipeline.plan.precision == "bf16"
 
         def step(batch, on: bool) -> float:
@@ -70,13 +76,13 @@ def main() -> None:
         losses, grads = [], []
         for on in (False, True):
             model.zero_grad()
-            losses.append(step(batches[0], on))
+            losses.append(step(sides[on and not args.null][0], on))
             grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
         diff = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-12)) for a, b in zip(*grads))
         times: dict[bool, list[float]] = {False: [], True: []}
         for round_ in range(args.rounds):
             for on in (False, True) if round_ % 2 == 0 else (True, False):
-                for batch in batches:
+                for batch in sides[on and not args.null]:
                     model.zero_grad()
                     start = time.perf_counter()
                     step(batch, on)
@@ -84,7 +90,7 @@ def main() -> None:
         timers = {False: OpTimer(), True: OpTimer()}
         for round_ in range(args.timed_rounds):
             for on in (False, True) if round_ % 2 == 0 else (True, False):
-                for batch in batches:
+                for batch in sides[on and not args.null]:
                     model.zero_grad()
                     with timers[on].mode:
                         step(batch, on)
@@ -112,8 +118,23 @@ def main() -> None:
         print(f"  {name:52} {1000 * spent[0] / steps:8.1f} ms {1000 * spent[1] / steps:8.1f} ms")
 
 
+def two_layouts(trainer, count: int) -> dict[bool, list]:  # noqa: ANN001
+    """The first ``count`` batches of the training data collated without (False) and with (True) the shared
+    prefix (``hardware.shared_prefix``), moved to the model's device as the Trainer would."""
+    import dataclasses
+
+    collator = trainer.data_collator
+    layouts = {on: dataclasses.replace(collator, share_prefix=on) for on in (False, True)}
+    size = trainer.args.per_device_train_batch_size
+    rows = [trainer.train_dataset[i] for i in range(count * size)]
+    groups = [rows[i : i + size] for i in range(0, len(rows), size)]
+    return {on: [trainer._prepare_inputs(layouts[on](g)) for g in groups] for on in (False, True)}
+
+
 def setting(name: str, trainer, model, autocast):  # noqa: ANN001
     """A function that turns the setting ``name`` on or off on this trainer and model."""
+    if name == "shared-prefix":  # the layout is in the batches themselves
+        return lambda on: None
     if name == "last-layer":
         from wronai.train.last_layer import last_layer_parts
 

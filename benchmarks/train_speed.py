@@ -18,7 +18,8 @@ set (long-tailed answer lengths) for one epoch, i.e. the same examples:
     automatic choices it logged (packing, batch, precision and kernels, checkpointing) are printed.
 
 Printed per run: wall time, non-pad tokens per second, padding fraction, peak RSS, MFU against the best
-matmul peak measured in this benchmark (before every round, in alternating fp32/bf16 windows), the
+matmul peak measured in this benchmark (before every round, in alternating fp32/bf16 windows; the FLOPs
+of the positions the model ran: a prompt start computed once for several examples counts once), the
 answer-only eval loss on the same held-out examples, and the minor page faults while training (buffers
 touched again after the heap handed them back).
 """
@@ -309,7 +310,7 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
 
 MINIMAL_CONFIG_NOTES = (
     "auto ->", "auto:", "precision:", "LoRA layers", "4-bit", "RMSNorm", "RoPE", "cross-entropy:", "data.packing", "hardware:",
-    "last decoder layer:",
+    "last decoder layer:", "packed batches:",
 )  # fmt: skip
 
 
@@ -351,11 +352,17 @@ def run_defaults(model_dir: Path, train_file: Path, out: Path, args) -> dict:
     ]
     results = json.loads((out / "train_results.json").read_text())
     stats = json.loads((out / "data_stats.json").read_text())
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    # the share of tokens computed once for several examples (a shared prompt start) at the last log entry:
+    # MFU counts the positions the model computed
+    last = [h for h in history if "tokens_seen" in h][-1:] or [{"tokens_seen": 1}]
+    shared = last[0].get("tokens_shared", 0) / last[0]["tokens_seen"]
     (out / "adapter").mkdir(exist_ok=True)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (out / "adapter" / name).write_bytes((out / name).read_bytes())
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"wall_s": results["train_runtime"], "tokens": stats["total_tokens"], "padding_fraction": 0.0,
+            "computed_tokens": stats["total_tokens"] * (1 - shared),
             "precision": _precision_taken(out, choices), "choices": choices, "child_peak_rss_mb": peak}  # fmt: skip
 
 
@@ -520,7 +527,8 @@ def score_round(results: dict, peaks: dict, fpt: float) -> None:
     for r in results.values():
         tps = r["tokens"] / r["wall_s"]
         peak = peaks["bfloat16"] if r.get("precision") == "bf16" else peaks["float32"]
-        r.update(tokens_per_s=tps, mfu=tps * fpt / (peak * 1e9), vs_classic=tps / classic)
+        computed = r.get("computed_tokens", r["tokens"]) / r["wall_s"]  # a shared prompt start counts once
+        r.update(tokens_per_s=tps, mfu=computed * fpt / (peak * 1e9), vs_classic=tps / classic)
 
 
 def render_rounds(rounds: list[dict], peaks: dict, args, mean_len: int) -> str:

@@ -10,14 +10,18 @@ that, the summed token loss of a packed batch equals that of the same examples r
 from __future__ import annotations
 
 import bisect
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from wronai.data.prefix import share_prefix
 from wronai.data.tokenize import IGNORE_INDEX
-from wronai.model.attention import LENGTHS_KWARG, example_lengths, sequence_boundaries
+from wronai.model.attention import LENGTHS_KWARG, PREFIX_KWARG, example_lengths, sequence_boundaries
+
+logger = logging.getLogger(__name__)
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int, length: int) -> torch.Tensor:
@@ -59,14 +63,31 @@ class PackedCollator:
     ``with_boundaries`` adds ``wronai_example_lengths`` (per row, the lengths of its examples, as Python
     lists: ``wronai_packed_sdpa`` attends per example without reading a GPU tensor back), and
     ``cu_seq_lens_q``/``cu_seq_lens_k`` (example start offsets over the flattened batch) with
-    ``max_length_q``/``max_length_k``, transformers' names for the same boundaries.
+    ``max_length_q``/``max_length_k``, transformers' names for the same boundaries, and
+    ``wronai_example_prefixes`` (per row, each example's first position id: above 0 where it continues the
+    row's first tokens). ``share_prefix`` lays the batch out as one row computing its examples' common
+    prompt start once (``wronai.data.prefix``; only with the boundaries, which per-example attention reads).
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     with_boundaries: bool = False
+    share_prefix: bool = False  # with boundaries: a prefix all examples repeat computed once (data.prefix)
+    _told: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        # packed training rows only (evaluation rows, one example each, keep a row per example)
+        packed = all("position_ids" in f for f in features)
+        shared = share_prefix(features) if self.with_boundaries and self.share_prefix and packed else None
+        if shared is not None:
+            if not self._told:
+                logger.info(
+                    "packed batches: the first %d tokens of every example (the same prompt start) computed once "
+                    "per batch (hardware.shared_prefix)",
+                    shared[1],
+                )
+                self._told = True
+            features = [shared[0]]
         ids = [f["input_ids"] for f in features]
         length = _target_length([len(x) for x in ids], self.pad_to_multiple_of)
         positions = []
@@ -87,6 +108,9 @@ class PackedCollator:
                 cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest
             )
             batch[LENGTHS_KWARG] = per_row
+            # an example whose positions start above 0 continues the row's first tokens (a shared prefix)
+            firsts = iter(batch["position_ids"].view(-1)[bounds[:-1].long()].tolist())
+            batch[PREFIX_KWARG] = [[next(firsts) for _ in row] for row in per_row]
         return batch
 
 

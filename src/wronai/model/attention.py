@@ -26,15 +26,21 @@ CPU and the lengths are missing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from wronai.errors import WronAIError
 
 logger = logging.getLogger(__name__)
 
 PACKED_SDPA = "wronai_packed_sdpa"
 # per row, the lengths of the examples it holds: Python ints, from the collator
 LENGTHS_KWARG = "wronai_example_lengths"
+# per row, each example's first position id: an example starting above 0 continues the row's first tokens,
+# a prompt start shared with the row's first example and computed only there (wronai.data.prefix)
+PREFIX_KWARG = "wronai_example_prefixes"
 
 
 def packed_sdpa(
@@ -99,30 +105,72 @@ def _attend(
     bounds = kwargs.get("cu_seq_lens_q")
     if per_row is None and isinstance(bounds, torch.Tensor) and bounds.device.type == "cpu":
         per_row = example_lengths(bounds, query.shape[0], query.shape[2])  # a CPU tensor: no device sync
+    starts = kwargs.get(PREFIX_KWARG) or [None] * query.shape[0]
     if per_row is None or query.shape[2] != key.shape[2] or kwargs.get("output_attentions"):
+        if any(any(row or ()) for row in starts):
+            raise WronAIError(
+                "attention: a batch laid out with a shared prefix reached attention that cannot read it "
+                "(per-example attention needs the example lengths, no KV cache and no attention weights "
+                "returned) — set hardware.shared_prefix: off"
+            )
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     gqa = query.shape[1] != key.shape[1]
-    # split/unbind (not slicing): their backward writes each gradient once, where a slice's backward
-    # fills a zero tensor of the whole row per example
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), dropout_p=dropout if module.training else 0.0,
+            is_causal=True, scale=scaling, enable_gqa=gqa,
+        )  # fmt: skip
+
     rows = []
-    for q, k, v, lengths in zip(query.unbind(0), key.unbind(0), value.unbind(0), per_row, strict=True):
+    for q, k, v, lengths, first in zip(
+        query.unbind(0), key.unbind(0), value.unbind(0), per_row, starts, strict=True
+    ):
+        if first and any(first):
+            rows.append(_sharing_prefix(attend, q, k, v, lengths, first))
+            continue
+        # split/unbind (not slicing): their backward writes each gradient once, where a slice's backward
+        # fills a zero tensor of the whole row per example
         pieces = [
-            torch.nn.functional.scaled_dot_product_attention(
-                qe.unsqueeze(0),
-                ke.unsqueeze(0),
-                ve.unsqueeze(0),
-                dropout_p=dropout if module.training else 0.0,
-                is_causal=True,
-                scale=scaling,
-                enable_gqa=gqa,
-            )  # fmt: skip
+            attend(qe, ke, ve)
             for qe, ke, ve in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1), strict=True)
         ]
         rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def _sharing_prefix(
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lengths: list[int],
+    first: list[int],
+) -> torch.Tensor:
+    """One row's attention (q, k, v: heads × positions × dim) where examples starting at position p > 0
+    continue the row's first p tokens: each attends causally to those and to itself, as the whole example
+    would; the outputs for the prefix rows come from the first example only."""
+    prefix = max(first)
+    if first[0] != 0 or lengths[0] <= prefix or any(p not in (0, prefix) for p in first):
+        raise WronAIError(
+            f"attention: a row's examples continue different prefixes (first positions {first}) — WronAI's "
+            "collator never builds such rows; set hardware.shared_prefix: off"
+        )
+    sizes = [prefix, lengths[0] - prefix, *lengths[1:]]
+    qs, ks, vs = q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1)
+    pieces = [attend(torch.cat(qs[:2], 1), torch.cat(ks[:2], 1), torch.cat(vs[:2], 1))]
+    for j, start in enumerate(first[1:], 2):
+        if start:
+            out = attend(
+                torch.cat([qs[0], qs[j]], 1), torch.cat([ks[0], ks[j]], 1), torch.cat([vs[0], vs[j]], 1)
+            )
+            pieces.append(out[:, :, prefix:])
+        else:
+            pieces.append(attend(qs[j], ks[j], vs[j]))
+    return torch.cat(pieces, dim=2)
 
 
 def example_lengths(bounds: torch.Tensor | list[int], batch: int, length: int) -> list[list[int]]:

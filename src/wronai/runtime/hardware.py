@@ -54,6 +54,8 @@ class DevicePlan:
     fused_lora: bool = False  # LoRA layers computed by wronai.kernels.fused_lora (hardware.fused_lora)
     fused_rms_norm: bool = False  # norms computed by wronai.kernels.rms_norm (hardware.fused_rms_norm)
     fused_rotary: bool = False  # RoPE computed by wronai.kernels.rotary (hardware.fused_rotary)
+    # packed batches compute their examples' common prompt start once (hardware.shared_prefix)
+    shared_prefix: bool = False
     # head and loss computed by wronai.kernels.cross_entropy (hardware.fused_cross_entropy)
     fused_cross_entropy: bool = False
     # hardware.last_layer_trained_only resolved for this device and setup ("off" where it cannot apply);
@@ -104,6 +106,12 @@ class DevicePlan:
             "LoRA layers: " + ("fused base + adapter step" if self.fused_lora else "PEFT's modules"),
             "RMSNorm: " + ("fused step" if self.fused_rms_norm else "transformers' modules"),
             "rotary embedding: " + ("fused step" if self.fused_rotary else "transformers' function"),
+            "packed batches: "
+            + (
+                "a prompt start all their examples share computed once"
+                if self.shared_prefix
+                else "every example computes its own prompt start"
+            ),
             "loss: "
             + (
                 "output head + cross-entropy in one fused step"
@@ -256,6 +264,8 @@ def plan_device(
         fused_lora=_fused("fused_lora", hardware, device, notes),
         fused_rms_norm=_fused("fused_rms_norm", hardware, device, notes),
         fused_rotary=hardware.fused_rotary == "on" or (hardware.fused_rotary == "auto" and device == "cpu"),
+        shared_prefix=hardware.shared_prefix == "on"
+        or (hardware.shared_prefix == "auto" and device == "cpu"),
         fused_cross_entropy=_at_trained_positions("fused_cross_entropy", hardware, training, device, notes),
         last_layer_rows=hardware.last_layer_trained_only
         if _at_trained_positions("last_layer_trained_only", hardware, training, device, notes)

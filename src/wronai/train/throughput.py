@@ -7,6 +7,8 @@ excluded). At each logging step it adds to the Trainer's log entry:
 
 - ``tokens_per_second``: trained tokens since the last log / step time since the last log (all processes)
 - ``tokens_seen``: trained tokens so far (all processes)
+- ``tokens_shared``: of those, tokens computed once for several examples (a shared prompt start,
+  ``hardware.shared_prefix``; only when there were any): the model ran on ``tokens_seen - tokens_shared``
 - ``rss_mb``: this process's resident memory (psutil)
 - ``cuda_max_memory_mb``: peak CUDA memory allocated so far on this process's GPU (only when CUDA is used)
 
@@ -22,11 +24,24 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from wronai.model.attention import PREFIX_KWARG
+
 logger = logging.getLogger(__name__)
 
 
 def count_tokens(kwargs: dict[str, Any], args: tuple[Any, ...], pad_token_id: int | None) -> int:
-    """Non-pad input tokens of one forward call's batch."""
+    """Non-pad input tokens of one forward call's batch: the examples' tokens, with a prefix computed once
+    for several examples (``hardware.shared_prefix``) counted for each of them."""
+    return _input_tokens(kwargs, args, pad_token_id) + shared_tokens(kwargs)
+
+
+def shared_tokens(kwargs: dict[str, Any]) -> int:
+    """Tokens of one forward call's batch computed once for several examples (``hardware.shared_prefix``):
+    every example continuing a row's first tokens counts them once more."""
+    return sum(sum(row) for row in kwargs.get(PREFIX_KWARG) or ())
+
+
+def _input_tokens(kwargs: dict[str, Any], args: tuple[Any, ...], pad_token_id: int | None) -> int:
     mask = kwargs.get("attention_mask")
     if mask is not None and getattr(mask, "dim", lambda: 0)() == 2:
         return int(mask.sum())
@@ -45,13 +60,16 @@ def count_tokens(kwargs: dict[str, Any], args: tuple[Any, ...], pad_token_id: in
 
 
 class ThroughputMemoryCallback(TrainerCallback):
-    """Adds tokens_per_second, tokens_seen, rss_mb and cuda_max_memory_mb to each training log entry."""
+    """Adds tokens_per_second, tokens_seen (and tokens_shared), rss_mb and cuda_max_memory_mb to each
+    training log entry."""
 
     def __init__(self) -> None:
         self._hook: Any = None
         self._pad: int | None = None
         self._tokens = 0
         self._tokens_total = 0
+        self._shared = 0
+        self._shared_total = 0
         self._step_time = 0.0
         self._step_start: float | None = None
 
@@ -61,6 +79,7 @@ class ThroughputMemoryCallback(TrainerCallback):
 
         if module.training and torch.is_grad_enabled():
             self._tokens += count_tokens(kwargs, args, self._pad)
+            self._shared += shared_tokens(kwargs)
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._pad = getattr(processing_class, "pad_token_id", None)
@@ -68,10 +87,13 @@ class ThroughputMemoryCallback(TrainerCallback):
             self._pad = getattr(getattr(model, "config", None), "pad_token_id", None)
         if model is not None and self._hook is None:
             self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-        self._tokens = 0
+        self._tokens = self._shared = 0
         self._step_time = 0.0
-        seen = [h["tokens_seen"] for h in getattr(state, "log_history", None) or [] if "tokens_seen" in h]
+        history = getattr(state, "log_history", None) or []
+        seen = [h["tokens_seen"] for h in history if "tokens_seen" in h]
         self._tokens_total = int(seen[-1]) if seen else 0  # resumed runs continue the count
+        shared = [h["tokens_shared"] for h in history if "tokens_shared" in h]
+        self._shared_total = int(shared[-1]) if shared else 0
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._hook is not None:
@@ -92,7 +114,10 @@ class ThroughputMemoryCallback(TrainerCallback):
             return
         tokens = _sum_over_processes(self._tokens, args)
         self._tokens_total += tokens
+        self._shared_total += _sum_over_processes(self._shared, args)
         metrics: dict[str, float] = {"tokens_seen": float(self._tokens_total), "rss_mb": round(_rss_mb(), 1)}
+        if self._shared_total:
+            metrics["tokens_shared"] = float(self._shared_total)
         if self._step_time > 0:
             metrics["tokens_per_second"] = round(tokens / self._step_time, 2)
         cuda = _cuda_max_mb()
@@ -102,7 +127,7 @@ class ThroughputMemoryCallback(TrainerCallback):
         last = state.log_history[-1] if state.log_history else None
         if last is not None and last.get("step") == state.global_step and "loss" in last:
             last.update(metrics)  # the Trainer appended a copy of `logs` before calling the callbacks
-        self._tokens = 0
+        self._tokens = self._shared = 0
         self._step_time = 0.0
 
 

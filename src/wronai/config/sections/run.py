@@ -104,6 +104,18 @@ class HardwareSection(Section):
         "against transformers' function. auto = on for CPU runs; on = also on GPUs (not measured there); off = "
         "transformers' function.",
     )
+    shared_prefix: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Compute a prompt start that every example of a packed batch repeats (a template's "
+        "'### Instrukcja:', a chat template's system turn with the same system prompt) once per batch instead of "
+        "once per example (wronai.data.prefix): the batch becomes one row in which every example after the first "
+        "attends to the first example's copy of it. The same batches, loss and gradients (to float rounding); the "
+        "layers run on prefix × (examples - 1) fewer positions — 7.9% on the speed benchmark (8 of ~110 tokens): "
+        "6.6-9.9% less operation time per fp32 CPU step, a wall-clock effect within these machines' noise "
+        "(docs/benchmarks.md); more with longer shared prompts and wider models. Needs packing and per-example attention "
+        "(model.attn_implementation: auto); only prompt tokens are shared. auto = on for CPU runs; on = also on GPUs "
+        "(not measured there); off = every example computes its own prefix.",
+    )
     fused_cross_entropy: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Compute the output head and the token cross-entropy in one step (wronai.kernels.cross_entropy), "
