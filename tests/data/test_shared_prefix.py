@@ -130,13 +130,24 @@ def _gqa_llama():
     return model.train()
 
 
-@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
-def test_same_loss_and_gradients_as_every_example_its_own_prefix(autocast):
+@pytest.mark.parametrize(
+    ("autocast", "multiple"),
+    [(None, None), (torch.bfloat16, 64)],  # bf16 CPU runs pad rows to a multiple of 64 (a padding block)
+    ids=["fp32", "bf16-autocast-padded"],
+)
+def test_same_loss_and_gradients_as_every_example_its_own_prefix(autocast, multiple):
     rows = pack_examples(_examples(count=12), 64)
     results = []
     for share in (False, True):
         model = _gqa_llama()
-        batch = PackedCollator(pad_token_id=0, with_boundaries=True, share_prefix=share)(rows)
+        collator = PackedCollator(
+            pad_token_id=0, pad_to_multiple_of=multiple, with_boundaries=True, share_prefix=share
+        )
+        batch = collator(rows)
+        if share and multiple:
+            assert (
+                batch["input_ids"].shape[1] % multiple == 0 and batch[PREFIX_KWARG][0][-1] == 0
+            )  # pad block
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             loss = model(**batch).loss
         loss.backward()
