@@ -91,7 +91,7 @@ def test_collator_shares_packed_training_rows_only():
     plain = PackedCollator(pad_token_id=0, with_boundaries=True)(rows)
     assert shared["input_ids"].shape[0] == 1 < plain["input_ids"].shape[0]
     assert shared[PREFIX_KWARG] == [[0] + [len(HEAD)] * 8]
-    assert plain[PREFIX_KWARG] == [[0] * len(r) for r in plain[LENGTHS_KWARG]]
+    assert PREFIX_KWARG not in plain  # batches that share nothing look as they did
     assert [len(r) for r in shared[LENGTHS_KWARG]] == [9]
     # the trained tokens are the same ones
     assert sorted(shared["labels"][shared["labels"] != X].tolist()) == sorted(

@@ -63,10 +63,10 @@ class PackedCollator:
     ``with_boundaries`` adds ``wronai_example_lengths`` (per row, the lengths of its examples, as Python
     lists: ``wronai_packed_sdpa`` attends per example without reading a GPU tensor back), and
     ``cu_seq_lens_q``/``cu_seq_lens_k`` (example start offsets over the flattened batch) with
-    ``max_length_q``/``max_length_k``, transformers' names for the same boundaries, and
-    ``wronai_example_prefixes`` (per row, each example's first position id: above 0 where it continues the
-    row's first tokens). ``share_prefix`` lays the batch out as one row computing its examples' common
-    prompt start once (``wronai.data.prefix``; only with the boundaries, which per-example attention reads).
+    ``max_length_q``/``max_length_k``, transformers' names for the same boundaries. ``share_prefix`` lays
+    the batch out as one row computing its examples' common prompt start once (``wronai.data.prefix``; only
+    with the boundaries, which per-example attention reads) and adds ``wronai_example_prefixes`` (per row,
+    each example's first position id: above 0 where it continues the row's first tokens).
     """
 
     pad_token_id: int
@@ -108,7 +108,7 @@ class PackedCollator:
                 cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest
             )
             batch[LENGTHS_KWARG] = per_row
-            # an example whose positions start above 0 continues the row's first tokens (a shared prefix)
+        if shared is not None:  # an example whose positions start above 0 continues the row's first tokens
             firsts = iter(batch["position_ids"].view(-1)[bounds[:-1].long()].tolist())
             batch[PREFIX_KWARG] = [[next(firsts) for _ in row] for row in per_row]
         return batch

@@ -54,7 +54,7 @@ def shared_prefix_length(examples: Sequence[tuple[Sequence[int], Sequence[int]]]
         n = k
         if n == 0:
             break
-    return max(n, 0)
+    return n
 
 
 def share_prefix(

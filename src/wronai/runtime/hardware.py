@@ -263,15 +263,19 @@ def plan_device(
         keep_dequantized_bytes=quantization.keep_dequantized_bytes if cpu_4bit else 0,
         fused_lora=_fused("fused_lora", hardware, device, notes),
         fused_rms_norm=_fused("fused_rms_norm", hardware, device, notes),
-        fused_rotary=hardware.fused_rotary == "on" or (hardware.fused_rotary == "auto" and device == "cpu"),
-        shared_prefix=hardware.shared_prefix == "on"
-        or (hardware.shared_prefix == "auto" and device == "cpu"),
+        fused_rotary=_on_cpu_by_default(hardware.fused_rotary, device),
+        shared_prefix=_on_cpu_by_default(hardware.shared_prefix, device),
         fused_cross_entropy=_at_trained_positions("fused_cross_entropy", hardware, training, device, notes),
         last_layer_rows=hardware.last_layer_trained_only
         if _at_trained_positions("last_layer_trained_only", hardware, training, device, notes)
         else "off",
         cpu=dataclasses.replace(cpu_capability(), native_bf16=bf16_ok) if device == "cpu" else None,
     )
+
+
+def _on_cpu_by_default(setting: str, device: str) -> bool:
+    """An ``auto|on|off`` speed setting whose ``auto`` is on for CPU runs only (measured there)."""
+    return setting == "on" or (setting == "auto" and device == "cpu")
 
 
 def _available_device(requested: str, notes: list[str]) -> str:
