@@ -12,8 +12,10 @@ minimal one (`wronai train` decides batch, packing, precision and kernels), trai
 (their median is the step time; no mode is active in them) and ones run inside a ``TorchDispatchMode`` that
 times every ATen operation the forward, the backward and the optimizer run (CPU operations are synchronous, so a wall-clock pair around each is its
 time). Printed: the plain step, the measured step split into operation groups, the matmuls by shape with
-their GFLOP/s against this machine's matmul peak, and the time outside any operation (Python, autograd,
-the timer itself: the difference between a timed and a plain step says how much of it is the timer's).
+their GFLOP/s against this machine's matmul peak, the other operations by name (with the number of ATen
+calls a step: each costs Python and dispatcher time besides its kernel), and the time outside any operation
+(Python, autograd, the timer itself: the difference between a timed and a plain step says how much of it is
+the timer's).
 
 Why not ``torch.profiler``: on these 2-core machines it inflated elementwise operations by 3-15x inside a
 training step (SwiGLU's multiply read 5.5 ms a call in a profile and 0.4 ms timed by module hooks), so its
@@ -72,11 +74,14 @@ class OpTimer:
                 if name in MATMULS:
                     a, b = shapes[-2:]
                     timer.matmuls[(a, b)].append(spent)
+                else:
+                    timer.ops[name].append(spent)
                 return out
 
         self.mode = Mode()
         self.groups: dict[str, float] = defaultdict(float)
         self.matmuls: dict[tuple, list[float]] = defaultdict(list)
+        self.ops: dict[str, list[float]] = defaultdict(list)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,6 +180,14 @@ def main() -> None:
         rate = flops * len(times) / sum(times) / 1e9
         print(
             f"{str(a) + ' @ ' + str(b):44} {len(times) / n:10.1f} {1000 * sum(times) / n:8.1f} {rate:8.0f} {100 * rate / peak:7.0f}%"
+        )
+    calls = sum(len(t) for t in timer.ops.values()) + sum(len(t) for t in timer.matmuls.values())
+    print(
+        f"\n{'other operations by name (all: ' + f'{calls / n:.0f} calls a step)':44} {'calls/step':>10} {'ms/step':>8} {'us/call':>8}"
+    )
+    for name, times in sorted(timer.ops.items(), key=lambda kv: -sum(kv[1]))[:15]:
+        print(
+            f"{name:44} {len(times) / n:10.1f} {1000 * sum(times) / n:8.1f} {1e6 * sum(times) / len(times):8.0f}"
         )
 
 
