@@ -77,8 +77,8 @@ class PackedCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         # packed training rows only (evaluation rows, one example each, keep a row per example)
-        packed = all("position_ids" in f for f in features)
-        shared = share_prefix(features) if self.with_boundaries and self.share_prefix and packed else None
+        sharing = self.with_boundaries and self.share_prefix and all("position_ids" in f for f in features)
+        shared = share_prefix(features) if sharing else None
         if shared is not None:
             if not self._told:
                 logger.info(

@@ -78,9 +78,8 @@ class ThroughputMemoryCallback(TrainerCallback):
         import torch
 
         if module.training and torch.is_grad_enabled():
-            shared = shared_tokens(kwargs)
-            self._tokens += _input_tokens(kwargs, args, self._pad) + shared  # count_tokens, shared once
-            self._shared += shared
+            self._tokens += count_tokens(kwargs, args, self._pad)
+            self._shared += shared_tokens(kwargs)
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._pad = getattr(processing_class, "pad_token_id", None)
