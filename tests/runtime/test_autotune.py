@@ -89,6 +89,14 @@ def test_bf16_is_never_timed_or_chosen_without_native_bf16(monkeypatch):
     assert decision.precision == "fp32" and "no native bf16" in decision.reasons[0]
 
 
+def test_a_capped_onednn_is_named_as_why_bf16_is_not_timed(monkeypatch):
+    monkeypatch.setattr(autotune, "_time_candidate", fake_timing({"bf16": 0.01, "fused": 1.0, "slices": 1.0}))
+    plan = cpu_plan(native_bf16=False)
+    plan.cpu = CpuCapability(False, ("avx512_bf16",), "AVX2", "no", "AVX2")
+    decision = autotune.decide(TINY, plan, tokens_per_step=256, lora_r=4, **OPEN)
+    assert decision.precision == "fp32" and "oneDNN capped at AVX2" in decision.reasons[0]
+
+
 def test_closed_choices_are_not_timed(monkeypatch):
     def boom(*args):
         raise AssertionError("timed a closed choice")

@@ -264,3 +264,52 @@ def test_flash_attention_only_where_it_runs(monkeypatch, capability, error, expe
     assert plan.attn_implementation == expected
     notes = [n for n in plan.notes if "flash" in n]
     assert (len(notes) == 1 and note in notes[0]) if note else notes == []
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """A CPU whose /proc/cpuinfo lists AVX512-BF16, with no oneDNN cap in the environment (cached capability
+    cleared before and after)."""
+    monkeypatch.setattr(hardware, "_cpuinfo_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    hardware.cpu_capability.cache_clear()
+    yield monkeypatch
+    hardware.cpu_capability.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "native"),
+    [
+        (None, None, True),
+        ("ONEDNN_MAX_CPU_ISA", "AVX2", False),  # the AVX2-only emulation of docs/benchmarks.md
+        ("ONEDNN_MAX_CPU_ISA", "avx512_core", False),  # names are case-insensitive
+        ("DNNL_MAX_CPU_ISA", "AVX512_CORE_VNNI", False),  # the older name
+        ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16", True),
+        ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX", True),
+        ("ONEDNN_MAX_CPU_ISA", "ALL", True),
+    ],
+)
+def test_onednn_capped_below_bf16_is_not_native_bf16(bf16_cpu, variable, value, native):
+    if variable:
+        bf16_cpu.setenv(variable, value)
+    assert hardware.cpu_supports_bf16() is native
+    assert hardware.onednn_isa_cap() == (None if native else value.upper())
+
+
+def test_a_capped_onednn_plans_fp32_and_says_why(bf16_cpu):
+    bf16_cpu.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    cfg = load_config(
+        data={"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"}, "training": {"bf16": True}}
+    )
+    bf16_cpu.setattr(hardware, "detect_device", lambda requested="auto": "cpu")
+    plan = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+    assert plan.precision == "fp32"
+    assert any("capped at AVX2 by ONEDNN_MAX_CPU_ISA" in note for note in plan.notes)
+    text = "\n".join(plan.describe())
+    assert "native bf16 no" in text and "oneDNN capped at AVX2" in text
+    bf16_cpu.delenv("ONEDNN_MAX_CPU_ISA")
+    hardware.cpu_capability.cache_clear()
+    uncapped = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
+    assert uncapped.precision == "bf16" and "native bf16 yes" in "\n".join(uncapped.describe())

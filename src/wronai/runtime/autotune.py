@@ -125,7 +125,9 @@ def _fixed_reason(
     if question == "precision":
         name = _precision_name(plan.precision)
         if plan.cpu is None or not plan.cpu.native_bf16:
-            return f"precision: {name} (fixed: no native bf16 on this CPU — emulated bf16 is never timed)"
+            capped = plan.cpu is not None and plan.cpu.onednn_cap and plan.cpu.cpuinfo
+            where = f"oneDNN capped at {plan.cpu.onednn_cap}" if capped else "no native bf16 on this CPU"  # type: ignore[union-attr]
+            return f"precision: {name} (fixed: {where} — emulated bf16 is never timed)"
         if not opened["precision_open"] or plan.precision not in ("bf16", "fp32"):
             return f"precision: {name} (fixed by the config: training.bf16/fp16)"
         return None

@@ -152,13 +152,33 @@ def _cpuinfo_flags() -> set[str]:
     return set()
 
 
+# oneDNN instruction sets below AVX512_CORE_BF16: capped at one of them (``ONEDNN_MAX_CPU_ISA``, formerly
+# ``DNNL_MAX_CPU_ISA``), oneDNN computes bf16 matmuls without the CPU's bf16 instructions
+_ONEDNN_BELOW_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+def onednn_isa_cap() -> str | None:
+    """The instruction set oneDNN is capped at below bf16 (``ONEDNN_MAX_CPU_ISA``/``DNNL_MAX_CPU_ISA``), else None.
+
+    torch runs CPU bf16 matmuls through oneDNN; capped below AVX512_CORE_BF16 it emulates them (~1 GFLOP/s on
+    the speed benchmark's EPYC, against 430 native), whatever /proc/cpuinfo lists.
+    """
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = os.environ.get(name, "").strip().upper()
+        if value:
+            return value if value in _ONEDNN_BELOW_BF16 else None
+    return None
+
+
 def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX); emulated bf16 is slower than fp32.
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX) and torch's oneDNN may use it; emulated
+    bf16 is slower than fp32.
 
     This one answer decides precision, compute dtype and kernels for CPU runs (``cpu_capability`` shows what
     torch and bitsandbytes each say next to it).
     """
-    return bool(_cpuinfo_flags() & set(_NATIVE_BF16_FLAGS))
+    flags = bool(_cpuinfo_flags() & set(_NATIVE_BF16_FLAGS))
+    return flags and torch.backends.mkldnn.is_available() and onednn_isa_cap() is None
 
 
 @dataclass(frozen=True)
@@ -170,10 +190,17 @@ class CpuCapability:
     torch: str  # torch.backends.cpu.get_cpu_capability()
     bitsandbytes: str  # what bitsandbytes' native library says (its packed 4-bit inference format)
 
+    onednn_cap: str | None = None  # oneDNN capped below bf16 by ONEDNN_MAX_CPU_ISA (onednn_isa_cap)
+
     def describe(self) -> str:
         flags = " ".join(self.cpuinfo) or "none"
+        cap = (
+            f"; oneDNN capped at {self.onednn_cap} (ONEDNN_MAX_CPU_ISA): bf16 emulated"
+            if self.onednn_cap
+            else ""
+        )
         return (
-            f"cpu: native bf16 {'yes' if self.native_bf16 else 'no'} (/proc/cpuinfo: {flags}; torch: "
+            f"cpu: native bf16 {'yes' if self.native_bf16 else 'no'} (/proc/cpuinfo: {flags}{cap}; torch: "
             f"{self.torch}; bitsandbytes avx512bf16: {self.bitsandbytes}; its packed 4-bit format: never "
             "while training, inference only where checked)"
         )
@@ -194,7 +221,7 @@ def cpu_capability() -> CpuCapability:
 
         bnb_says = bnb.native_avx512bf16()
     flags = tuple(f for f in _NATIVE_BF16_FLAGS if f in _cpuinfo_flags())
-    return CpuCapability(cpu_supports_bf16(), flags, torch_says, bnb_says)
+    return CpuCapability(cpu_supports_bf16(), flags, torch_says, bnb_says, onednn_isa_cap())
 
 
 def detect_device(requested: str = "auto") -> str:
@@ -300,7 +327,13 @@ def _precision(training: TrainingSection, device: str, bf16_ok: bool, notes: lis
         notes.append("training.bf16 needs a GPU with native bf16 (compute capability 8.0+) — using fp16")
         precision = "fp16"
     elif precision == "bf16" and not bf16_ok and device != "mps":
-        notes.append(f"training.bf16 is not supported natively on this {device} — using fp32")
+        cap = onednn_isa_cap() if device == "cpu" else None
+        why = (
+            f" (oneDNN is capped at {cap} by ONEDNN_MAX_CPU_ISA; unset it to use the CPU's bf16)"
+            if cap
+            else ""
+        )
+        notes.append(f"training.bf16 is not supported natively on this {device}{why} — using fp32")
         precision = "fp32"
     elif precision == "bf16" and device == "mps":
         notes.append("training.bf16 mixed precision is not supported by the Trainer on mps — using fp32")
