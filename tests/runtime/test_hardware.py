@@ -313,3 +313,15 @@ def test_a_capped_onednn_plans_fp32_and_says_why(bf16_cpu):
     hardware.cpu_capability.cache_clear()
     uncapped = hardware.plan_device(cfg.hardware, cfg.training, cfg.quantization, cfg.model)
     assert uncapped.precision == "bf16" and "native bf16 yes" in "\n".join(uncapped.describe())
+
+
+def test_a_cap_on_a_cpu_without_bf16_is_not_blamed(monkeypatch):
+    """On an AVX2-only CPU the cap changes nothing: the note does not tell the user to unset it."""
+    monkeypatch.setattr(hardware, "_cpuinfo_flags", lambda: {"avx2"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    notes: list[str] = []
+    cfg = load_config(
+        data={"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"}, "training": {"bf16": True}}
+    )
+    assert hardware._precision(cfg.training, "cpu", hardware.cpu_supports_bf16(), notes) == "fp32"
+    assert notes == ["training.bf16 is not supported natively on this cpu — using fp32"]

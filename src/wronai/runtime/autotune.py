@@ -125,8 +125,15 @@ def _fixed_reason(
     if question == "precision":
         name = _precision_name(plan.precision)
         if plan.cpu is None or not plan.cpu.native_bf16:
-            capped = plan.cpu is not None and plan.cpu.onednn_cap and plan.cpu.cpuinfo
-            where = f"oneDNN capped at {plan.cpu.onednn_cap}" if capped else "no native bf16 on this CPU"  # type: ignore[union-attr]
+            cpu = plan.cpu
+            capped = (
+                cpu is not None and cpu.onednn_cap and cpu.cpuinfo
+            )  # bf16 flags, but oneDNN may not use them
+            where = (
+                f"oneDNN capped at {cpu.onednn_cap}"
+                if cpu is not None and capped
+                else "no native bf16 on this CPU"
+            )
             return f"precision: {name} (fixed: {where} — emulated bf16 is never timed)"
         if not opened["precision_open"] or plan.precision not in ("bf16", "fp32"):
             return f"precision: {name} (fixed by the config: training.bf16/fp16)"

@@ -327,7 +327,7 @@ def _precision(training: TrainingSection, device: str, bf16_ok: bool, notes: lis
         notes.append("training.bf16 needs a GPU with native bf16 (compute capability 8.0+) — using fp16")
         precision = "fp16"
     elif precision == "bf16" and not bf16_ok and device != "mps":
-        cap = onednn_isa_cap() if device == "cpu" else None
+        cap = onednn_isa_cap() if device == "cpu" and _cpuinfo_flags() & set(_NATIVE_BF16_FLAGS) else None
         why = (
             f" (oneDNN is capped at {cap} by ONEDNN_MAX_CPU_ISA; unset it to use the CPU's bf16)"
             if cap
