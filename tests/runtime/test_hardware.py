@@ -315,10 +315,11 @@ def test_a_capped_onednn_plans_fp32_and_says_why(bf16_cpu):
     assert uncapped.precision == "bf16" and "native bf16 yes" in "\n".join(uncapped.describe())
 
 
-def test_a_cap_on_a_cpu_without_bf16_is_not_blamed(monkeypatch):
+def test_a_cap_on_a_cpu_without_bf16_is_not_blamed(bf16_cpu):
     """On an AVX2-only CPU the cap changes nothing: the note does not tell the user to unset it."""
-    monkeypatch.setattr(hardware, "_cpuinfo_flags", lambda: {"avx2"})
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    bf16_cpu.setattr(hardware, "_cpuinfo_flags", lambda: {"avx2"})
+    bf16_cpu.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert hardware.cpu_capability().onednn_cap is None
     notes: list[str] = []
     cfg = load_config(
         data={"model": {"name": "org/m"}, "data": {"dataset_name": "org/d"}, "training": {"bf16": True}}

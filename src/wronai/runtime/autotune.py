@@ -125,15 +125,8 @@ def _fixed_reason(
     if question == "precision":
         name = _precision_name(plan.precision)
         if plan.cpu is None or not plan.cpu.native_bf16:
-            cpu = plan.cpu
-            capped = (
-                cpu is not None and cpu.onednn_cap and cpu.cpuinfo
-            )  # bf16 flags, but oneDNN may not use them
-            where = (
-                f"oneDNN capped at {cpu.onednn_cap}"
-                if cpu is not None and capped
-                else "no native bf16 on this CPU"
-            )
+            cap = plan.cpu.onednn_cap if plan.cpu is not None else None
+            where = f"oneDNN capped at {cap}" if cap else "no native bf16 on this CPU"
             return f"precision: {name} (fixed: {where} — emulated bf16 is never timed)"
         if not opened["precision_open"] or plan.precision not in ("bf16", "fp32"):
             return f"precision: {name} (fixed by the config: training.bf16/fp16)"

@@ -190,7 +190,8 @@ class CpuCapability:
     torch: str  # torch.backends.cpu.get_cpu_capability()
     bitsandbytes: str  # what bitsandbytes' native library says (its packed 4-bit inference format)
 
-    onednn_cap: str | None = None  # oneDNN capped below bf16 by ONEDNN_MAX_CPU_ISA (onednn_isa_cap)
+    # oneDNN capped below bf16 by ONEDNN_MAX_CPU_ISA on a CPU with bf16 flags (onednn_isa_cap): why it has none
+    onednn_cap: str | None = None
 
     def describe(self) -> str:
         flags = " ".join(self.cpuinfo) or "none"
@@ -221,7 +222,9 @@ def cpu_capability() -> CpuCapability:
 
         bnb_says = bnb.native_avx512bf16()
     flags = tuple(f for f in _NATIVE_BF16_FLAGS if f in _cpuinfo_flags())
-    return CpuCapability(cpu_supports_bf16(), flags, torch_says, bnb_says, onednn_isa_cap())
+    # the cap is recorded only where it takes bf16 instructions away (an AVX2-only CPU has none to lose)
+    cap = onednn_isa_cap() if flags else None
+    return CpuCapability(cpu_supports_bf16(), flags, torch_says, bnb_says, cap)
 
 
 def detect_device(requested: str = "auto") -> str:
@@ -327,7 +330,7 @@ def _precision(training: TrainingSection, device: str, bf16_ok: bool, notes: lis
         notes.append("training.bf16 needs a GPU with native bf16 (compute capability 8.0+) — using fp16")
         precision = "fp16"
     elif precision == "bf16" and not bf16_ok and device != "mps":
-        cap = onednn_isa_cap() if device == "cpu" and _cpuinfo_flags() & set(_NATIVE_BF16_FLAGS) else None
+        cap = cpu_capability().onednn_cap if device == "cpu" else None
         why = (
             f" (oneDNN is capped at {cap} by ONEDNN_MAX_CPU_ISA; unset it to use the CPU's bf16)"
             if cap
