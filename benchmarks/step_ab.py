@@ -4,14 +4,17 @@
     python benchmarks/step_ab.py --switch rotary                   # fused RoPE against transformers' (~1.5 min)
     python benchmarks/step_ab.py --switch last-layer               # the last layer at trained rows against whole
     python benchmarks/step_ab.py --switch shared-prefix            # the batches' common prompt start once or per example
+    python benchmarks/step_ab.py --switch native-attention         # the compiled attention kernel against sdpa per example
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
         python benchmarks/step_ab.py --switch rotary --precision fp32   # an AVX2-only CPU, emulated on a newer one
     python benchmarks/step_ab.py --switch rotary --null            # off against off: the noise floor
 
 Switches: ``last-layer`` (``hardware.last_layer_trained_only``: the last decoder layer's q/o projections
 and MLP at trained positions only), ``rotary`` (``hardware.fused_rotary``: ``wronai.kernels.rotary``'s RoPE)
-and ``shared-prefix`` (``hardware.shared_prefix``: the same rows collated with the prompt start all their
-examples repeat computed once, ``wronai.data.prefix``, against every example computing its own).
+``shared-prefix`` (``hardware.shared_prefix``: the same rows collated with the prompt start all their
+examples repeat computed once, ``wronai.data.prefix``, against every example computing its own) and
+``native-attention`` (``hardware.native_attention``: every example of a layer in one call of the compiled
+kernel, ``wronai.kernels.cpu_attention``, against one sdpa call per example).
 The speed benchmark's model, data and minimal config (`benchmarks/train_speed.py`), built through
 ``wronai.recipe.Pipeline`` with the other settings as the minimal config decides them. One process, the same
 few batches: each round runs ``trainer.training_step`` (forward + backward, no optimizer step) on every batch
@@ -41,7 +44,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--timed-rounds", type=int, default=4, help="rounds inside the per-operation timer")
     parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--switch", choices=["rotary", "last-layer", "shared-prefix"], required=True)
+    parser.add_argument(
+        "--switch", choices=["rotary", "last-layer", "shared-prefix", "native-attention"], required=True
+    )
     parser.add_argument("--null", action="store_true", help="both sides run with the setting off")
     add_data_arguments(parser)
     args = parser.parse_args()
@@ -142,6 +147,13 @@ def setting(name: str, trainer, model, autocast):  # noqa: ANN001
         if why:
             raise SystemExit(f"the last layer cannot run at trained positions: {why}")
         return lambda on: setattr(trainer, "last_layer_parts", parts if on else [])
+    if name == "native-attention":
+        from wronai.model.attention import NATIVE_ATTENTION, PACKED_SDPA
+
+        base = model.get_base_model()
+        if base.config._attn_implementation not in (NATIVE_ATTENTION, PACKED_SDPA):
+            raise SystemExit("the model does not run per-example attention (packed rows)")
+        return lambda on: base.set_attn_implementation(NATIVE_ATTENTION if on else PACKED_SDPA)
     from wronai.kernels.rotary import FusedRotaryAttention, fuse_rotary, unfuse_rotary
 
     def rotary(on: bool) -> None:

@@ -178,3 +178,18 @@ def test_make_install_uses_the_constraints(tmp_path):
     assert wronai_line and "-c constraints.txt" in wronai_line[0], dry
     torch_line = [line for line in pip_lines if "torch==" in line]
     assert torch_line and f'"torch=={pins()["torch"]}"' in torch_line[0], dry
+
+
+def test_the_c_kernel_sources_ship_in_the_package():
+    """The compiled kernels are built from their C source on the user's machine: every ``.c`` file under
+    ``wronai/kernels/native`` must match a package-data pattern, or a wheel install has no source to build."""
+    from fnmatch import fnmatch
+
+    patterns = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["tool"]["setuptools"]["package-data"][
+        "wronai"
+    ]
+    package = REPO / "src" / "wronai"
+    sources = sorted(p.relative_to(package).as_posix() for p in (package / "kernels" / "native").glob("*.c"))
+    assert sources, "no C sources found"
+    for source in sources:
+        assert any(fnmatch(source, pattern) for pattern in patterns), source

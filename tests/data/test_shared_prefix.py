@@ -14,6 +14,7 @@ from wronai.data.collate import PackedCollator, pack_examples
 from wronai.data.prefix import share_prefix, shared_prefix_length
 from wronai.data.tokenize import IGNORE_INDEX
 from wronai.errors import WronAIError
+from wronai.kernels.native import find_compiler
 from wronai.model.attention import LENGTHS_KWARG, PREFIX_KWARG, enable_packed_attention, packed_sdpa
 from wronai.train.throughput import count_tokens
 
@@ -113,7 +114,7 @@ def test_collator_shares_packed_training_rows_only():
     )
 
 
-def _gqa_llama():
+def _gqa_llama(native: str = "off"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -126,7 +127,7 @@ def _gqa_llama():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.2)
-    assert enable_packed_attention(model)
+    assert enable_packed_attention(model, native)
     return model.train()
 
 
@@ -135,11 +136,16 @@ def _gqa_llama():
     [(None, None), (torch.bfloat16, 64)],  # bf16 CPU runs pad rows to a multiple of 64 (a padding block)
     ids=["fp32", "bf16-autocast-padded"],
 )
-def test_same_loss_and_gradients_as_every_example_its_own_prefix(autocast, multiple):
+@pytest.mark.parametrize(
+    "native",
+    ["off", pytest.param("auto", marks=pytest.mark.skipif(find_compiler() is None, reason="no C compiler"))],
+)
+def test_same_loss_and_gradients_as_every_example_its_own_prefix(autocast, multiple, native):
+    """Against sdpa with every example its own prefix; the shared layout by sdpa or the compiled kernel."""
     rows = pack_examples(_examples(count=12), 64)
     results = []
     for share in (False, True):
-        model = _gqa_llama()
+        model = _gqa_llama(native if share else "off")
         collator = PackedCollator(
             pad_token_id=0, pad_to_multiple_of=multiple, with_boundaries=True, share_prefix=share
         )

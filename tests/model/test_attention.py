@@ -10,8 +10,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from wronai.data.collate import PackedCollator, pack_examples
 from wronai.data.tokenize import IGNORE_INDEX
+from wronai.kernels.native import find_compiler
 from wronai.model.attention import (
     LENGTHS_KWARG,
+    NATIVE_ATTENTION,
     PACKED_SDPA,
     cpu_half_attention,
     enable_packed_attention,
@@ -22,6 +24,11 @@ from wronai.model.attention import (
 from wronai.model.kbit import enable_gradient_checkpointing
 
 X = IGNORE_INDEX
+# per-example attention by sdpa, and by the compiled kernel where this machine can build it
+NATIVE = [
+    "off",
+    pytest.param("auto", marks=pytest.mark.skipif(find_compiler() is None, reason="no C compiler")),
+]
 
 
 @pytest.mark.parametrize(
@@ -111,10 +118,12 @@ def test_enable_switches_only_sdpa_models(tiny_model_dir):
     assert eager.config._attn_implementation == "eager"
 
 
-def test_packed_logits_equal_each_example_alone(tiny_model_dir, packed_rows):
+@pytest.mark.parametrize("native", NATIVE)
+def test_packed_logits_equal_each_example_alone(tiny_model_dir, packed_rows, native):
     examples, rows = packed_rows
     model = _model(tiny_model_dir).eval()
-    enable_packed_attention(model)
+    enable_packed_attention(model, native)
+    assert model.config._attn_implementation == (NATIVE_ATTENTION if native == "auto" else PACKED_SDPA)
     batch = PackedCollator(pad_token_id=0, with_boundaries=True)(rows)
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
@@ -133,7 +142,8 @@ def test_packed_logits_equal_each_example_alone(tiny_model_dir, packed_rows):
     assert checked >= len(examples)
 
 
-def test_packed_gradients_equal_the_masked_path(tiny_model_dir, packed_rows):
+@pytest.mark.parametrize("native", NATIVE)
+def test_packed_gradients_equal_the_masked_path(tiny_model_dir, packed_rows, native):
     """Backward too: the per-example path gives the same loss and gradients as transformers' block-diagonal mask."""
     _, rows = packed_rows
 
@@ -141,7 +151,7 @@ def test_packed_gradients_equal_the_masked_path(tiny_model_dir, packed_rows):
         model = _model(tiny_model_dir).train()
         enable_gradient_checkpointing(model)
         if per_example:
-            assert enable_packed_attention(model)
+            assert enable_packed_attention(model, native)
         batch = PackedCollator(pad_token_id=0, with_boundaries=per_example)(rows)
         loss = model(**batch).loss
         loss.backward()

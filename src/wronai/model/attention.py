@@ -4,7 +4,10 @@ A packed row holds several examples. transformers isolates them by building a bl
 from the position ids, but sdpa then still computes (and on CPU, with a dense mask, cannot skip) attention
 over the whole row: a row of 512 tokens holding five examples of ~100 costs 512² instead of 5·100².
 
-``packed_sdpa`` is registered with transformers' ``AttentionInterface`` under the name ``wronai_packed_sdpa``.
+``packed_sdpa`` is registered with transformers' ``AttentionInterface`` under the name ``wronai_packed_sdpa``;
+``native_packed_attention`` (``wronai_native_attention``) is the same with every example of a layer computed by
+WronAI's compiled CPU kernel in one call (``wronai.kernels.cpu_attention``, ``hardware.native_attention``) where
+it applies (float32 on the CPU, as all CPU attention here is, no dropout, head dim a multiple of 16).
 When the batch carries the example lengths it runs causal sdpa on every example separately; without them
 (generation, padded evaluation batches, models that do not forward the keyword arguments) it is plain sdpa
 with transformers' own mask, so results never depend on which path ran. ``PackedCollator(with_boundaries=True)``
@@ -36,6 +39,7 @@ from wronai.errors import WronAIError
 logger = logging.getLogger(__name__)
 
 PACKED_SDPA = "wronai_packed_sdpa"
+NATIVE_ATTENTION = "wronai_native_attention"
 # per row, the lengths of the examples it holds: Python ints, from the collator
 LENGTHS_KWARG = "wronai_example_lengths"
 # per row, each example's first position id: an example starting above 0 continues the row's first tokens,
@@ -51,22 +55,47 @@ def packed_sdpa(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    *,
+    native: bool = False,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Causal sdpa per example when the boundaries are given; transformers' sdpa otherwise.
+    """Causal sdpa per example when the boundaries are given; transformers' sdpa otherwise. ``native``:
+    the examples by the compiled kernel where it applies.
 
     On a CPU, bf16/fp16 attention is computed in fp32 (see ``cpu_half_attention``).
     """
     half = cpu_half_attention(query)
     if half is None:
-        return _attend(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        return _attend(module, query, key, value, attention_mask, dropout, scaling, native, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
     with torch.autocast("cpu", enabled=False):
         out, _ = _attend(
-            module, query.float(), key.float(), value.float(), attention_mask, dropout, scaling, **kwargs
+            module,
+            query.float(),
+            key.float(),
+            value.float(),
+            attention_mask,
+            dropout,
+            scaling,
+            native,
+            **kwargs,
         )
     return out.to(half), None
+
+
+def native_packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """``packed_sdpa`` with the examples computed by WronAI's compiled kernel (``wronai_native_attention``)."""
+    return packed_sdpa(module, query, key, value, attention_mask, dropout, scaling, native=True, **kwargs)
 
 
 def cpu_half_attention(query: torch.Tensor) -> torch.dtype | None:
@@ -97,6 +126,7 @@ def _attend(
     attention_mask: torch.Tensor | None,
     dropout: float,
     scaling: float | None,
+    native: bool,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -116,11 +146,22 @@ def _attend(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    for lengths, first in zip(per_row, starts, strict=True):
+        if first and any(first):
+            _check_prefix_row(lengths, first)
+    p = dropout if module.training else 0.0
+    if native and not p and _native_applies(query, key, value, kwargs):
+        from wronai.kernels import cpu_attention
+
+        examples = cpu_attention.examples_tensor(per_row, starts)
+        return cpu_attention.attention(
+            cpu_attention.attention_kernel(), query, key, value, examples, scaling
+        ), None
     gqa = query.shape[1] != key.shape[1]
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.scaled_dot_product_attention(
-            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), dropout_p=dropout if module.training else 0.0,
+            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), dropout_p=p,
             is_causal=True, scale=scaling, enable_gqa=gqa,
         )  # fmt: skip
 
@@ -154,11 +195,6 @@ def _sharing_prefix(
     continue the row's first p tokens: each attends causally to those and to itself, as the whole example
     would; the outputs for the prefix rows come from the first example only."""
     prefix = max(first)
-    if first[0] != 0 or lengths[0] <= prefix or any(p not in (0, prefix) for p in first):
-        raise WronAIError(
-            f"attention: a row's examples continue different prefixes (first positions {first}) — WronAI's "
-            "collator never builds such rows; set hardware.shared_prefix: off"
-        )
     sizes = [prefix, lengths[0] - prefix, *lengths[1:]]
     qs, ks, vs = q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1)
     pieces = [attend(torch.cat(qs[:2], 1), torch.cat(ks[:2], 1), torch.cat(vs[:2], 1))]
@@ -171,6 +207,28 @@ def _sharing_prefix(
         else:
             pieces.append(attend(qs[j], ks[j], vs[j]))
     return torch.cat(pieces, dim=2)
+
+
+def _check_prefix_row(lengths: list[int], first: list[int]) -> None:
+    """A row whose examples continue its first tokens is one WronAI's collator builds: the first example
+    holds the prefix, every other one continues all of it or none."""
+    prefix = max(first)
+    if first[0] != 0 or lengths[0] <= prefix or any(p not in (0, prefix) for p in first):
+        raise WronAIError(
+            f"attention: a row's examples continue different prefixes (first positions {first}) — WronAI's "
+            "collator never builds such rows; set hardware.shared_prefix: off"
+        )
+
+
+def _native_applies(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict[str, Any]
+) -> bool:
+    """The compiled kernel computes plain causal attention: not a sliding window, soft-capped scores or
+    attention sinks (those models keep sdpa), and only the shapes and dtypes it takes."""
+    from wronai.kernels.cpu_attention import usable
+
+    special = any(kwargs.get(name) is not None for name in ("sliding_window", "softcap", "s_aux"))
+    return not special and usable(query, key, value)
 
 
 def example_lengths(bounds: torch.Tensor | list[int], batch: int, length: int) -> list[list[int]]:
@@ -189,27 +247,37 @@ def example_lengths(bounds: torch.Tensor | list[int], batch: int, length: int) -
 
 
 def register_packed_attention() -> None:
-    """Make ``wronai_packed_sdpa`` known to transformers (idempotent; masks are built as for sdpa)."""
+    """Make ``wronai_packed_sdpa`` and ``wronai_native_attention`` known to transformers (idempotent; masks
+    are built as for sdpa)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(PACKED_SDPA, packed_sdpa)
-    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+    for name, function in ((PACKED_SDPA, packed_sdpa), (NATIVE_ATTENTION, native_packed_attention)):
+        AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, sdpa_mask)
 
 
-def enable_packed_attention(model: Any) -> bool:
+def enable_packed_attention(model: Any, native: str = "off") -> bool:
     """Switch a model that uses sdpa to per-example attention; returns whether it did.
 
-    Other implementations are left alone: flash-attention already reads example boundaries from the
-    position ids (variable-length kernels) and eager is what the user asked for explicitly.
+    ``native`` (hardware.native_attention as the plan resolved it): auto/on = the examples by the compiled
+    kernel, built and checked here; auto falls back to sdpa per example with a note when it cannot be,
+    on stops the run. Other implementations are left alone: flash-attention already reads example
+    boundaries from the position ids (variable-length kernels) and eager is what the user asked for
+    explicitly.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+    if config is None or getattr(config, "_attn_implementation", None) not in (
+        "sdpa",
+        PACKED_SDPA,
+        NATIVE_ATTENTION,
+    ):
         return False
     register_packed_attention()
+    name = NATIVE_ATTENTION if native != "off" and _native_kernel_ready(native) else PACKED_SDPA
     try:
-        base.set_attn_implementation(PACKED_SDPA)
+        base.set_attn_implementation(name)
     except (ValueError, AttributeError) as err:  # an architecture that cannot switch at run time keeps sdpa
         logger.info(
             "per-example attention not available for %s (%s) — packed rows use sdpa with a mask",
@@ -217,9 +285,40 @@ def enable_packed_attention(model: Any) -> bool:
             err,
         )
         return False
-    if getattr(config, "_attn_implementation", None) != PACKED_SDPA:
+    if getattr(config, "_attn_implementation", None) != name:
         return False
-    logger.info("attention: %s (per example in packed rows; fp32 math on a CPU)", PACKED_SDPA)
+    how = (
+        "compiled kernel, all examples of a layer in one call"
+        if name == NATIVE_ATTENTION
+        else "sdpa per example"
+    )
+    logger.info("attention: %s (packed rows: %s; fp32 math on a CPU)", name, how)
+    return True
+
+
+def _native_kernel_ready(setting: str) -> bool:
+    """Build, load and check the compiled kernel; False (auto, with a note) or an error (on) if it fails."""
+    from wronai.kernels.cpu_attention import attention_kernel
+    from wronai.kernels.native import NativeBuildError
+
+    try:
+        kernel = attention_kernel()
+    except NativeBuildError as err:
+        if setting == "on":
+            raise WronAIError(
+                f"hardware.native_attention: on, but the kernel cannot be used: {err} — install a C compiler "
+                "(gcc) or set hardware.native_attention: auto"
+            ) from None
+        logger.warning("attention: %s — PyTorch's sdpa per example instead (hardware.native_attention)", err)
+        return False
+    built = kernel.built
+    logger.info(
+        "attention kernel: %s (%s %s%s)",
+        built.path,
+        built.compiler,
+        " ".join(built.flags),
+        f", compiled in {built.seconds:.1f} s" if built.compiled else ", cached",
+    )
     return True
 
 

@@ -54,6 +54,8 @@ class DevicePlan:
     fused_lora: bool = False  # LoRA layers computed by wronai.kernels.fused_lora (hardware.fused_lora)
     fused_rms_norm: bool = False  # norms computed by wronai.kernels.rms_norm (hardware.fused_rms_norm)
     fused_rotary: bool = False  # RoPE computed by wronai.kernels.rotary (hardware.fused_rotary)
+    # per-example attention by the compiled kernel (hardware.native_attention resolved: auto | on | off)
+    native_attention: str = "off"
     # packed batches compute their examples' common prompt start once (hardware.shared_prefix)
     shared_prefix: bool = False
     # head and loss computed by wronai.kernels.cross_entropy (hardware.fused_cross_entropy)
@@ -106,6 +108,13 @@ class DevicePlan:
             "LoRA layers: " + ("fused base + adapter step" if self.fused_lora else "PEFT's modules"),
             "RMSNorm: " + ("fused step" if self.fused_rms_norm else "transformers' modules"),
             "rotary embedding: " + ("fused step" if self.fused_rotary else "transformers' function"),
+            "attention kernel (packed rows): "
+            + (
+                "WronAI's compiled kernel, every example of a layer in one call (built with the C compiler at "
+                "first use, checked against sdpa)"
+                if self.native_attention != "off"
+                else "PyTorch's sdpa, one call per example"
+            ),
             "packed batches: "
             + (
                 "a prompt start all their examples share computed once"
@@ -294,6 +303,7 @@ def plan_device(
         fused_lora=_fused("fused_lora", hardware, device, notes),
         fused_rms_norm=_fused("fused_rms_norm", hardware, device, notes),
         fused_rotary=_on_cpu_by_default(hardware.fused_rotary, device),
+        native_attention=_native_attention(hardware, device, notes),
         shared_prefix=_on_cpu_by_default(hardware.shared_prefix, device),
         fused_cross_entropy=_at_trained_positions("fused_cross_entropy", hardware, training, device, notes),
         last_layer_rows=hardware.last_layer_trained_only
@@ -301,6 +311,26 @@ def plan_device(
         else "off",
         cpu=dataclasses.replace(cpu_capability(), native_bf16=bf16_ok) if device == "cpu" else None,
     )
+
+
+def _native_attention(hardware: HardwareSection, device: str, notes: list[str]) -> str:
+    """hardware.native_attention resolved: "off" where it cannot run (not a CPU run; auto without a C
+    compiler, with a note), else the setting (whether the kernel builds is known when the model is set up)."""
+    from wronai.kernels.native import find_compiler
+
+    setting = hardware.native_attention
+    if setting == "off" or (setting == "auto" and device != "cpu"):
+        return "off"
+    if device != "cpu":
+        notes.append(f"hardware.native_attention is a CPU kernel — off on {device}")
+        return "off"
+    if setting == "auto" and find_compiler() is None:
+        notes.append(
+            "attention: no C compiler found ($CC, cc, gcc or clang) — PyTorch's sdpa per example; install gcc "
+            "for WronAI's ~2x faster compiled kernel (hardware.native_attention)"
+        )
+        return "off"
+    return setting
 
 
 def _on_cpu_by_default(setting: str, device: str) -> bool:

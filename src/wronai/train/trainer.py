@@ -258,22 +258,24 @@ def build_trainer(
     fused_cross_entropy: bool = False,
     last_layer_trained_only: bool = False,
     shared_prefix: bool = False,
+    native_attention: str = "off",
 ):
     """A Hugging Face Trainer (crash-safe checkpoints, gradient guard) over the prepared data.
     ``fused_cross_entropy``: the head and the loss in one step where the loss is at trained positions;
     ``last_layer_trained_only``: the last decoder layer's position-wise parts at those positions only;
-    ``shared_prefix``: packed batches compute their examples' common prompt start once (per-example attention only)."""
+    ``shared_prefix``: packed batches compute their examples' common prompt start once (per-example attention only);
+    ``native_attention``: hardware.native_attention as the plan resolved it (auto | on | off)."""
     multiple = length_multiple(args)
     if prepared.packed:  # attention per example instead of a block-diagonal mask over the whole row
         collator: Any = PackedCollator(
             pad_token_id=tokenizer.pad_token_id,
             pad_to_multiple_of=multiple,
-            with_boundaries=per_example_attention and enable_packed_attention(model),
+            with_boundaries=per_example_attention and enable_packed_attention(model, native_attention),
             share_prefix=shared_prefix,
         )
     else:
         if per_example_attention and multiple:  # no boundaries: sdpa with the mask, in fp32 on the CPU
-            enable_packed_attention(model)
+            enable_packed_attention(model, native_attention)
         collator = PaddingCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=multiple)
     if shared_prefix and not getattr(collator, "with_boundaries", False):
         logger.info(
@@ -361,7 +363,7 @@ def make_trainer(
             model, tokenizer, args, data, [ConsoleLogCallback(), *callbacks], config.training,
             per_example_attention=config.model.attn_implementation == "auto",
             fused_cross_entropy=plan.fused_cross_entropy, last_layer_trained_only=plan.last_layer_trained_only,
-            shared_prefix=plan.shared_prefix,
+            shared_prefix=plan.shared_prefix, native_attention=plan.native_attention,
         )  # fmt: skip
     trainer.checkpoint_extras = {CONFIG_FILE: dump_config(config)}
     throughput.attach(trainer)

@@ -104,6 +104,18 @@ class HardwareSection(Section):
         "against transformers' function. auto = on for CPU runs; on = also on GPUs (not measured there); off = "
         "transformers' function.",
     )
+    native_attention: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Compute per-example causal attention (packed rows) with WronAI's compiled CPU kernel "
+        "(wronai.kernels.cpu_attention): every example of a layer in one call, forward and backward, instead of "
+        "one PyTorch flash-attention call per example, whose 32-query blocks run short examples at a fifth of "
+        "the matmul peak — ~2x faster attention, the same numbers to ~1e-6 (float32), ~10% less time per CPU "
+        "step of the speed benchmark (docs/benchmarks.md). Built from its C source with the system compiler "
+        "($CC, cc, gcc or clang; -O3 -march=native) at first use, about a second, cached in "
+        "$WRONAI_CACHE_DIR or ~/.cache/wronai; checked against sdpa before use. auto = CPU runs where a C "
+        "compiler is found (else sdpa per example, with a note); on = fail when it cannot be built; "
+        "off = sdpa per example.",
+    )
     shared_prefix: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Compute a prompt start that every example of a packed batch repeats (a template's "
