@@ -310,7 +310,7 @@ def run_wronai(model_dir: Path, train_file: Path, out: Path, args) -> dict:
 
 MINIMAL_CONFIG_NOTES = (
     "auto ->", "auto:", "precision:", "LoRA layers", "4-bit", "RMSNorm", "RoPE", "cross-entropy:", "data.packing", "hardware:",
-    "last decoder layer:", "packed batches:",
+    "last decoder layer:", "packed batches:", "attention:", "attention kernel:",
 )  # fmt: skip
 
 

@@ -88,6 +88,22 @@ def test_probabilities_are_kept_only_within_the_limit():
     assert cpu_attention.kept_probs_layout(examples, 2, 10559) is None
 
 
+@needs_compiler
+@pytest.mark.parametrize(
+    ("lengths", "prefixes", "batch"),
+    [
+        pytest.param([[30, 30]], [None], 1, id="short-of-the-row"),
+        pytest.param([[40, 30]], [None], 1, id="past-the-row"),
+        pytest.param([[64], [64]], [None, None], 1, id="more-rows-than-the-batch"),
+        pytest.param([[64]], [None], 2, id="a-row-left-out"),
+    ],
+)
+def test_a_table_that_does_not_fit_the_batch_is_refused(kernel, lengths, prefixes, batch):
+    q, k, v = _qkv(batch, 64, 2, 1, 16, "projection")
+    with pytest.raises(ValueError, match="attention: "):
+        attention(kernel, q, k, v, examples_tensor(lengths, prefixes))
+
+
 def test_example_table():
     table = examples_tensor([[3, 2, 4], [5]], [[0, 2, 0], None]).view(-1, cpu_attention.FIELDS).tolist()
     # the second example continues the row's first 2 tokens: the first example shares them
