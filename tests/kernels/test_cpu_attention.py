@@ -293,3 +293,26 @@ def test_shared_prefix_gradients_are_summed_without_a_race(kernel):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         first = first or got
         assert all(torch.equal(a, b) for a, b in zip(got, first, strict=True))
+
+
+def test_unpacked_batches_never_build_the_kernel(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    """Without packing there are no example boundaries: a bf16 CPU run switches to per-example attention
+    (for its fp32 math) but neither builds nor names the compiled kernel."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaForCausalLM, TrainingArguments
+
+    from wronai.model.attention import PACKED_SDPA
+    from wronai.train import trainer as trainer_module
+
+    def no_build():
+        raise AssertionError("the kernel was built for unpacked batches")
+
+    monkeypatch.setattr(cpu_attention, "attention_kernel", no_build)
+    monkeypatch.setattr(trainer_module, "length_multiple", lambda args: 64)  # as on a bf16 CPU run
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], remove_unused_columns=False)
+    rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}] * 4
+    prepared = SimpleNamespace(packed=False, train=rows, eval=None)
+    trainer_module.build_trainer(model, tiny_tokenizer, args, prepared, [], native_attention="auto")
+    assert model.config._attn_implementation == PACKED_SDPA

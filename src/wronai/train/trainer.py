@@ -275,7 +275,7 @@ def build_trainer(
         )
     else:
         if per_example_attention and multiple:  # no boundaries: sdpa with the mask, in fp32 on the CPU
-            enable_packed_attention(model, native_attention)
+            enable_packed_attention(model)  # (the compiled kernel needs the boundaries: not built here)
         collator = PaddingCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=multiple)
     if shared_prefix and not getattr(collator, "with_boundaries", False):
         logger.info(
