@@ -316,3 +316,14 @@ def test_unpacked_batches_never_build_the_kernel(tiny_model_dir, tiny_tokenizer,
     prepared = SimpleNamespace(packed=False, train=rows, eval=None)
     trainer_module.build_trainer(model, tiny_tokenizer, args, prepared, [], native_attention="auto")
     assert model.config._attn_implementation == PACKED_SDPA
+
+
+@needs_compiler
+def test_cc_with_a_wrapper_is_split_as_a_shell_would(tmp_path, monkeypatch):
+    """``CC="ccache gcc"``: the wrapper runs the compiler with every flag (not the flags as a command)."""
+    wrapper = tmp_path / "wrap"
+    wrapper.write_text('#!/bin/sh\nexec "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", f"{wrapper} {find_compiler()}")
+    built = build("attention")
+    assert built.path.is_file() and built.compiler.startswith(str(wrapper) + " ")

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -58,16 +59,25 @@ class Built:
     seconds: float
 
 
-def find_compiler() -> str | None:
-    """The C compiler a build would use: ``$CC``, else ``cc``, ``gcc`` or ``clang`` on the PATH."""
+def compiler_command() -> list[str] | None:
+    """The command that compiles: ``$CC`` split as a shell would (``ccache gcc`` stays two words), else
+    ``cc``, ``gcc`` or ``clang`` from the PATH; None when there is none."""
     env = os.environ.get("CC", "").strip()
     if env:
-        return shutil.which(env.split()[0])
+        words = shlex.split(env)
+        found = shutil.which(words[0])
+        return [found, *words[1:]] if found else None
     for name in ("cc", "gcc", "clang"):
         found = shutil.which(name)
         if found:
-            return found
+            return [found]
     return None
+
+
+def find_compiler() -> str | None:
+    """The C compiler a build would use, as one string (``$CC``, else ``cc``, ``gcc`` or ``clang``)."""
+    command = compiler_command()
+    return " ".join(command) if command else None
 
 
 def cache_root() -> Path:
@@ -92,9 +102,10 @@ def _cpu_signature() -> str:
     return "\n".join(parts)
 
 
-def _compiler_version(compiler: str) -> str:
+def _compiler_version(command: list[str]) -> str:
+    compiler = " ".join(command)
     try:
-        out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as err:
         raise NativeBuildError(f"the C compiler {compiler} does not run ({err})") from None
     return out.stdout.strip()
@@ -109,10 +120,11 @@ def build(name: str, openmp: bool = False) -> Built:
     start = time.perf_counter()
     source = SOURCE_DIR / f"{name}.c"
     code = source.read_bytes()
-    compiler = find_compiler()
-    if compiler is None:
+    cc = compiler_command()
+    if cc is None:
         raise NativeBuildError("no C compiler found ($CC, cc, gcc or clang on the PATH)")
-    version = _compiler_version(compiler)
+    compiler = " ".join(cc)
+    version = _compiler_version(cc)
     suffix = ".dylib" if platform.system() == "Darwin" else ".so"
     errors = []
     override = tuple(os.environ.get("WRONAI_NATIVE_FLAGS", "").split())
@@ -136,7 +148,7 @@ def build(name: str, openmp: bool = False) -> Built:
         if library.is_file():
             return Built(library, compiler, flags, False, time.perf_counter() - start)
         partial = folder / f".{name}.{os.getpid()}{suffix}"
-        command = [compiler, *flags, str(source), "-o", str(partial), "-lm"]
+        command = [*cc, *flags, str(source), "-o", str(partial), "-lm"]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         except (OSError, subprocess.SubprocessError) as err:
