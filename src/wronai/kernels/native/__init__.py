@@ -162,7 +162,10 @@ def build(name: str, openmp: bool = False) -> Built:
             return Built(library, compiler, flags, True, seconds)
         partial.unlink(missing_ok=True)
         errors.append(
-            next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
+            next(
+                (line for line in done.stderr.splitlines() if "error" in line),
+                " ".join(done.stderr.split())[:200],
+            )
         )
     raise NativeBuildError(
         f"compiling {source.name} with {compiler} failed: {errors[-1] if errors else 'no output'}"
