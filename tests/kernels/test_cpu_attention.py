@@ -327,3 +327,21 @@ def test_cc_with_a_wrapper_is_split_as_a_shell_would(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", f"{wrapper} {find_compiler()}")
     built = build("attention")
     assert built.path.is_file() and built.compiler.startswith(str(wrapper) + " ")
+
+
+@needs_compiler
+def test_the_build_without_openmp_starts_its_own_threads_and_agrees(monkeypatch):
+    """Where PyTorch does not run libgomp (macOS, Intel or LLVM OpenMP) the kernel is built without
+    -fopenmp and runs its tasks on threads it starts itself: the same numbers."""
+    from wronai.kernels.native import load
+
+    library, built = load("attention", openmp=False)
+    assert "-fopenmp" not in built.flags
+    library.wronai_attention_forward.argtypes = cpu_attention._FORWARD_ARGS
+    library.wronai_attention_backward.argtypes = cpu_attention._BACKWARD_ARGS
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # at least one thread started by the kernel
+    try:
+        assert self_check(cpu_attention.AttentionKernel(library, built)) < cpu_attention.CHECK_TOLERANCE
+    finally:
+        torch.set_num_threads(threads)

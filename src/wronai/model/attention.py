@@ -28,6 +28,7 @@ CPU and the lengths are missing.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -84,18 +85,8 @@ def packed_sdpa(
     return out.to(half), None
 
 
-def native_packed_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """``packed_sdpa`` with the examples computed by WronAI's compiled kernel (``wronai_native_attention``)."""
-    return packed_sdpa(module, query, key, value, attention_mask, dropout, scaling, native=True, **kwargs)
+# ``packed_sdpa`` with the examples computed by WronAI's compiled kernel (``wronai_native_attention``)
+native_packed_attention = functools.partial(packed_sdpa, native=True)
 
 
 def cpu_half_attention(query: torch.Tensor) -> torch.dtype | None:

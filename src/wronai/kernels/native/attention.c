@@ -57,7 +57,7 @@ static inline v8 splat8(float a) { return (v8){a, a, a, a, a, a, a, a}; }
 
 static inline int64_t round16(int64_t x) { return (x + 15) & ~(int64_t)15; }
 
-enum { FULL, CAUSAL_N, CAUSAL_K, CAUSAL_KT };
+enum { CAUSAL_N = 1, CAUSAL_K, CAUSAL_KT };
 
 /* C (M x N, ldc) = or += A (M x K) * B (K x N, ldb, row-major); A(i, k) = A[i * sa + k * sk], so A may be
  * a transposed view; N a multiple of 16. A block of MR rows x 16 columns of C stays in registers while k
@@ -441,10 +441,11 @@ static view make_view(const float *p, const int64_t *s) {
     return v;
 }
 
-int wronai_attention_forward(const float *q, const int64_t *qs, const float *k, const int64_t *ks,
-                             const float *v, const int64_t *vs, float *out, const int64_t *os, float *lse,
-                             const int64_t *ls, int64_t H, int64_t KH, int64_t D, float scale,
-                             const int64_t *ex, int64_t E, float *probs, const int64_t *poffs, int threads) {
+/* the fields forward and backward share */
+static job make_job(const float *q, const int64_t *qs, const float *k, const int64_t *ks, const float *v,
+                    const int64_t *vs, const float *out, const int64_t *os, const float *lse, const int64_t *ls,
+                    int64_t H, int64_t KH, int64_t D, float scale, const int64_t *ex, float *probs,
+                    const int64_t *poffs) {
     job J;
     memset(&J, 0, sizeof J);
     J.q = make_view(q, qs);
@@ -459,6 +460,14 @@ int wronai_attention_forward(const float *q, const int64_t *qs, const float *k, 
     J.ex = ex;
     J.probs = probs;
     J.poffs = poffs;
+    return J;
+}
+
+int wronai_attention_forward(const float *q, const int64_t *qs, const float *k, const int64_t *ks,
+                             const float *v, const int64_t *vs, float *out, const int64_t *os, float *lse,
+                             const int64_t *ls, int64_t H, int64_t KH, int64_t D, float scale,
+                             const int64_t *ex, int64_t E, float *probs, const int64_t *poffs, int threads) {
+    job J = make_job(q, qs, k, ks, v, vs, out, os, lse, ls, H, KH, D, scale, ex, probs, poffs);
     return run(&J, E, threads);
 }
 
@@ -468,13 +477,7 @@ int wronai_attention_backward(const float *q, const int64_t *qs, const float *k,
                               float *dq, const int64_t *dqs, float *dk, const int64_t *dks, float *dv,
                               const int64_t *dvs, int64_t H, int64_t KH, int64_t D, float scale,
                               const int64_t *ex, int64_t E, float *probs, const int64_t *poffs, int threads) {
-    job J;
-    memset(&J, 0, sizeof J);
-    J.q = make_view(q, qs);
-    J.k = make_view(k, ks);
-    J.v = make_view(v, vs);
-    J.o = make_view(out, os);
-    J.lse = make_view(lse, ls);
+    job J = make_job(q, qs, k, ks, v, vs, out, os, lse, ls, H, KH, D, scale, ex, probs, poffs);
     J.dout = make_view(dout, dos);
     J.dq = dq;
     J.dk = dk;
@@ -482,13 +485,6 @@ int wronai_attention_backward(const float *q, const int64_t *qs, const float *k,
     memcpy(J.dqs, dqs, sizeof J.dqs);
     memcpy(J.dks, dks, sizeof J.dks);
     memcpy(J.dvs, dvs, sizeof J.dvs);
-    J.H = H;
-    J.KH = KH;
-    J.D = D;
-    J.scale = scale;
-    J.ex = ex;
-    J.probs = probs;
-    J.poffs = poffs;
     J.backward = 1;
     return run(&J, E, threads);
 }
