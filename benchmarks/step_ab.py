@@ -5,6 +5,7 @@
     python benchmarks/step_ab.py --switch last-layer               # the last layer at trained rows against whole
     python benchmarks/step_ab.py --switch shared-prefix            # the batches' common prompt start once or per example
     python benchmarks/step_ab.py --switch native-attention         # the compiled attention kernel against sdpa per example
+    python benchmarks/step_ab.py --switch native-swiglu            # the compiled SwiGLU kernel against silu and mul
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
         python benchmarks/step_ab.py --switch rotary --precision fp32   # an AVX2-only CPU, emulated on a newer one
     python benchmarks/step_ab.py --switch rotary --null            # off against off: the noise floor
@@ -45,7 +46,9 @@ def main() -> None:
     parser.add_argument("--timed-rounds", type=int, default=4, help="rounds inside the per-operation timer")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument(
-        "--switch", choices=["rotary", "last-layer", "shared-prefix", "native-attention"], required=True
+        "--switch",
+        choices=["rotary", "last-layer", "shared-prefix", "native-attention", "native-swiglu"],
+        required=True,
     )
     parser.add_argument("--null", action="store_true", help="both sides run with the setting off")
     add_data_arguments(parser)
@@ -154,6 +157,17 @@ def setting(name: str, trainer, model, autocast):  # noqa: ANN001
         if base.config._attn_implementation not in (NATIVE_ATTENTION, PACKED_SDPA):
             raise SystemExit("the model does not run per-example attention (packed rows)")
         return lambda on: base.set_attn_implementation(NATIVE_ATTENTION if on else PACKED_SDPA)
+    if name == "native-swiglu":
+        from wronai.kernels.swiglu import FusedSwiGLU, fuse_swiglu, unfuse_swiglu
+
+        def swiglu(on: bool) -> None:
+            fused = any(isinstance(m, FusedSwiGLU) for m in model.modules())
+            if on and not fused and not fuse_swiglu(model, "on"):
+                raise SystemExit("the model has no Llama-style SwiGLU MLP")
+            if fused and not on:
+                unfuse_swiglu(model)
+
+        return swiglu
     from wronai.kernels.rotary import FusedRotaryAttention, fuse_rotary, unfuse_rotary
 
     def rotary(on: bool) -> None:

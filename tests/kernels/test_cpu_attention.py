@@ -9,7 +9,7 @@ import torch
 
 from wronai.kernels import cpu_attention, native
 from wronai.kernels.cpu_attention import attention, attention_kernel, examples_tensor, reference, self_check
-from wronai.kernels.native import NativeBuildError, build, find_compiler
+from wronai.kernels.native import NativeBuildError, NativeKernel, build, find_compiler
 
 needs_compiler = pytest.mark.skipif(find_compiler() is None, reason="no C compiler on this machine")
 
@@ -195,7 +195,9 @@ def test_plan_resolves_the_setting(monkeypatch, written, device, compiler, expec
     line = next(x for x in plan.describe() if x.startswith("attention kernel"))
     assert ("compiled kernel" in line) is (expected != "off")
     notes = " ".join(plan.notes)
-    assert ("no C compiler found" in notes) is (written == "auto" and device == "cpu" and not compiler)
+    assert ("attention: no C compiler found" in notes) is (
+        written == "auto" and device == "cpu" and not compiler
+    )
     assert ("CPU kernel — off on cuda" in notes) is (written == "on" and device == "cuda")
 
 
@@ -342,6 +344,6 @@ def test_the_build_without_openmp_starts_its_own_threads_and_agrees(monkeypatch)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))  # at least one thread started by the kernel
     try:
-        assert self_check(cpu_attention.AttentionKernel(library, built)) < cpu_attention.CHECK_TOLERANCE
+        assert self_check(NativeKernel(library, built)) < cpu_attention.CHECK_TOLERANCE
     finally:
         torch.set_num_threads(threads)

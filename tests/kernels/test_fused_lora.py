@@ -227,7 +227,46 @@ def test_fp32_input_is_cast_to_autocast_dtype_once_without_dropout(dropout, cast
     with torch.autocast("cpu", dtype=torch.bfloat16), Casts():
         layer(x)
     assert layer.fused_calls == 1
-    assert seen.count((12, 128)) == casts
+    assert sum(s in ((12, 128), (3, 4, 128)) for s in seen) == casts
+
+
+def test_layers_reading_the_same_input_cast_it_once():
+    """q, k and v (gate and up) read one tensor: it is cast to the autocast dtype once, for all of them; a
+    tensor changed in place since is cast again; results and gradients are those of separate casts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model, layer = lora_layer("nf4", 0.0)
+    model.train()
+    fused_lora.fuse_lora_layers(model, check=False)
+    seen: list[tuple[int, ...]] = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
+                seen.append(tuple(args[0].shape))
+            return func(*args, **kwargs)
+
+    base = torch.randn(3, 4, 128)
+    x = base.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with Casts():
+            first, second = layer(x), layer(x)
+        shared = torch.autograd.grad((first.float().sum() + 2 * second.float().sum()), x)[0]
+        assert [s for s in seen if s[0] == 3] == [(3, 4, 128)]
+        x2 = base.clone().requires_grad_(True)
+        separate = torch.autograd.grad(layer(x2).float().sum() + 2 * layer(x2.clone()).float().sum(), x2)[0]
+        assert torch.equal(first, layer(base.clone()))
+        assert torch.allclose(shared, separate, rtol=1e-6, atol=1e-6)
+        seen.clear()
+        with torch.no_grad():
+            y = base.clone()
+            layer(y)
+            y.mul_(2)
+            with Casts():
+                again = layer(y)
+        assert [s for s in seen if s[0] == 3] == [(3, 4, 128)]
+        assert torch.equal(again, layer(base * 2))
 
 
 @pytest.mark.parametrize(

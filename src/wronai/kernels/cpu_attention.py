@@ -27,12 +27,11 @@ import functools
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from wronai.kernels.native import Built, NativeBuildError, load
+from wronai.kernels.native import NativeBuildError, NativeKernel, load
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +45,6 @@ _BACKWARD_ARGS: list[Any] = [_P] * 18 + [_I64, _I64, _I64, ctypes.c_float, _P, _
 KEEP_PROBS_FACTOR = 4
 # the self-check's tolerance: float32 sums in another order than sdpa's
 CHECK_TOLERANCE = 2e-4
-
-
-@dataclass(frozen=True)
-class AttentionKernel:
-    """The loaded library and how it was built."""
-
-    library: ctypes.CDLL
-    built: Built
 
 
 def _strides(t: torch.Tensor) -> ctypes.Array:
@@ -117,7 +108,7 @@ def kept_probs_layout(examples: torch.Tensor, heads: int, limit: int) -> torch.T
     return torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
 
 
-def _forward(kernel: AttentionKernel, q, k, v, examples: torch.Tensor, scale: float, keep: bool = False):
+def _forward(kernel: NativeKernel, q, k, v, examples: torch.Tensor, scale: float, keep: bool = False):
     """(out, lse, kept probabilities or None, their offsets or None)."""
     batch, heads, length, dim = q.shape
     out = torch.empty(batch, length, heads, dim, dtype=q.dtype).transpose(1, 2)
@@ -167,7 +158,7 @@ class _Attention(torch.autograd.Function):
 
 
 def attention(
-    kernel: AttentionKernel,
+    kernel: NativeKernel,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -234,7 +225,7 @@ def reference(query, key, value, lengths, prefixes, scale=None) -> torch.Tensor:
     return torch.stack(rows).transpose(1, 2)
 
 
-def self_check(kernel: AttentionKernel) -> float:
+def self_check(kernel: NativeKernel) -> float:
     """Largest difference of the kernel's output and q/k/v gradients from ``reference`` on random data:
     two rows (one with a shared prompt start), grouped queries, lengths that are and are not multiples of
     the kernel's blocks."""
@@ -273,7 +264,7 @@ def torch_runs_libgomp() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def attention_kernel() -> AttentionKernel:
+def attention_kernel() -> NativeKernel:
     """The compiled kernel, built (or found in the cache), loaded and checked once per process; raises
     ``NativeBuildError`` with the reason when it cannot be used."""
     library, built = load("attention", openmp=torch_runs_libgomp())
@@ -281,7 +272,7 @@ def attention_kernel() -> AttentionKernel:
     library.wronai_attention_forward.restype = ctypes.c_int
     library.wronai_attention_backward.argtypes = _BACKWARD_ARGS
     library.wronai_attention_backward.restype = ctypes.c_int
-    kernel = AttentionKernel(library, built)
+    kernel = NativeKernel(library, built)
     with torch.autocast("cpu", enabled=False):
         error = self_check(kernel)
     if not error <= CHECK_TOLERANCE:

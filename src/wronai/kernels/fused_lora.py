@@ -8,6 +8,8 @@ layer, next to one autograd node per operation. ``_LoraLinear`` gives the same n
     forward   y  = x·Wᵀ  (+ bias);  a = drop(x)·Aᵀ;  y += s·a·Bᵀ          (addmm, in place)
     backward  gb = g·B;  dB = s·gᵀ·a;  dA = s·gbᵀ·drop(x);  dx = g·W + s·drop'(gb·A)   (addmm, in place)
 
+Layers that read one input (q, k and v; gate and up) share one cast of it to the compute dtype, kept on
+the input tensor, and B's gradient is computed as (aᵀ·g)ᵀ, the operand order oneDNN and MKL run faster.
 It saves what PEFT's modules save (the dropped-out input, dropout's mask and ``a``); the frozen weight W comes from the
 row sources of ``wronai.kernels.row_slices`` — 4-bit codes dequantized (in row slices where
 ``quantization.dequantize_chunk_mib`` asks for them; the block scales once per forward, where
@@ -67,6 +69,7 @@ class _LoraLinear(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any,
         x: torch.Tensor,
+        x_compute: torch.Tensor,
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
         bias: torch.Tensor | None,
@@ -84,8 +87,9 @@ class _LoraLinear(torch.autograd.Function):
             # dropout: what nn.Dropout computes (same generator, same numbers), keeping its boolean mask
             if dropout > 0:
                 dropped, mask = torch.native_dropout(flat, dropout, True)
-            # one cast where dropout is off (the matmul and the saved adapter input are the same tensor)
-            flat = flat.to(compute)
+            # x in ``compute``, cast once for every layer that reads x (``_in_compute``); where dropout is off
+            # the matmul and the saved adapter input are that same tensor
+            flat = x_compute.reshape(-1, source.in_features)
             dropped = flat if mask is None else dropped.to(compute)
             a, b = lora_a.to(compute), lora_b.to(compute)
             out = sliced_matmul(flat, source, tensors, rows)
@@ -106,9 +110,9 @@ class _LoraLinear(torch.autograd.Function):
         grad = grad.reshape(-1, source.out_features).to(low.dtype)
         grad_low = grad @ lora_b
         grad_a = grad_b = grad_x = None
+        if ctx.needs_input_grad[3]:  # (lowᵀ·g)ᵀ: oneDNN and MKL run this operand order faster than gᵀ·low
+            grad_b = (low.t() @ grad).t().mul_(scaling).to(b_dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = (grad.t() @ low).mul_(scaling).to(b_dtype)
-        if ctx.needs_input_grad[1]:
             grad_a = (grad_low.t() @ dropped).mul_(scaling).to(a_dtype)
         if ctx.needs_input_grad[0]:
             grad_x = sliced_grad_input(grad, source, tuple(tensors), ctx.rows)
@@ -120,7 +124,7 @@ class _LoraLinear(torch.autograd.Function):
                 )
                 grad_x.add_(through, alpha=scaling)
             grad_x = grad_x.reshape(ctx.shape).to(x_dtype)
-        return (grad_x, grad_a, grad_b, *(None for _ in range(6)), *(None for _ in tensors))
+        return (grad_x, None, grad_a, grad_b, *(None for _ in range(6)), *(None for _ in tensors))
 
 
 def _base_rows(
@@ -185,7 +189,26 @@ def _fused_call(layer: Any, x: torch.Tensor) -> torch.Tensor | None:
         return None  # parameters held in pieces (ZeRO-3, FSDP) or an unexpected layout
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     scaling = float(layer.scaling[name])
-    return _LoraLinear.apply(x, lora_a, lora_b, bias, source, rows, scaling, p, compute, *tensors)
+    return _LoraLinear.apply(
+        x, _in_compute(x, compute), lora_a, lora_b, bias, source, rows, scaling, p, compute, *tensors
+    )
+
+
+def _in_compute(x: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """x cast to ``compute`` (no gradient: the fused step returns x's), made once per tensor and kept on it:
+    q, k and v read the same hidden states, gate and up the same normed input, so a layer casts them once
+    instead of three and two times (and keeps one copy for the backward instead of several). A tensor changed
+    in place since is cast again."""
+    if x.dtype == compute:
+        return x.detach()
+    key = (x._version, compute)
+    kept = getattr(x, "_wronai_in_compute", None)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    with torch.no_grad():
+        cast = x.detach().to(compute)
+    x._wronai_in_compute = (key, cast)  # type: ignore[attr-defined]
+    return cast
 
 
 class _Fused:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from wronai.kernels.swap import restore_stock
+from wronai.kernels.swap import restore_stock, same_code
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +75,6 @@ def _llama_forward_code() -> Any:
     return LlamaRMSNorm.forward.__code__
 
 
-def _same_code(a: Any, b: Any) -> bool:
-    fields = ("co_code", "co_consts", "co_names", "co_varnames", "co_argcount")
-    return all(getattr(a, f) == getattr(b, f) for f in fields)
-
-
 def is_llama_norm(module: torch.nn.Module) -> bool:
     """Whether ``module`` computes transformers' LlamaRMSNorm: its class's forward is that code, with a
     float ``variance_epsilon`` and a 1-D weight (a fused norm's class forward is ``FusedRMSNorm``'s, so it
@@ -92,7 +87,7 @@ def is_llama_norm(module: torch.nn.Module) -> bool:
         and isinstance(getattr(module, "variance_epsilon", None), float)
         and isinstance(weight, torch.Tensor)
         and weight.dim() == 1
-        and _same_code(code, _llama_forward_code())
+        and same_code(code, _llama_forward_code())
     )
 
 

@@ -1,8 +1,17 @@
-"""Putting swapped module classes back: every fused subclass here records the class it was swapped in for."""
+"""Swapping module classes: recognising a stock forward by its code, and putting swapped classes back (every
+fused subclass here records the class it was swapped in for)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+
+def same_code(a: Any, b: Any) -> bool:
+    """Whether two code objects are the same function body (bytecode, constants, names, arguments)."""
+    fields = ("co_code", "co_consts", "co_names", "co_varnames", "co_argcount")
+    return all(getattr(a, f) == getattr(b, f) for f in fields)
 
 
 def restore_stock(model: torch.nn.Module, marker: type) -> int:

@@ -289,28 +289,13 @@ def enable_packed_attention(model: Any, native: str = "off") -> bool:
 
 def _native_kernel_ready(setting: str) -> bool:
     """Build, load and check the compiled kernel; False (auto, with a note) or an error (on) if it fails."""
-    from wronai.kernels.cpu_attention import attention_kernel
-    from wronai.kernels.native import NativeBuildError
+    from wronai.kernels import cpu_attention
+    from wronai.kernels.native import kernel_ready
 
-    try:
-        kernel = attention_kernel()
-    except NativeBuildError as err:
-        if setting == "on":
-            raise WronAIError(
-                f"hardware.native_attention: on, but the kernel cannot be used: {err} — install a C compiler "
-                "(gcc) or set hardware.native_attention: auto"
-            ) from None
-        logger.warning("attention: %s — PyTorch's sdpa per example instead (hardware.native_attention)", err)
-        return False
-    built = kernel.built
-    logger.info(
-        "attention kernel: %s (%s %s%s)",
-        built.path,
-        built.compiler,
-        " ".join(built.flags),
-        f", compiled in {built.seconds:.1f} s" if built.compiled else ", cached",
+    kernel = kernel_ready(
+        setting, "native_attention", cpu_attention.attention_kernel, "attention", "PyTorch's sdpa per example"
     )
-    return True
+    return kernel is not None
 
 
 def sequence_boundaries(position_ids: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,10 @@ def prepare_model(config: WronAIConfig, plan: DevicePlan, tokens: PreparedTokeni
         from wronai.kernels.rotary import fuse_rotary
 
         fuse_rotary(model, autocast=plan.autocast_dtype)
+    if plan.native_swiglu != "off":
+        from wronai.kernels.swiglu import fuse_swiglu
+
+        fuse_swiglu(model, plan.native_swiglu)
     return model, zero3_load
 
 

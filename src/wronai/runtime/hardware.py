@@ -56,6 +56,8 @@ class DevicePlan:
     fused_rotary: bool = False  # RoPE computed by wronai.kernels.rotary (hardware.fused_rotary)
     # per-example attention by the compiled kernel (hardware.native_attention resolved: auto | on | off)
     native_attention: str = "off"
+    # SwiGLU's silu(gate) * up by the compiled kernel (hardware.native_swiglu resolved: auto | on | off)
+    native_swiglu: str = "off"
     # packed batches compute their examples' common prompt start once (hardware.shared_prefix)
     shared_prefix: bool = False
     # head and loss computed by wronai.kernels.cross_entropy (hardware.fused_cross_entropy)
@@ -114,6 +116,13 @@ class DevicePlan:
                 "first use, checked against sdpa)"
                 if self.native_attention != "off"
                 else "PyTorch's sdpa, one call per example"
+            ),
+            "SwiGLU activation: "
+            + (
+                "WronAI's compiled kernel, one pass forward and one backward (built with the C compiler at "
+                "first use, checked against PyTorch's)"
+                if self.native_swiglu != "off"
+                else "PyTorch's silu and mul"
             ),
             "packed batches: "
             + (
@@ -303,7 +312,20 @@ def plan_device(
         fused_lora=_fused("fused_lora", hardware, device, notes),
         fused_rms_norm=_fused("fused_rms_norm", hardware, device, notes),
         fused_rotary=_on_cpu_by_default(hardware.fused_rotary, device),
-        native_attention=_native_attention(hardware, device, notes),
+        native_attention=_native(
+            "native_attention",
+            hardware,
+            device,
+            notes,
+            "attention: no C compiler found ($CC, cc, gcc or clang) — PyTorch's sdpa per example",
+        ),
+        native_swiglu=_native(
+            "native_swiglu",
+            hardware,
+            device,
+            notes,
+            "SwiGLU: no C compiler found ($CC, cc, gcc or clang) — PyTorch's silu and mul",
+        ),
         shared_prefix=_on_cpu_by_default(hardware.shared_prefix, device),
         fused_cross_entropy=_at_trained_positions("fused_cross_entropy", hardware, training, device, notes),
         last_layer_rows=hardware.last_layer_trained_only
@@ -313,22 +335,20 @@ def plan_device(
     )
 
 
-def _native_attention(hardware: HardwareSection, device: str, notes: list[str]) -> str:
-    """hardware.native_attention resolved: "off" where it cannot run (not a CPU run; auto without a C
-    compiler, with a note), else the setting (whether the kernel builds is known when the model is set up)."""
+def _native(name: str, hardware: HardwareSection, device: str, notes: list[str], without: str) -> str:
+    """hardware.<name>, a compiled CPU kernel's setting, resolved: "off" where it cannot run (not a CPU run;
+    auto without a C compiler, with a note saying what runs instead: ``without``), else the setting (whether
+    the kernel builds is known when the model is set up)."""
     from wronai.kernels.native import find_compiler
 
-    setting = hardware.native_attention
+    setting = getattr(hardware, name)
     if setting == "off" or (setting == "auto" and device != "cpu"):
         return "off"
     if device != "cpu":
-        notes.append(f"hardware.native_attention is a CPU kernel — off on {device}")
+        notes.append(f"hardware.{name} is a CPU kernel — off on {device}")
         return "off"
     if setting == "auto" and find_compiler() is None:
-        notes.append(
-            "attention: no C compiler found ($CC, cc, gcc or clang) — PyTorch's sdpa per example; install gcc "
-            "for WronAI's ~2x faster compiled kernel (hardware.native_attention)"
-        )
+        notes.append(f"{without}; install gcc for WronAI's compiled kernel (hardware.{name})")
         return "off"
     return setting
 

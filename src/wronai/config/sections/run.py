@@ -116,6 +116,18 @@ class HardwareSection(Section):
         "compiler is found (else sdpa per example, with a note); on = fail when it cannot be built; "
         "off = sdpa per example.",
     )
+    native_swiglu: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Compute the SwiGLU activation of Llama-style MLPs (silu(gate) · up: Llama, Mistral, Qwen2/3, "
+        "… — every model whose MLP forward is Llama's code with a SiLU) with WronAI's compiled CPU kernel "
+        "(wronai.kernels.swiglu): one pass over memory forward and one backward, instead of PyTorch's silu and "
+        "mul forward and three operations backward over the model's largest activations — the same numbers "
+        "(float32 to ~1e-6; bf16 rounded once instead of twice), one activation fewer kept for the backward "
+        "(docs/benchmarks.md). Built from its C source with the system compiler at first use, like "
+        "hardware.native_attention, and checked against PyTorch's before use. auto = CPU runs where a C "
+        "compiler is found (else PyTorch's operations, with a note); on = fail when it cannot be built; off = "
+        "PyTorch's operations.",
+    )
     shared_prefix: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Compute a prompt start that every example of a packed batch repeats (a template's "

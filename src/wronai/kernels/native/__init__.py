@@ -32,13 +32,14 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent
-BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-std=gnu11")
+BASE_FLAGS = ("-O3", "-fno-trapping-math", "-fPIC", "-shared", "-pthread", "-std=gnu11")
 # tried in order: the first set the compiler accepts is used
 TARGET_FLAGS = (("-march=native",), ("-mcpu=native",), ())
 COMPILE_TIMEOUT_S = 120
@@ -193,3 +194,41 @@ def load(name: str, openmp: bool = False) -> tuple[ctypes.CDLL, Built]:
         return ctypes.CDLL(str(built.path)), built
     except OSError as err:
         raise NativeBuildError(f"loading {built.path} failed ({err})") from None
+
+
+@dataclass(frozen=True)
+class NativeKernel:
+    """A loaded kernel library and how it was built."""
+
+    library: ctypes.CDLL
+    built: Built
+
+
+def kernel_ready(
+    setting: str, key: str, get: Callable[[], NativeKernel], what: str, fallback: str
+) -> NativeKernel | None:
+    """The kernel ``get`` builds, loads and checks, for ``hardware.<key>`` set to ``setting`` (auto | on): on
+    failure None with a note ("<what>: why — <fallback> instead", auto), or a one-line error naming the key
+    (on)."""
+    from wronai.errors import WronAIError
+
+    try:
+        kernel = get()
+    except NativeBuildError as err:
+        if setting == "on":
+            raise WronAIError(
+                f"hardware.{key}: on, but the kernel cannot be used: {err} — install a C compiler (gcc) or set "
+                f"hardware.{key}: auto"
+            ) from None
+        logger.warning("%s: %s — %s instead (hardware.%s)", what, err, fallback, key)
+        return None
+    built = kernel.built
+    logger.info(
+        "%s kernel: %s (%s %s%s)",
+        what,
+        built.path,
+        built.compiler,
+        " ".join(built.flags),
+        f", compiled in {built.seconds:.1f} s" if built.compiled else ", cached",
+    )
+    return kernel
