@@ -184,21 +184,26 @@ def test_the_kernel_runs_on_pytorchs_own_openmp_threads(kernel):
         ("off", "cpu", True, "off"),
     ],
 )
-def test_plan_resolves_the_setting(monkeypatch, written, device, compiler, expected):
+@pytest.mark.parametrize(
+    ("key", "line", "what"),
+    [("native_attention", "attention kernel", "attention"), ("native_swiglu", "SwiGLU activation", "SwiGLU")],
+)
+def test_plan_resolves_the_setting(monkeypatch, written, device, compiler, expected, key, line, what):
+    """Both compiled kernels' settings (attention, SwiGLU) resolve alike: the plan, its line, its notes."""
     import bitsandbytes  # noqa: F401  (imported before the plan pretends a GPU: it loads its CUDA ops then)
 
     from conftest import plan_with_gpu
 
     monkeypatch.setattr(native, "find_compiler", lambda: "/usr/bin/cc" if compiler else None)
-    plan = plan_with_gpu(monkeypatch, hardware={"device": device, "native_attention": written})
-    assert plan.native_attention == expected
-    line = next(x for x in plan.describe() if x.startswith("attention kernel"))
-    assert ("compiled kernel" in line) is (expected != "off")
+    plan = plan_with_gpu(monkeypatch, hardware={"device": device, key: written})
+    assert getattr(plan, key) == expected
+    shown = next(x for x in plan.describe() if x.startswith(line))
+    assert ("compiled kernel" in shown) is (expected != "off")
     notes = " ".join(plan.notes)
-    assert ("attention: no C compiler found" in notes) is (
+    assert (f"{what}: no C compiler found" in notes) is (
         written == "auto" and device == "cpu" and not compiler
     )
-    assert ("CPU kernel — off on cuda" in notes) is (written == "on" and device == "cuda")
+    assert (f"{key} is a CPU kernel — off on cuda" in notes) is (written == "on" and device == "cuda")
 
 
 def test_unbuildable_kernel_falls_back_on_auto_and_stops_on_on(tiny_model_dir, monkeypatch):

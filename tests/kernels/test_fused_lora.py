@@ -205,17 +205,9 @@ def test_fused_layer_under_autocast_equals_peft(base, dropout, input_dtype, fuse
         assert error < 1e-2  # bf16 rounding in a different order; a wrong scale or mask is off by far more
 
 
-@pytest.mark.parametrize(("dropout", "casts"), [(0.0, 1), (0.2, 2)])
-def test_fp32_input_is_cast_to_autocast_dtype_once_without_dropout(dropout, casts):
-    """Without dropout the matmul's input and the adapter's saved input are one bf16 cast of x (a second
-    cast of the same tensor was a wasted pass per layer); with dropout the dropped-out input is its own."""
+def _bf16_casts(seen: list):
+    """A dispatch mode that appends the shape of every tensor cast to bf16 to ``seen``."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    model, layer = lora_layer("nf4", dropout)
-    model.train()
-    fused_lora.fuse_lora_layers(model, check=False)
-    x = torch.randn(3, 4, 128, requires_grad=True)
-    seen: list[tuple[int, ...]] = []
 
     class Casts(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -224,7 +216,20 @@ def test_fp32_input_is_cast_to_autocast_dtype_once_without_dropout(dropout, cast
                 seen.append(tuple(args[0].shape))
             return func(*args, **kwargs)
 
-    with torch.autocast("cpu", dtype=torch.bfloat16), Casts():
+    return Casts()
+
+
+@pytest.mark.parametrize(("dropout", "casts"), [(0.0, 1), (0.2, 2)])
+def test_fp32_input_is_cast_to_autocast_dtype_once_without_dropout(dropout, casts):
+    """Without dropout the matmul's input and the adapter's saved input are one bf16 cast of x (a second
+    cast of the same tensor was a wasted pass per layer); with dropout the dropped-out input is its own."""
+    model, layer = lora_layer("nf4", dropout)
+    model.train()
+    fused_lora.fuse_lora_layers(model, check=False)
+    x = torch.randn(3, 4, 128, requires_grad=True)
+    seen: list[tuple[int, ...]] = []
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), _bf16_casts(seen):
         layer(x)
     assert layer.fused_calls == 1
     assert sum(s in ((12, 128), (3, 4, 128)) for s in seen) == casts
@@ -233,24 +238,15 @@ def test_fp32_input_is_cast_to_autocast_dtype_once_without_dropout(dropout, cast
 def test_layers_reading_the_same_input_cast_it_once():
     """q, k and v (gate and up) read one tensor: it is cast to the autocast dtype once, for all of them; a
     tensor changed in place since is cast again; results and gradients are those of separate casts."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     model, layer = lora_layer("nf4", 0.0)
     model.train()
     fused_lora.fuse_lora_layers(model, check=False)
     seen: list[tuple[int, ...]] = []
 
-    class Casts(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
-                seen.append(tuple(args[0].shape))
-            return func(*args, **kwargs)
-
     base = torch.randn(3, 4, 128)
     x = base.clone().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        with Casts():
+        with _bf16_casts(seen):
             first, second = layer(x), layer(x)
         shared = torch.autograd.grad((first.float().sum() + 2 * second.float().sum()), x)[0]
         assert [s for s in seen if s[0] == 3] == [(3, 4, 128)]
@@ -263,7 +259,7 @@ def test_layers_reading_the_same_input_cast_it_once():
             y = base.clone()
             layer(y)
             y.mul_(2)
-            with Casts():
+            with _bf16_casts(seen):
                 again = layer(y)
         assert [s for s in seen if s[0] == 3] == [(3, 4, 128)]
         assert torch.equal(again, layer(base * 2))

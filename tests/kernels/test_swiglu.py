@@ -7,7 +7,7 @@ import platform
 import pytest
 import torch
 
-from wronai.kernels import native, swiglu
+from wronai.kernels import swiglu
 from wronai.kernels.native import NativeBuildError, NativeKernel, find_compiler, load
 
 needs_compiler = pytest.mark.skipif(find_compiler() is None, reason="no C compiler on this machine")
@@ -210,34 +210,6 @@ def test_unbuildable_kernel_falls_back_on_auto_and_stops_on_on(tiny_model_dir, m
     assert not any(isinstance(m, swiglu.FusedSwiGLU) for m in model.modules())
     with pytest.raises(WronAIError, match=r"hardware.native_swiglu: on.*no C compiler.*install a C compiler"):
         swiglu.fuse_swiglu(model, "on")
-
-
-@pytest.mark.parametrize(
-    ("written", "device", "compiler", "expected"),
-    [
-        ("auto", "cpu", True, "auto"),
-        ("auto", "cpu", False, "off"),  # no compiler: PyTorch's operations, with a note
-        ("on", "cpu", False, "on"),  # asked for: the model set-up says why it cannot be built
-        ("auto", "cuda", True, "off"),
-        ("on", "cuda", True, "off"),
-        ("off", "cpu", True, "off"),
-    ],
-)
-def test_plan_resolves_the_setting(monkeypatch, written, device, compiler, expected):
-    import bitsandbytes  # noqa: F401  (imported before the plan pretends a GPU: it loads its CUDA ops then)
-
-    from conftest import plan_with_gpu
-
-    monkeypatch.setattr(native, "find_compiler", lambda: "/usr/bin/cc" if compiler else None)
-    plan = plan_with_gpu(monkeypatch, hardware={"device": device, "native_swiglu": written})
-    assert plan.native_swiglu == expected
-    line = next(x for x in plan.describe() if x.startswith("SwiGLU activation"))
-    assert ("compiled kernel" in line) is (expected != "off")
-    notes = " ".join(plan.notes)
-    assert ("SwiGLU: no C compiler found" in notes) is (
-        written == "auto" and device == "cpu" and not compiler
-    )
-    assert ("native_swiglu is a CPU kernel — off on cuda" in notes) is (written == "on" and device == "cuda")
 
 
 @needs_compiler

@@ -21,3 +21,13 @@ def restore_stock(model: torch.nn.Module, marker: type) -> int:
     for module in swapped:
         module.__class__ = module.stock  # type: ignore[assignment]
     return len(swapped)
+
+
+def swapped_class(cache: dict[type, type], mixin: type, stock: type, name: str, doc: str) -> type:
+    """The subclass ``name`` of ``stock`` with ``mixin``'s forward first, recording ``stock``; made once per
+    stock class and process (kept in ``cache``), so that swaps made at different times share it."""
+    if stock not in cache:
+        cache[stock] = type(
+            name, (mixin, stock), {"stock": stock, "__module__": mixin.__module__, "__doc__": doc}
+        )
+    return cache[stock]

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from wronai.kernels.native import NativeBuildError, NativeKernel, load
-from wronai.kernels.swap import restore_stock, same_code
+from wronai.kernels.swap import restore_stock, same_code, swapped_class
 
 logger = logging.getLogger(__name__)
 
@@ -193,17 +193,13 @@ _FUSED_CLASSES: dict[type, type] = {}  # one fused subclass per stock class and 
 
 def fused_class(stock: type) -> type:
     """The fused subclass of ``stock`` (made once, so that swaps made at different times share it)."""
-    if stock not in _FUSED_CLASSES:
-        _FUSED_CLASSES[stock] = type(
-            f"Fused{stock.__name__}",
-            (FusedSwiGLU, stock),
-            {
-                "stock": stock,
-                "__module__": __name__,
-                "__doc__": f"transformers' {stock.__name__} with its SiLU · up by WronAI's compiled kernel.",
-            },
-        )
-    return _FUSED_CLASSES[stock]
+    return swapped_class(
+        _FUSED_CLASSES,
+        FusedSwiGLU,
+        stock,
+        f"Fused{stock.__name__}",
+        f"transformers' {stock.__name__} with its SiLU · up by WronAI's compiled kernel.",
+    )
 
 
 def fuse_swiglu(model: torch.nn.Module, setting: str = "auto") -> int:
